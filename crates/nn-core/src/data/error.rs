@@ -57,11 +57,17 @@ pub enum DataError {
 impl DataError {
     /// Build a [`DataError::Format`] for `path`.
     pub fn format(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        DataError::Format { path: path.into(), what: what.into() }
+        DataError::Format {
+            path: path.into(),
+            what: what.into(),
+        }
     }
 
     /// Build a [`DataError::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

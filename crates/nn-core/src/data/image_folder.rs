@@ -40,7 +40,12 @@ pub struct ImageFolderOptions {
 impl Default for ImageFolderOptions {
     /// The usual ImageNet evaluation preprocessing: shorter side 256, centre crop 224.
     fn default() -> Self {
-        ImageFolderOptions { resize_shorter: 256, crop: 224, random_crop: false, max_per_class: None }
+        ImageFolderOptions {
+            resize_shorter: 256,
+            crop: 224,
+            random_crop: false,
+            max_per_class: None,
+        }
     }
 }
 
@@ -120,11 +125,20 @@ impl ImageFolderDataset {
         if files.is_empty() {
             return Err(DataError::format(
                 &root,
-                format!("{} class directories but no .JPEG/.jpg/.png file in them", class_names.len()),
+                format!(
+                    "{} class directories but no .JPEG/.jpg/.png file in them",
+                    class_names.len()
+                ),
             ));
         }
         let name = root.display().to_string();
-        Ok(ImageFolderDataset { name, root, files, class_names, opts })
+        Ok(ImageFolderDataset {
+            name,
+            root,
+            files,
+            class_names,
+            opts,
+        })
     }
 
     /// Renames the dataset (used in messages).
@@ -163,11 +177,21 @@ impl ImageFolderDataset {
         let c = self.opts.crop;
         let per = 3 * c * c;
         let mut images = vec![0u8; per * self.files.len()];
-        let opts = ImageFolderOptions { random_crop: false, ..self.opts.clone() };
+        let opts = ImageFolderOptions {
+            random_crop: false,
+            ..self.opts.clone()
+        };
         images
             .par_chunks_mut(per)
             .zip(self.files.par_iter())
-            .try_for_each(|(out, (path, _))| decode_into(path, &opts, &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0), out))?;
+            .try_for_each(|(out, (path, _))| {
+                decode_into(
+                    path,
+                    &opts,
+                    &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0),
+                    out,
+                )
+            })?;
         ImageDataset::new(
             self.name.clone(),
             3,
@@ -184,28 +208,49 @@ impl ImageFolderDataset {
 /// Decodes `path`, resizes its shorter side to `opts.resize_shorter`, crops
 /// `opts.crop x opts.crop` (random position if `opts.random_crop`) and writes CHW RGB bytes
 /// into `out` (length `3 * crop * crop`).
-pub fn decode_into(path: &Path, opts: &ImageFolderOptions, rng: &mut dyn RngCore, out: &mut [u8]) -> Result<()> {
-    let img_err = |what: String| DataError::Image { path: path.to_path_buf(), what };
+pub fn decode_into(
+    path: &Path,
+    opts: &ImageFolderOptions,
+    rng: &mut dyn RngCore,
+    out: &mut [u8],
+) -> Result<()> {
+    let img_err = |what: String| DataError::Image {
+        path: path.to_path_buf(),
+        what,
+    };
     let reader = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
-    let img = reader.decode().map_err(|e| img_err(e.to_string()))?.to_rgb8();
+    let img = reader
+        .decode()
+        .map_err(|e| img_err(e.to_string()))?
+        .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(img_err("image has zero size".into()));
     }
     let s = opts.resize_shorter;
     let (nw, nh) = if w <= h {
-        (s, ((h as f64 * s as f64 / w as f64).round() as usize).max(s))
+        (
+            s,
+            ((h as f64 * s as f64 / w as f64).round() as usize).max(s),
+        )
     } else {
-        (((w as f64 * s as f64 / h as f64).round() as usize).max(s), s)
+        (
+            ((w as f64 * s as f64 / h as f64).round() as usize).max(s),
+            s,
+        )
     };
     let (nw32, nh32) = (
         u32::try_from(nw).map_err(|_| img_err(format!("resized width {nw} too large")))?,
         u32::try_from(nh).map_err(|_| img_err(format!("resized height {nh} too large")))?,
     );
-    let resized = if (nw, nh) == (w, h) { img } else { image::imageops::resize(&img, nw32, nh32, FilterType::Triangle) };
+    let resized = if (nw, nh) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, nw32, nh32, FilterType::Triangle)
+    };
     let c = opts.crop;
     let (x0, y0) = if opts.random_crop {
         (rng.gen_range(0..=nw - c), rng.gen_range(0..=nh - c))
@@ -213,7 +258,10 @@ pub fn decode_into(path: &Path, opts: &ImageFolderOptions, rng: &mut dyn RngCore
         ((nw - c) / 2, (nh - c) / 2)
     };
     if out.len() != 3 * c * c {
-        return Err(DataError::InvalidArgument(format!("output buffer of {} bytes for a 3x{c}x{c} crop", out.len())));
+        return Err(DataError::InvalidArgument(format!(
+            "output buffer of {} bytes for a 3x{c}x{c} crop",
+            out.len()
+        )));
     }
     let raw = resized.as_raw();
     let plane = c * c;
@@ -243,7 +291,11 @@ impl Dataset for ImageFolderDataset {
     }
     fn label(&self, i: usize) -> Result<u32> {
         self.files.get(i).map(|f| f.1).ok_or_else(|| {
-            DataError::InvalidArgument(format!("{}: index {i} out of range (len {})", self.name, self.files.len()))
+            DataError::InvalidArgument(format!(
+                "{}: index {i} out of range (len {})",
+                self.name,
+                self.files.len()
+            ))
         })
     }
     fn read_into(&self, i: usize, rng: &mut dyn RngCore, out: &mut [u8]) -> Result<u32> {
@@ -265,7 +317,11 @@ mod tests {
 
     /// Writes `root/train/{cat,ant,bee}` with PNGs and JPEGs of solid colours.
     pub(crate) fn write_folder(root: &Path) {
-        let colours = [("cat", [200u8, 10, 10]), ("ant", [10, 200, 10]), ("bee", [10, 10, 200])];
+        let colours = [
+            ("cat", [200u8, 10, 10]),
+            ("ant", [10, 200, 10]),
+            ("bee", [10, 10, 200]),
+        ];
         for (k, (class, rgb)) in colours.iter().enumerate() {
             let dir = root.join("train").join(class);
             std::fs::create_dir_all(&dir).unwrap();
@@ -284,7 +340,12 @@ mod tests {
     fn lists_sorted_classes_and_decodes() {
         let dir = TempDir::new("imgfolder");
         write_folder(dir.path());
-        let opts = ImageFolderOptions { resize_shorter: 24, crop: 20, random_crop: false, max_per_class: None };
+        let opts = ImageFolderOptions {
+            resize_shorter: 24,
+            crop: 20,
+            random_crop: false,
+            max_per_class: None,
+        };
         let ds = ImageFolderDataset::open(dir.path().join("train"), opts.clone()).unwrap();
         assert_eq!(ds.class_names(), &["ant", "bee", "cat"]);
         assert_eq!(ds.len(), 9);
@@ -304,7 +365,11 @@ mod tests {
         assert_eq!(mem.class_counts(), vec![3, 3, 3]);
         let capped = ImageFolderDataset::open(
             dir.path().join("train"),
-            ImageFolderOptions { max_per_class: Some(2), random_crop: true, ..opts },
+            ImageFolderOptions {
+                max_per_class: Some(2),
+                random_crop: true,
+                ..opts
+            },
         )
         .unwrap();
         assert_eq!(capped.labels(), vec![0, 0, 1, 1, 2, 2]);
@@ -320,12 +385,24 @@ mod tests {
         // 8x4 image whose columns encode x in the red channel.
         let img = image::RgbImage::from_fn(8, 4, |x, _| image::Rgb([x as u8 * 30, 0, 0]));
         img.save(d.join("a.png")).unwrap();
-        let opts = ImageFolderOptions { resize_shorter: 4, crop: 4, random_crop: false, max_per_class: None };
+        let opts = ImageFolderOptions {
+            resize_shorter: 4,
+            crop: 4,
+            random_crop: false,
+            max_per_class: None,
+        };
         let ds = ImageFolderDataset::open(dir.path().join("val"), opts.clone()).unwrap();
         let (px, _) = ds.get(0, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
         // No resize needed (shorter side already 4); centre crop keeps columns 2..6.
         assert_eq!(&px[..4], &[60, 90, 120, 150]);
-        let ds = ImageFolderDataset::open(dir.path().join("val"), ImageFolderOptions { random_crop: true, ..opts }).unwrap();
+        let ds = ImageFolderDataset::open(
+            dir.path().join("val"),
+            ImageFolderOptions {
+                random_crop: true,
+                ..opts
+            },
+        )
+        .unwrap();
         let mut starts = std::collections::HashSet::new();
         for seed in 0..64 {
             let (px, _) = ds.get(0, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
@@ -340,15 +417,31 @@ mod tests {
         let d = dir.path().join("train/x");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
-        let opts = ImageFolderOptions { resize_shorter: 8, crop: 8, random_crop: false, max_per_class: None };
+        let opts = ImageFolderOptions {
+            resize_shorter: 8,
+            crop: 8,
+            random_crop: false,
+            max_per_class: None,
+        };
         let ds = ImageFolderDataset::open(dir.path().join("train"), opts.clone()).unwrap();
-        let e = ds.get(0, &mut ChaCha8Rng::seed_from_u64(0)).unwrap_err().to_string();
+        let e = ds
+            .get(0, &mut ChaCha8Rng::seed_from_u64(0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("broken.png"), "{e}");
-        assert!(ds.to_memory().unwrap_err().to_string().contains("broken.png"));
-        let e = ImageFolderDataset::open(dir.path().join("nope"), opts.clone()).unwrap_err().to_string();
+        assert!(ds
+            .to_memory()
+            .unwrap_err()
+            .to_string()
+            .contains("broken.png"));
+        let e = ImageFolderDataset::open(dir.path().join("nope"), opts.clone())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nope"), "{e}");
         let empty = TempDir::new("imgempty");
-        let e = ImageFolderDataset::open(empty.path(), opts).unwrap_err().to_string();
+        let e = ImageFolderDataset::open(empty.path(), opts)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no class sub-directory"), "{e}");
     }
 }

@@ -47,6 +47,7 @@ pub use error::{DataError, Result};
 pub use image_folder::{ImageFolderDataset, ImageFolderOptions};
 pub use loader::{Batch, DataLoader, HostBatch};
 
+pub use registry::{load, report, AnyDataset, DatasetStatus, LoadOptions, Split};
 pub use transforms::{Pipeline, Transform};
 
 /// A source of labelled images that a [`DataLoader`] can batch.
@@ -178,8 +179,11 @@ impl ImageDataset {
                 self.width
             )));
         }
-        if let Some((i, &l)) =
-            self.labels.iter().enumerate().find(|(_, &l)| l as usize >= self.num_classes)
+        if let Some((i, &l)) = self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= self.num_classes)
         {
             return Err(DataError::InvalidArgument(format!(
                 "{}: label {l} of sample {i} is out of range (num_classes = {})",
@@ -301,7 +305,11 @@ impl Dataset for ImageDataset {
     }
     fn label(&self, i: usize) -> Result<u32> {
         self.labels.get(i).copied().ok_or_else(|| {
-            DataError::InvalidArgument(format!("{}: index {i} out of range (len {})", self.name, self.len()))
+            DataError::InvalidArgument(format!(
+                "{}: index {i} out of range (len {})",
+                self.name,
+                self.len()
+            ))
         })
     }
     fn read_into(&self, i: usize, _rng: &mut dyn RngCore, out: &mut [u8]) -> Result<u32> {

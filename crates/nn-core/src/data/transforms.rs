@@ -60,7 +60,8 @@ impl Sample {
         self.height = shape.1;
         self.width = shape.2;
         self.data.clear();
-        self.data.extend(pixels.iter().map(|&p| p as f32 * (1.0 / 255.0)));
+        self.data
+            .extend(pixels.iter().map(|&p| p as f32 * (1.0 / 255.0)));
     }
 
     /// `(channels, height, width)`.
@@ -137,7 +138,14 @@ impl Transform for RandomCrop {
         let p = self.padding;
         let dy = rng.gen_range(0..=s.height + 2 * p - self.height);
         let dx = rng.gen_range(0..=s.width + 2 * p - self.width);
-        crop_window(s, scratch, self.height, self.width, dy as isize - p as isize, dx as isize - p as isize);
+        crop_window(
+            s,
+            scratch,
+            self.height,
+            self.width,
+            dy as isize - p as isize,
+            dx as isize - p as isize,
+        );
     }
 }
 
@@ -165,7 +173,14 @@ impl Transform for CenterCrop {
     fn apply(&self, s: &mut Sample, scratch: &mut Vec<f32>, _rng: &mut dyn RngCore) {
         let y0 = (s.height - self.height) / 2;
         let x0 = (s.width - self.width) / 2;
-        crop_window(s, scratch, self.height, self.width, y0 as isize, x0 as isize);
+        crop_window(
+            s,
+            scratch,
+            self.height,
+            self.width,
+            y0 as isize,
+            x0 as isize,
+        );
     }
 }
 
@@ -266,7 +281,10 @@ pub struct Normalize {
 impl Normalize {
     /// Normalisation with the given per-channel constants.
     pub fn new(mean: &[f32], std: &[f32]) -> Self {
-        Normalize { mean: mean.to_vec(), std: std.to_vec() }
+        Normalize {
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+        }
     }
     /// MNIST constants.
     pub fn mnist() -> Self {
@@ -301,7 +319,10 @@ impl Transform for Normalize {
             )));
         }
         if self.std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            return Err(DataError::InvalidArgument(format!("Normalize std {:?} must be finite and non-zero", self.std)));
+            return Err(DataError::InvalidArgument(format!(
+                "Normalize std {:?} must be finite and non-zero",
+                self.std
+            )));
         }
         Ok(shape)
     }
@@ -338,11 +359,18 @@ impl Pipeline {
     }
     /// Appends a random `size x size` crop after zero padding of `padding` pixels.
     pub fn random_crop(self, size: usize, padding: usize) -> Self {
-        self.push(RandomCrop { height: size, width: size, padding })
+        self.push(RandomCrop {
+            height: size,
+            width: size,
+            padding,
+        })
     }
     /// Appends a `size x size` centre crop.
     pub fn center_crop(self, size: usize) -> Self {
-        self.push(CenterCrop { height: size, width: size })
+        self.push(CenterCrop {
+            height: size,
+            width: size,
+        })
     }
     /// Appends a horizontal flip with probability `p`.
     pub fn hflip(self, p: f32) -> Self {
@@ -377,7 +405,12 @@ impl Pipeline {
     }
     /// Convenience: scales `pixels` to `[0, 1]`, applies the pipeline and returns the result
     /// (allocates; the loader uses [`apply`](Pipeline::apply) with reused buffers).
-    pub fn run_u8(&self, pixels: &[u8], shape: (usize, usize, usize), rng: &mut dyn RngCore) -> Result<Sample> {
+    pub fn run_u8(
+        &self,
+        pixels: &[u8],
+        shape: (usize, usize, usize),
+        rng: &mut dyn RngCore,
+    ) -> Result<Sample> {
         if pixels.len() != shape.0 * shape.1 * shape.2 {
             return Err(DataError::InvalidArgument(format!(
                 "{} pixels for shape {shape:?}",
@@ -413,7 +446,10 @@ mod tests {
         let mut s = sample(2, 2, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         RandomHorizontalFlip { p: 1.0 }.apply(&mut s, &mut Vec::new(), &mut rng);
-        assert_eq!(s.data, vec![3., 2., 1., 6., 5., 4., 9., 8., 7., 12., 11., 10.]);
+        assert_eq!(
+            s.data,
+            vec![3., 2., 1., 6., 5., 4., 9., 8., 7., 12., 11., 10.]
+        );
         let mut s2 = sample(2, 2, 3);
         RandomHorizontalFlip { p: 0.0 }.apply(&mut s2, &mut Vec::new(), &mut rng);
         assert_eq!(s2, sample(2, 2, 3));
@@ -422,15 +458,19 @@ mod tests {
     #[test]
     fn crop_with_padding_puts_zeros_in_place() {
         // Force every offset by trying many seeds; check each result against the definition.
-        let t = RandomCrop { height: 3, width: 3, padding: 2 };
+        let t = RandomCrop {
+            height: 3,
+            width: 3,
+            padding: 2,
+        };
         let mut seen = std::collections::HashSet::new();
         for seed in 0..400 {
             let mut s = sample(2, 3, 3);
             let orig = s.clone();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let mut probe = ChaCha8Rng::seed_from_u64(seed);
-            let dy = probe.gen_range(0..=3 + 4 - 3) as isize - 2;
-            let dx = probe.gen_range(0..=3 + 4 - 3) as isize - 2;
+            let dy = probe.gen_range(0..=3usize + 4 - 3) as isize - 2;
+            let dx = probe.gen_range(0..=3usize + 4 - 3) as isize - 2;
             t.apply(&mut s, &mut Vec::new(), &mut rng);
             seen.insert((dy, dx));
             assert_eq!(s.shape(), (2, 3, 3));
@@ -454,45 +494,91 @@ mod tests {
         crop_window(&mut s, &mut Vec::new(), 3, 3, -2, -2);
         assert_eq!(s.data, vec![0., 0., 0., 0., 0., 0., 0., 0., 1.]);
         assert!(t.output_shape((1, 3, 3)).is_ok());
-        assert!(RandomCrop { height: 8, width: 8, padding: 2 }.output_shape((1, 3, 3)).is_err());
+        assert!(RandomCrop {
+            height: 8,
+            width: 8,
+            padding: 2
+        }
+        .output_shape((1, 3, 3))
+        .is_err());
     }
 
     #[test]
     fn center_crop_and_resize() {
         let mut s = sample(1, 4, 4);
-        CenterCrop { height: 2, width: 2 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        CenterCrop {
+            height: 2,
+            width: 2,
+        }
+        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.data, vec![6., 7., 10., 11.]);
         // Upsample 2x2 -> 4x4: corners keep their values, rows interpolate linearly.
-        let mut s = Sample { data: vec![0., 1., 2., 3.], channels: 1, height: 2, width: 2 };
-        Resize { height: 4, width: 4 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        let mut s = Sample {
+            data: vec![0., 1., 2., 3.],
+            channels: 1,
+            height: 2,
+            width: 2,
+        };
+        Resize {
+            height: 4,
+            width: 4,
+        }
+        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.shape(), (1, 4, 4));
         assert_eq!(&s.data[0..4], &[0., 0.25, 0.75, 1.]);
         assert_eq!(&s.data[12..16], &[2., 2.25, 2.75, 3.]);
         // Downsample by 2 averages 2x2 blocks.
         let mut s = sample(1, 4, 4);
-        Resize { height: 2, width: 2 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        Resize {
+            height: 2,
+            width: 2,
+        }
+        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.data, vec![3.5, 5.5, 11.5, 13.5]);
     }
 
     #[test]
     fn normalize_values() {
         let p = Pipeline::new().normalize(&[0.5, 0.25], &[0.5, 2.0]);
-        let out = p.run_u8(&[0, 255, 51, 255], (2, 1, 2), &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
+        let out = p
+            .run_u8(
+                &[0, 255, 51, 255],
+                (2, 1, 2),
+                &mut ChaCha8Rng::seed_from_u64(0),
+            )
+            .unwrap();
         let want = [-1.0, 1.0, (0.2 - 0.25) / 2.0, 0.375];
         for (a, b) in out.data.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        assert!(Pipeline::new().normalize(&MNIST_MEAN, &MNIST_STD).output_shape((3, 4, 4)).is_err());
+        assert!(Pipeline::new()
+            .normalize(&MNIST_MEAN, &MNIST_STD)
+            .output_shape((3, 4, 4))
+            .is_err());
         let m = Pipeline::new().push(Normalize::mnist());
-        let v = m.run_u8(&[0], (1, 1, 1), &mut ChaCha8Rng::seed_from_u64(0)).unwrap().data[0];
+        let v = m
+            .run_u8(&[0], (1, 1, 1), &mut ChaCha8Rng::seed_from_u64(0))
+            .unwrap()
+            .data[0];
         assert!((v - (-0.1307 / 0.3081)).abs() < 1e-6);
     }
 
     #[test]
     fn pipeline_shapes_compose() {
-        let p = Pipeline::new().resize(40, 40).random_crop(32, 4).hflip(0.5).center_crop(28).normalize(&CIFAR10_MEAN, &CIFAR10_STD);
+        let p = Pipeline::new()
+            .resize(40, 40)
+            .random_crop(32, 4)
+            .hflip(0.5)
+            .center_crop(28)
+            .normalize(&CIFAR10_MEAN, &CIFAR10_STD);
         assert_eq!(p.output_shape((3, 32, 32)).unwrap(), (3, 28, 28));
-        let out = p.run_u8(&vec![128; 3 * 32 * 32], (3, 32, 32), &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let out = p
+            .run_u8(
+                &vec![128; 3 * 32 * 32],
+                (3, 32, 32),
+                &mut ChaCha8Rng::seed_from_u64(3),
+            )
+            .unwrap();
         assert_eq!(out.data.len(), 3 * 28 * 28);
     }
 }
