@@ -295,12 +295,14 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
     let mut extra = [0u8; 1];
     match r.read(&mut extra) {
         Ok(0) => {}
-        Ok(_) => return Err(DataError::format(
-            path,
-            format!(
+        Ok(_) => {
+            return Err(DataError::format(
+                path,
+                format!(
                 "trailing bytes after the {nbytes} data bytes declared by IDX dimensions {dims:?}"
             ),
-        )),
+            ))
+        }
         Err(e) => {
             return Err(DataError::format(
                 path,

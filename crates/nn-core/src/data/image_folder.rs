@@ -412,6 +412,55 @@ mod tests {
     }
 
     #[test]
+    fn lazy_loading_is_deterministic_under_prefetch() {
+        use crate::data::{DataLoader, Pipeline};
+        let dir = TempDir::new("imglazy");
+        for (k, class) in ["a", "b"].iter().enumerate() {
+            let d = dir.path().join("train").join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..5u32 {
+                let img = image::RgbImage::from_fn(20 + i, 16, |x, y| {
+                    image::Rgb([(x * 12) as u8, (y * 15) as u8, (k * 90) as u8 + i as u8])
+                });
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+        let opts = ImageFolderOptions {
+            resize_shorter: 16,
+            crop: 12,
+            random_crop: true,
+            max_per_class: None,
+        };
+        let ds =
+            std::sync::Arc::new(ImageFolderDataset::open(dir.path().join("train"), opts).unwrap());
+        let base = DataLoader::from_arc(ds, 4)
+            .shuffle(true)
+            .seed(5)
+            .transform(Pipeline::new().hflip(0.5));
+        let run = |l: &DataLoader, from: usize| {
+            let mut it = l.epoch_from(1, from);
+            std::iter::from_fn(|| it.next_host())
+                .map(|b| b.unwrap())
+                .collect::<Vec<_>>()
+        };
+        let reference = run(&base.clone().prefetch(0).parallel(Some(false)), 0);
+        assert_eq!(reference.len(), 3);
+        assert_eq!(reference[0].shape, (3, 12, 12));
+        // Random crops and flips actually vary between epochs.
+        let other = base.clone().prefetch(0);
+        let mut it = other.epoch(2);
+        let e2: Vec<_> = std::iter::from_fn(|| it.next_host())
+            .map(|b| b.unwrap())
+            .collect();
+        assert_ne!(e2, reference);
+        assert_eq!(
+            run(&base.clone().prefetch(2).parallel(Some(true)), 0),
+            reference
+        );
+        assert_eq!(run(&base.clone().prefetch(1), 1), reference[1..].to_vec());
+    }
+
+    #[test]
     fn errors_name_the_file() {
         let dir = TempDir::new("imgbad");
         let d = dir.path().join("train/x");

@@ -29,6 +29,8 @@
 //!
 //! No code path accesses the network.
 
+#![warn(missing_docs)]
+
 pub mod cifar;
 pub mod error;
 pub mod idx;
