@@ -88,6 +88,15 @@ fn data_usps_label_counts() {
     };
     let tr = train.as_memory().unwrap();
     assert_eq!((tr.height, tr.width), (16, 16));
+    let (mean, std) = tr.channel_mean_std();
+    assert!(
+        (mean[0] - nn_core::data::transforms::USPS_MEAN[0]).abs() < 1e-3,
+        "USPS mean {mean:?}"
+    );
+    assert!(
+        (std[0] - nn_core::data::transforms::USPS_STD[0]).abs() < 1e-3,
+        "USPS std {std:?}"
+    );
     assert_eq!(
         tr.class_counts(),
         vec![1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]

@@ -289,8 +289,32 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
             },
         ));
     }
-    let mut raw = vec![0u8; nbytes];
-    read_exact_ctx(r, &mut raw, path, "the IDX data", gz)?;
+    // Raw input: `nbytes` is bounded by the file length, allocate it at once. Gzip input:
+    // the bound is loose, so grow the buffer only as decompressed data actually arrives.
+    let initial = if gz { nbytes.min(1 << 22) } else { nbytes };
+    let mut raw = Vec::with_capacity(initial);
+    (&mut *r)
+        .take(nbytes as u64)
+        .read_to_end(&mut raw)
+        .map_err(|e| {
+            if gz {
+                DataError::format(
+                    path,
+                    format!("corrupt gzip stream while reading the IDX data: {e}"),
+                )
+            } else {
+                DataError::io(path, e)
+            }
+        })?;
+    if raw.len() < nbytes {
+        return Err(DataError::format(
+            path,
+            format!(
+                "truncated file: IDX dimensions {dims:?} need {nbytes} data bytes but only {} are present",
+                raw.len()
+            ),
+        ));
+    }
     // Nothing may follow the data.
     let mut extra = [0u8; 1];
     match r.read(&mut extra) {

@@ -163,8 +163,8 @@ const DATASETS: &[DatasetInfo] = &[
         ],
         num_classes: 10,
         shape: Some((1, 16, 16)),
-        mean: &[0.2469],
-        std: &[0.2989],
+        mean: &t::USPS_MEAN,
+        std: &t::USPS_STD,
         how_to_get: "USPS is provided in ../shared/datasets/usps (beside the workspace); it must not be committed. Point --data or COMPACT_VISION_DATA at a folder holding `usps/`.",
     },
     DatasetInfo {

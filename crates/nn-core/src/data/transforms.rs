@@ -27,6 +27,10 @@ pub const MNIST_STD: [f32; 1] = [0.3081];
 pub const FASHION_MNIST_MEAN: [f32; 1] = [0.2860];
 /// Fashion-MNIST standard deviation.
 pub const FASHION_MNIST_STD: [f32; 1] = [0.3530];
+/// USPS mean (computed from the 7,291 training images, pixels in `[0, 1]`).
+pub const USPS_MEAN: [f32; 1] = [0.2545];
+/// USPS standard deviation (computed from the training images).
+pub const USPS_STD: [f32; 1] = [0.3846];
 /// CIFAR-10 per-channel mean (R, G, B).
 pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 /// CIFAR-10 per-channel standard deviation.
