@@ -49,7 +49,9 @@ pub use error::{DataError, Result};
 pub use image_folder::{ImageFolderDataset, ImageFolderOptions};
 pub use loader::{Batch, DataLoader, HostBatch};
 
-pub use registry::{load, report, AnyDataset, DatasetStatus, LoadOptions, Split};
+pub use registry::{
+    load, load_in_memory, report, report_table, AnyDataset, DatasetStatus, LoadOptions, Split,
+};
 pub use transforms::{Pipeline, Transform};
 
 /// A source of labelled images that a [`DataLoader`] can batch.

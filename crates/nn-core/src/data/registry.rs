@@ -364,6 +364,16 @@ pub struct LoadOptions {
     pub verify_checksums: bool,
 }
 
+impl LoadOptions {
+    /// Options with an explicit data root (`--data DIR`); `None` keeps the default search.
+    pub fn with_data_dir(dir: Option<PathBuf>) -> Self {
+        LoadOptions {
+            data_dir: dir,
+            ..Default::default()
+        }
+    }
+}
+
 /// A dataset returned by [`load`]: in memory, or a lazily decoded image folder.
 #[derive(Clone, Debug)]
 pub enum AnyDataset {
@@ -619,6 +629,11 @@ pub fn report(data_dir: Option<&Path>) -> Vec<DatasetStatus> {
         .iter()
         .map(|info| status_of(info, data_dir))
         .collect()
+}
+
+/// [`report`] rendered as a text table (what `cargo xtask data` prints).
+pub fn report_table(data_dir: Option<&Path>) -> String {
+    StatusTable(&report(data_dir)).to_string()
 }
 
 /// [`report`] for one dataset.
