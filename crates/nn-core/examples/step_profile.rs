@@ -32,7 +32,9 @@ fn main() -> candle_core::Result<()> {
     let bn = BatchNorm::new(&bvs.root(), 16)?;
     let a = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, 16, 28, 28), &dev)?)?;
     time("batchnorm 16x28x28 fwd", 5, || bn.forward_t(a.as_tensor(), true).map(|_| ()))?;
-    time("batchnorm 16x28x28 fwd+bwd", 5, || bn.forward_t(a.as_tensor(), true)?.sum_all()?.backward().map(|_| ()))?;
+    time("batchnorm 16x28x28 fwd+bwd", 5, || {
+        bn.forward_t(a.as_tensor(), true)?.sum_all()?.backward().map(|_| ())
+    })?;
     time("relu 16x28x28", 5, || a.as_tensor().relu().map(|_| ()))?;
     time("add 16x28x28", 5, || (a.as_tensor() + a.as_tensor()).map(|_| ()))?;
     let _ = DType::F32;

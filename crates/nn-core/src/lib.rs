@@ -25,6 +25,7 @@ pub mod layers;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod report;
 pub mod rng;
 pub mod summary;
 pub mod testing;

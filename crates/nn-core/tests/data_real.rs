@@ -36,18 +36,9 @@ fn data_mnist_test_label_counts_and_loader() {
         verify_checksums: true,
         ..Default::default()
     };
-    let ds = load("mnist", Split::Test, &opts)
-        .expect("load MNIST test")
-        .into_memory()
-        .unwrap();
-    assert_eq!(
-        (ds.len(), ds.channels, ds.height, ds.width),
-        (10_000, 1, 28, 28)
-    );
-    assert_eq!(
-        ds.class_counts(),
-        vec![980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    );
+    let ds = load("mnist", Split::Test, &opts).expect("load MNIST test").into_memory().unwrap();
+    assert_eq!((ds.len(), ds.channels, ds.height, ds.width), (10_000, 1, 28, 28));
+    assert_eq!(ds.class_counts(), vec![980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]);
     let (mean, _) = ds.channel_mean_std();
     assert!((mean[0] - 0.1325).abs() < 0.002, "MNIST test mean {mean:?}");
 
@@ -56,12 +47,7 @@ fn data_mnist_test_label_counts_and_loader() {
         .shuffle(true)
         .seed(1)
         .drop_last(false)
-        .transform(
-            Pipeline::new()
-                .random_crop(28, 2)
-                .hflip(0.5)
-                .normalize(&MNIST_MEAN, &MNIST_STD),
-        )
+        .transform(Pipeline::new().random_crop(28, 2).hflip(0.5).normalize(&MNIST_MEAN, &MNIST_STD))
         .prefetch(2);
     assert_eq!(loader.len_batches(), 79);
     let t = std::time::Instant::now();
@@ -72,18 +58,12 @@ fn data_mnist_test_label_counts_and_loader() {
         seen += b.indices.len();
     }
     assert_eq!(seen, 10_000);
-    eprintln!(
-        "MNIST test epoch: {:.0} images/s",
-        10_000.0 / t.elapsed().as_secs_f64()
-    );
+    eprintln!("MNIST test epoch: {:.0} images/s", 10_000.0 / t.elapsed().as_secs_f64());
 }
 
 #[test]
 fn data_usps_label_counts() {
-    let (Some(train), Some(test)) = (
-        try_load("usps", Split::Train),
-        try_load("usps", Split::Test),
-    ) else {
+    let (Some(train), Some(test)) = (try_load("usps", Split::Train), try_load("usps", Split::Test)) else {
         return;
     };
     let tr = train.as_memory().unwrap();
@@ -93,14 +73,8 @@ fn data_usps_label_counts() {
         (mean[0] - nn_core::data::transforms::USPS_MEAN[0]).abs() < 1e-3,
         "USPS mean {mean:?}"
     );
-    assert!(
-        (std[0] - nn_core::data::transforms::USPS_STD[0]).abs() < 1e-3,
-        "USPS std {std:?}"
-    );
-    assert_eq!(
-        tr.class_counts(),
-        vec![1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
-    );
+    assert!((std[0] - nn_core::data::transforms::USPS_STD[0]).abs() < 1e-3, "USPS std {std:?}");
+    assert_eq!(tr.class_counts(), vec![1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]);
     assert_eq!(
         test.as_memory().unwrap().class_counts(),
         vec![359, 264, 198, 166, 200, 160, 170, 147, 166, 177]

@@ -43,14 +43,7 @@ pub enum Cifar100Labels {
 
 /// Parses records of `bounds.len()` label bytes + 3072 pixel bytes; label byte `k` must be
 /// `< bounds[k]`. `label_pos` picks which label byte to keep. Appends to `images` / `labels`.
-fn parse_records(
-    bytes: &[u8],
-    path: &Path,
-    bounds: &[usize],
-    label_pos: usize,
-    images: &mut Vec<u8>,
-    labels: &mut Vec<u32>,
-) -> Result<()> {
+fn parse_records(bytes: &[u8], path: &Path, bounds: &[usize], label_pos: usize, images: &mut Vec<u8>, labels: &mut Vec<u32>) -> Result<()> {
     let label_bytes = bounds.len();
     let rec = label_bytes + CIFAR_IMAGE_BYTES;
     if bytes.is_empty() {
@@ -104,16 +97,9 @@ fn read_names(path: &Path, expected: usize) -> Result<Option<Vec<String>>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let names: Vec<String> = text
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let names: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
     if names.len() != expected {
-        return Err(DataError::format(
-            path,
-            format!("{} class names, expected {expected}", names.len()),
-        ));
+        return Err(DataError::format(path, format!("{} class names, expected {expected}", names.len())));
     }
     Ok(Some(names))
 }
@@ -127,11 +113,7 @@ pub fn parse_cifar10(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<u32>)> {
 
 /// Parses CIFAR-100 bytes into `(images, labels)` with the chosen label kind. Both label
 /// bytes are range-checked (coarse < 20, fine < 100).
-pub fn parse_cifar100(
-    bytes: &[u8],
-    path: &Path,
-    kind: Cifar100Labels,
-) -> Result<(Vec<u8>, Vec<u32>)> {
+pub fn parse_cifar100(bytes: &[u8], path: &Path, kind: Cifar100Labels) -> Result<(Vec<u8>, Vec<u32>)> {
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     let pos = match kind {
         Cifar100Labels::Coarse => 0,
@@ -153,16 +135,7 @@ pub fn read_cifar10_files(paths: &[PathBuf], name: &str) -> Result<ImageDataset>
         Some(dir) => read_names(&dir.join("batches.meta.txt"), 10)?.unwrap_or_default(),
         None => Vec::new(),
     };
-    ImageDataset::new(
-        name,
-        3,
-        CIFAR_SIDE,
-        CIFAR_SIDE,
-        10,
-        images,
-        labels,
-        class_names,
-    )
+    ImageDataset::new(name, 3, CIFAR_SIDE, CIFAR_SIDE, 10, images, labels, class_names)
 }
 
 /// Loads the CIFAR-10 training (`train = true`: the five data batches) or test split from
@@ -170,10 +143,7 @@ pub fn read_cifar10_files(paths: &[PathBuf], name: &str) -> Result<ImageDataset>
 pub fn load_cifar10(dir: impl AsRef<Path>, train: bool) -> Result<ImageDataset> {
     let dir = dir.as_ref();
     let (files, name): (Vec<PathBuf>, _) = if train {
-        (
-            CIFAR10_TRAIN_FILES.iter().map(|f| dir.join(f)).collect(),
-            "cifar10/train",
-        )
+        (CIFAR10_TRAIN_FILES.iter().map(|f| dir.join(f)).collect(), "cifar10/train")
     } else {
         (vec![dir.join(CIFAR10_TEST_FILE)], "cifar10/test")
     };
@@ -182,11 +152,7 @@ pub fn load_cifar10(dir: impl AsRef<Path>, train: bool) -> Result<ImageDataset> 
 
 /// Reads one CIFAR-100 binary file (`train.bin` or `test.bin`). Class names come from
 /// `fine_label_names.txt` / `coarse_label_names.txt` next to it, when present.
-pub fn read_cifar100_file(
-    path: impl AsRef<Path>,
-    kind: Cifar100Labels,
-    name: &str,
-) -> Result<ImageDataset> {
+pub fn read_cifar100_file(path: impl AsRef<Path>, kind: Cifar100Labels, name: &str) -> Result<ImageDataset> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
     let (images, labels) = parse_cifar100(&bytes, path, kind)?;
@@ -198,24 +164,11 @@ pub fn read_cifar100_file(
         Some(dir) => read_names(&dir.join(names_file), k)?.unwrap_or_default(),
         None => Vec::new(),
     };
-    ImageDataset::new(
-        name,
-        3,
-        CIFAR_SIDE,
-        CIFAR_SIDE,
-        k,
-        images,
-        labels,
-        class_names,
-    )
+    ImageDataset::new(name, 3, CIFAR_SIDE, CIFAR_SIDE, k, images, labels, class_names)
 }
 
 /// Loads the CIFAR-100 training or test split from the `cifar-100-binary` directory `dir`.
-pub fn load_cifar100(
-    dir: impl AsRef<Path>,
-    train: bool,
-    kind: Cifar100Labels,
-) -> Result<ImageDataset> {
+pub fn load_cifar100(dir: impl AsRef<Path>, train: bool, kind: Cifar100Labels) -> Result<ImageDataset> {
     let dir = dir.as_ref();
     let (file, name) = if train {
         (CIFAR100_TRAIN_FILE, "cifar100/train")
@@ -234,9 +187,7 @@ mod tests {
 
     /// Deterministic pixel pattern of record `i`: R plane, G plane, B plane.
     fn pixels(i: usize) -> Vec<u8> {
-        (0..CIFAR_IMAGE_BYTES)
-            .map(|p| ((p / 1024) * 80 + i * 7 + p % 13) as u8)
-            .collect()
+        (0..CIFAR_IMAGE_BYTES).map(|p| ((p / 1024) * 80 + i * 7 + p % 13) as u8).collect()
     }
 
     fn cifar10_bytes(labels: &[u8]) -> Vec<u8> {
@@ -270,14 +221,8 @@ mod tests {
         std::fs::write(d.join("batches.meta.txt"), names).unwrap();
         let train = load_cifar10(d, true).unwrap();
         assert_eq!(train.len(), 15);
-        assert_eq!(
-            (train.channels, train.height, train.width, train.num_classes),
-            (3, 32, 32, 10)
-        );
-        assert_eq!(
-            train.labels,
-            vec![0, 9, 3, 1, 9, 4, 2, 9, 5, 3, 9, 6, 4, 9, 7]
-        );
+        assert_eq!((train.channels, train.height, train.width, train.num_classes), (3, 32, 32, 10));
+        assert_eq!(train.labels, vec![0, 9, 3, 1, 9, 4, 2, 9, 5, 3, 9, 6, 4, 9, 7]);
         assert_eq!(train.class_names[9], "truck");
         // CHW: record 1 of batch 1 keeps its R, G, B planes in order.
         assert_eq!(train.image(1), &pixels(1)[..]);
@@ -288,18 +233,12 @@ mod tests {
 
         std::fs::write(d.join(CIFAR10_TEST_FILE), cifar10_bytes(&[4, 10])).unwrap();
         let e = load_cifar10(d, false).unwrap_err().to_string();
-        assert!(
-            e.contains("test_batch.bin") && e.contains("record 1") && e.contains("10"),
-            "{e}"
-        );
+        assert!(e.contains("test_batch.bin") && e.contains("record 1") && e.contains("10"), "{e}");
         let mut b = cifar10_bytes(&[1, 2]);
         b.pop();
         std::fs::write(d.join(CIFAR10_TEST_FILE), b).unwrap();
         let e = load_cifar10(d, false).unwrap_err().to_string();
-        assert!(
-            e.contains("test_batch.bin") && e.contains("not a multiple"),
-            "{e}"
-        );
+        assert!(e.contains("test_batch.bin") && e.contains("not a multiple"), "{e}");
         std::fs::remove_file(d.join("data_batch_3.bin")).unwrap();
         let e = load_cifar10(d, true).unwrap_err().to_string();
         assert!(e.contains("data_batch_3.bin"), "{e}");
@@ -309,11 +248,7 @@ mod tests {
     fn cifar100_official_layout() {
         let dir = TempDir::new("cifar100");
         let d = dir.path();
-        std::fs::write(
-            d.join("train.bin"),
-            cifar100_bytes(&[(19, 99), (0, 5), (7, 42)]),
-        )
-        .unwrap();
+        std::fs::write(d.join("train.bin"), cifar100_bytes(&[(19, 99), (0, 5), (7, 42)])).unwrap();
         std::fs::write(d.join("test.bin"), cifar100_bytes(&[(3, 30)])).unwrap();
         let coarse: String = (0..20).map(|i| format!("super{i}\n")).collect();
         std::fs::write(d.join("coarse_label_names.txt"), coarse).unwrap();
@@ -330,14 +265,10 @@ mod tests {
         assert_eq!(test.labels, vec![30]);
         // Out-of-range coarse label is caught even when fine labels are requested.
         std::fs::write(d.join("test.bin"), cifar100_bytes(&[(20, 30)])).unwrap();
-        let e = load_cifar100(d, false, Cifar100Labels::Fine)
-            .unwrap_err()
-            .to_string();
+        let e = load_cifar100(d, false, Cifar100Labels::Fine).unwrap_err().to_string();
         assert!(e.contains("test.bin") && e.contains("20"), "{e}");
         std::fs::write(d.join("test.bin"), cifar100_bytes(&[(2, 100)])).unwrap();
-        let e = load_cifar100(d, false, Cifar100Labels::Fine)
-            .unwrap_err()
-            .to_string();
+        let e = load_cifar100(d, false, Cifar100Labels::Fine).unwrap_err().to_string();
         assert!(e.contains("test.bin") && e.contains("100"), "{e}");
     }
 

@@ -144,32 +144,20 @@ impl IdxArray {
     /// Serialises the array into (uncompressed) IDX bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         if self.dims.len() > 255 {
-            return Err(DataError::InvalidArgument(
-                "IDX supports at most 255 dimensions".into(),
-            ));
+            return Err(DataError::InvalidArgument("IDX supports at most 255 dimensions".into()));
         }
         let mut out = vec![0, 0, self.data.idx_type().code(), self.dims.len() as u8];
         for &d in &self.dims {
-            let d = u32::try_from(d).map_err(|_| {
-                DataError::InvalidArgument(format!("IDX dimension {d} does not fit in u32"))
-            })?;
+            let d = u32::try_from(d).map_err(|_| DataError::InvalidArgument(format!("IDX dimension {d} does not fit in u32")))?;
             out.extend_from_slice(&d.to_be_bytes());
         }
         match &self.data {
             IdxData::U8(v) => out.extend_from_slice(v),
             IdxData::I8(v) => out.extend(v.iter().map(|&x| x as u8)),
-            IdxData::I16(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
-            IdxData::I32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
-            IdxData::F32(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
-            IdxData::F64(v) => v
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
+            IdxData::I16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
+            IdxData::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
+            IdxData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
+            IdxData::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_be_bytes())),
         }
         Ok(out)
     }
@@ -183,9 +171,7 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 /// Parses IDX bytes (raw or gzip). `path` is only used in error messages.
 pub fn parse_idx(bytes: &[u8], path: &Path) -> Result<IdxArray> {
     if is_gzip(bytes) {
-        let bound = (bytes.len() as u64)
-            .saturating_mul(MAX_DEFLATE_RATIO)
-            .saturating_add(1024);
+        let bound = (bytes.len() as u64).saturating_mul(MAX_DEFLATE_RATIO).saturating_add(1024);
         let mut dec = flate2::read::GzDecoder::new(bytes);
         parse_idx_stream(&mut dec, bound, path, true)
     } else {
@@ -201,24 +187,12 @@ pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray> {
     parse_idx(&bytes, path)
 }
 
-fn read_exact_ctx(
-    r: &mut dyn Read,
-    buf: &mut [u8],
-    path: &Path,
-    what: &str,
-    gz: bool,
-) -> Result<()> {
+fn read_exact_ctx(r: &mut dyn Read, buf: &mut [u8], path: &Path, what: &str, gz: bool) -> Result<()> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            DataError::format(
-                path,
-                format!("truncated file: unexpected end of data while reading {what}"),
-            )
+            DataError::format(path, format!("truncated file: unexpected end of data while reading {what}"))
         } else if gz {
-            DataError::format(
-                path,
-                format!("corrupt gzip stream while reading {what}: {e}"),
-            )
+            DataError::format(path, format!("corrupt gzip stream while reading {what}: {e}"))
         } else {
             DataError::io(path, e)
         }
@@ -233,15 +207,10 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
     if head[0] != 0 || head[1] != 0 {
         return Err(DataError::format(
             path,
-            format!(
-                "not an IDX file: magic starts with {:02x} {:02x}, expected 00 00",
-                head[0], head[1]
-            ),
+            format!("not an IDX file: magic starts with {:02x} {:02x}, expected 00 00", head[0], head[1]),
         ));
     }
-    let ty = IdxType::from_code(head[2]).ok_or_else(|| {
-        DataError::format(path, format!("unknown IDX element type 0x{:02x}", head[2]))
-    })?;
+    let ty = IdxType::from_code(head[2]).ok_or_else(|| DataError::format(path, format!("unknown IDX element type 0x{:02x}", head[2])))?;
     let ndim = head[3] as usize;
     if ndim == 0 {
         return Err(DataError::format(path, "IDX header declares 0 dimensions"));
@@ -262,30 +231,18 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
     let count = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| {
-            DataError::format(
-                path,
-                format!("IDX dimensions {dims:?}: element count overflows"),
-            )
-        })?;
-    let nbytes = count.checked_mul(ty.size()).ok_or_else(|| {
-        DataError::format(
-            path,
-            format!("IDX dimensions {dims:?}: byte size overflows"),
-        )
-    })?;
+        .ok_or_else(|| DataError::format(path, format!("IDX dimensions {dims:?}: element count overflows")))?;
+    let nbytes = count
+        .checked_mul(ty.size())
+        .ok_or_else(|| DataError::format(path, format!("IDX dimensions {dims:?}: byte size overflows")))?;
     let available = bound - header_len;
     if nbytes as u64 > available {
         return Err(DataError::format(
             path,
             if gz {
-                format!(
-                    "IDX dimensions {dims:?} need {nbytes} bytes of {ty:?}, more than this gzip file can hold"
-                )
+                format!("IDX dimensions {dims:?} need {nbytes} bytes of {ty:?}, more than this gzip file can hold")
             } else {
-                format!(
-                    "truncated file: IDX dimensions {dims:?} need {nbytes} bytes of {ty:?} but only {available} follow the header"
-                )
+                format!("truncated file: IDX dimensions {dims:?} need {nbytes} bytes of {ty:?} but only {available} follow the header")
             },
         ));
     }
@@ -293,19 +250,13 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
     // the bound is loose, so grow the buffer only as decompressed data actually arrives.
     let initial = if gz { nbytes.min(1 << 22) } else { nbytes };
     let mut raw = Vec::with_capacity(initial);
-    (&mut *r)
-        .take(nbytes as u64)
-        .read_to_end(&mut raw)
-        .map_err(|e| {
-            if gz {
-                DataError::format(
-                    path,
-                    format!("corrupt gzip stream while reading the IDX data: {e}"),
-                )
-            } else {
-                DataError::io(path, e)
-            }
-        })?;
+    (&mut *r).take(nbytes as u64).read_to_end(&mut raw).map_err(|e| {
+        if gz {
+            DataError::format(path, format!("corrupt gzip stream while reading the IDX data: {e}"))
+        } else {
+            DataError::io(path, e)
+        }
+    })?;
     if raw.len() < nbytes {
         return Err(DataError::format(
             path,
@@ -322,36 +273,17 @@ fn parse_idx_stream(r: &mut dyn Read, bound: u64, path: &Path, gz: bool) -> Resu
         Ok(_) => {
             return Err(DataError::format(
                 path,
-                format!(
-                "trailing bytes after the {nbytes} data bytes declared by IDX dimensions {dims:?}"
-            ),
+                format!("trailing bytes after the {nbytes} data bytes declared by IDX dimensions {dims:?}"),
             ))
         }
-        Err(e) => {
-            return Err(DataError::format(
-                path,
-                format!("corrupt data after the IDX array: {e}"),
-            ))
-        }
+        Err(e) => return Err(DataError::format(path, format!("corrupt data after the IDX array: {e}"))),
     }
     let data = match ty {
         IdxType::U8 => IdxData::U8(raw),
         IdxType::I8 => IdxData::I8(raw.iter().map(|&b| b as i8).collect()),
-        IdxType::I16 => IdxData::I16(
-            raw.chunks_exact(2)
-                .map(|c| i16::from_be_bytes([c[0], c[1]]))
-                .collect(),
-        ),
-        IdxType::I32 => IdxData::I32(
-            raw.chunks_exact(4)
-                .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        IdxType::F32 => IdxData::F32(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
+        IdxType::I16 => IdxData::I16(raw.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()),
+        IdxType::I32 => IdxData::I32(raw.chunks_exact(4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        IdxType::F32 => IdxData::F32(raw.chunks_exact(4).map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()),
         IdxType::F64 => IdxData::F64(
             raw.chunks_exact(8)
                 .map(|c| f64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
@@ -371,10 +303,7 @@ fn images_from_idx(arr: IdxArray, path: &Path) -> Result<(usize, usize, usize, u
         _ => {
             return Err(DataError::format(
                 path,
-                format!(
-                    "expected image dimensions [n, h, w] or [n, c, h, w], found {:?}",
-                    arr.dims
-                ),
+                format!("expected image dimensions [n, h, w] or [n, c, h, w], found {:?}", arr.dims),
             ))
         }
     };
@@ -410,11 +339,7 @@ fn labels_from_idx(arr: IdxArray, path: &Path) -> Result<Vec<u32>> {
     as_i64
         .into_iter()
         .enumerate()
-        .map(|(i, l)| {
-            u32::try_from(l).map_err(|_| {
-                DataError::format(path, format!("label {l} of sample {i} is negative"))
-            })
-        })
+        .map(|(i, l)| u32::try_from(l).map_err(|_| DataError::format(path, format!("label {l} of sample {i} is negative"))))
         .collect()
 }
 
@@ -422,10 +347,7 @@ fn labels_from_idx(arr: IdxArray, path: &Path) -> Result<Vec<u32>> {
 ///
 /// `num_classes` is inferred as `max(label) + 1`; use [`load_idx_images_labels_with`] to
 /// enforce a known class count.
-pub fn load_idx_images_labels(
-    images_path: impl AsRef<Path>,
-    labels_path: impl AsRef<Path>,
-) -> Result<ImageDataset> {
+pub fn load_idx_images_labels(images_path: impl AsRef<Path>, labels_path: impl AsRef<Path>) -> Result<ImageDataset> {
     load_idx_images_labels_with(images_path, labels_path, None, "idx")
 }
 
@@ -443,11 +365,7 @@ pub fn load_idx_images_labels_with(
     if labels.len() != n {
         return Err(DataError::format(
             lp,
-            format!(
-                "{} labels but {} has {n} images",
-                labels.len(),
-                ip.display()
-            ),
+            format!("{} labels but {} has {n} images", labels.len(), ip.display()),
         ));
     }
     let inferred = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
@@ -540,10 +458,7 @@ mod tests {
         let path = Path::new("/some/where/train-images.idx");
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![1, 0, 8, 1, 0, 0, 0, 1, 7], "not an IDX file"),
-            (
-                vec![0, 0, 0x42, 1, 0, 0, 0, 1, 7],
-                "unknown IDX element type",
-            ),
+            (vec![0, 0, 0x42, 1, 0, 0, 0, 1, 7], "unknown IDX element type"),
             (vec![0, 0, 8, 1, 0, 0, 0, 3, 7], "truncated"),
             (vec![0, 0, 8, 2, 0, 0], "truncated"),
             (vec![0, 0, 8, 1, 0, 0, 0, 1, 7, 9], "trailing bytes"),
@@ -577,12 +492,7 @@ mod tests {
         assert!(e.contains("more than this gzip file can hold"), "{e}");
     }
 
-    fn write_mnist_like(
-        dir: &Path,
-        n: usize,
-        labels: &[u8],
-        gz: bool,
-    ) -> (std::path::PathBuf, std::path::PathBuf) {
+    fn write_mnist_like(dir: &Path, n: usize, labels: &[u8], gz: bool) -> (std::path::PathBuf, std::path::PathBuf) {
         let imgs = IdxArray {
             dims: vec![n, 4, 3],
             data: IdxData::U8((0..n * 12).map(|i| (i % 251) as u8).collect()),
@@ -612,24 +522,14 @@ mod tests {
             assert_eq!((ds.len(), ds.channels, ds.height, ds.width), (5, 1, 4, 3));
             assert_eq!(ds.num_classes, 4);
             assert_eq!(ds.class_counts(), vec![1, 1, 1, 2]);
-            assert_eq!(
-                ds.image(1),
-                &(12..24).map(|i| i as u8).collect::<Vec<_>>()[..]
-            );
-            let e = load_idx_images_labels_with(&ip, &lp, Some(3), "t")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("label 3") && e.contains(&lp.display().to_string()),
-                "{e}"
-            );
+            assert_eq!(ds.image(1), &(12..24).map(|i| i as u8).collect::<Vec<_>>()[..]);
+            let e = load_idx_images_labels_with(&ip, &lp, Some(3), "t").unwrap_err().to_string();
+            assert!(e.contains("label 3") && e.contains(&lp.display().to_string()), "{e}");
         }
         let (ip, lp) = write_mnist_like(dir.path(), 5, &[0, 1, 2], false);
         let e = load_idx_images_labels(&ip, &lp).unwrap_err().to_string();
         assert!(e.contains("3 labels") && e.contains("5 images"), "{e}");
-        let e = load_idx_images_labels(dir.path().join("missing"), &lp)
-            .unwrap_err()
-            .to_string();
+        let e = load_idx_images_labels(dir.path().join("missing"), &lp).unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
     }
 
@@ -684,9 +584,6 @@ mod tests {
                 oks += 1;
             }
         }
-        assert!(
-            oks > 0,
-            "some mutations (e.g. flips in pixel bytes) must still parse"
-        );
+        assert!(oks > 0, "some mutations (e.g. flips in pixel bytes) must still parse");
     }
 }

@@ -125,10 +125,7 @@ impl ImageFolderDataset {
         if files.is_empty() {
             return Err(DataError::format(
                 &root,
-                format!(
-                    "{} class directories but no .JPEG/.jpg/.png file in them",
-                    class_names.len()
-                ),
+                format!("{} class directories but no .JPEG/.jpg/.png file in them", class_names.len()),
             ));
         }
         let name = root.display().to_string();
@@ -208,12 +205,7 @@ impl ImageFolderDataset {
 /// Decodes `path`, resizes its shorter side to `opts.resize_shorter`, crops
 /// `opts.crop x opts.crop` (random position if `opts.random_crop`) and writes CHW RGB bytes
 /// into `out` (length `3 * crop * crop`).
-pub fn decode_into(
-    path: &Path,
-    opts: &ImageFolderOptions,
-    rng: &mut dyn RngCore,
-    out: &mut [u8],
-) -> Result<()> {
+pub fn decode_into(path: &Path, opts: &ImageFolderOptions, rng: &mut dyn RngCore, out: &mut [u8]) -> Result<()> {
     let img_err = |what: String| DataError::Image {
         path: path.to_path_buf(),
         what,
@@ -222,25 +214,16 @@ pub fn decode_into(
         .map_err(|e| DataError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
-    let img = reader
-        .decode()
-        .map_err(|e| img_err(e.to_string()))?
-        .to_rgb8();
+    let img = reader.decode().map_err(|e| img_err(e.to_string()))?.to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(img_err("image has zero size".into()));
     }
     let s = opts.resize_shorter;
     let (nw, nh) = if w <= h {
-        (
-            s,
-            ((h as f64 * s as f64 / w as f64).round() as usize).max(s),
-        )
+        (s, ((h as f64 * s as f64 / w as f64).round() as usize).max(s))
     } else {
-        (
-            ((w as f64 * s as f64 / h as f64).round() as usize).max(s),
-            s,
-        )
+        (((w as f64 * s as f64 / h as f64).round() as usize).max(s), s)
     };
     let (nw32, nh32) = (
         u32::try_from(nw).map_err(|_| img_err(format!("resized width {nw} too large")))?,
@@ -290,13 +273,10 @@ impl Dataset for ImageFolderDataset {
         self.class_names.len()
     }
     fn label(&self, i: usize) -> Result<u32> {
-        self.files.get(i).map(|f| f.1).ok_or_else(|| {
-            DataError::InvalidArgument(format!(
-                "{}: index {i} out of range (len {})",
-                self.name,
-                self.files.len()
-            ))
-        })
+        self.files
+            .get(i)
+            .map(|f| f.1)
+            .ok_or_else(|| DataError::InvalidArgument(format!("{}: index {i} out of range (len {})", self.name, self.files.len())))
     }
     fn read_into(&self, i: usize, rng: &mut dyn RngCore, out: &mut [u8]) -> Result<u32> {
         let label = self.label(i)?;
@@ -317,11 +297,7 @@ mod tests {
 
     /// Writes `root/train/{cat,ant,bee}` with PNGs and JPEGs of solid colours.
     pub(crate) fn write_folder(root: &Path) {
-        let colours = [
-            ("cat", [200u8, 10, 10]),
-            ("ant", [10, 200, 10]),
-            ("bee", [10, 10, 200]),
-        ];
+        let colours = [("cat", [200u8, 10, 10]), ("ant", [10, 200, 10]), ("bee", [10, 10, 200])];
         for (k, (class, rgb)) in colours.iter().enumerate() {
             let dir = root.join("train").join(class);
             std::fs::create_dir_all(&dir).unwrap();
@@ -395,14 +371,7 @@ mod tests {
         let (px, _) = ds.get(0, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
         // No resize needed (shorter side already 4); centre crop keeps columns 2..6.
         assert_eq!(&px[..4], &[60, 90, 120, 150]);
-        let ds = ImageFolderDataset::open(
-            dir.path().join("val"),
-            ImageFolderOptions {
-                random_crop: true,
-                ..opts
-            },
-        )
-        .unwrap();
+        let ds = ImageFolderDataset::open(dir.path().join("val"), ImageFolderOptions { random_crop: true, ..opts }).unwrap();
         let mut starts = std::collections::HashSet::new();
         for seed in 0..64 {
             let (px, _) = ds.get(0, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
@@ -431,17 +400,14 @@ mod tests {
             random_crop: true,
             max_per_class: None,
         };
-        let ds =
-            std::sync::Arc::new(ImageFolderDataset::open(dir.path().join("train"), opts).unwrap());
+        let ds = std::sync::Arc::new(ImageFolderDataset::open(dir.path().join("train"), opts).unwrap());
         let base = DataLoader::from_arc(ds, 4)
             .shuffle(true)
             .seed(5)
             .transform(Pipeline::new().hflip(0.5));
         let run = |l: &DataLoader, from: usize| {
             let mut it = l.epoch_from(1, from);
-            std::iter::from_fn(|| it.next_host())
-                .map(|b| b.unwrap())
-                .collect::<Vec<_>>()
+            std::iter::from_fn(|| it.next_host()).map(|b| b.unwrap()).collect::<Vec<_>>()
         };
         let reference = run(&base.clone().prefetch(0).parallel(Some(false)), 0);
         assert_eq!(reference.len(), 3);
@@ -449,14 +415,9 @@ mod tests {
         // Random crops and flips actually vary between epochs.
         let other = base.clone().prefetch(0);
         let mut it = other.epoch(2);
-        let e2: Vec<_> = std::iter::from_fn(|| it.next_host())
-            .map(|b| b.unwrap())
-            .collect();
+        let e2: Vec<_> = std::iter::from_fn(|| it.next_host()).map(|b| b.unwrap()).collect();
         assert_ne!(e2, reference);
-        assert_eq!(
-            run(&base.clone().prefetch(2).parallel(Some(true)), 0),
-            reference
-        );
+        assert_eq!(run(&base.clone().prefetch(2).parallel(Some(true)), 0), reference);
         assert_eq!(run(&base.clone().prefetch(1), 1), reference[1..].to_vec());
     }
 
@@ -473,24 +434,15 @@ mod tests {
             max_per_class: None,
         };
         let ds = ImageFolderDataset::open(dir.path().join("train"), opts.clone()).unwrap();
-        let e = ds
-            .get(0, &mut ChaCha8Rng::seed_from_u64(0))
-            .unwrap_err()
-            .to_string();
+        let e = ds.get(0, &mut ChaCha8Rng::seed_from_u64(0)).unwrap_err().to_string();
         assert!(e.contains("broken.png"), "{e}");
-        assert!(ds
-            .to_memory()
-            .unwrap_err()
-            .to_string()
-            .contains("broken.png"));
+        assert!(ds.to_memory().unwrap_err().to_string().contains("broken.png"));
         let e = ImageFolderDataset::open(dir.path().join("nope"), opts.clone())
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope"), "{e}");
         let empty = TempDir::new("imgempty");
-        let e = ImageFolderDataset::open(empty.path(), opts)
-            .unwrap_err()
-            .to_string();
+        let e = ImageFolderDataset::open(empty.path(), opts).unwrap_err().to_string();
         assert!(e.contains("no class sub-directory"), "{e}");
     }
 }

@@ -145,9 +145,7 @@ impl Inner {
         let ds = &*self.dataset;
         let pipeline = &self.pipeline;
         let seed = self.seed;
-        let one = |st: &mut (Vec<u8>, Sample, Vec<f32>),
-                   (out, (label, &idx)): (&mut [f32], (&mut u32, &usize))|
-         -> Result<()> {
+        let one = |st: &mut (Vec<u8>, Sample, Vec<f32>), (out, (label, &idx)): (&mut [f32], (&mut u32, &usize))| -> Result<()> {
             let (raw, sample, scratch) = st;
             let mut rng = derived_rng(&[TAG_SAMPLE, seed, epoch, idx as u64]);
             *label = ds.read_into(idx, &mut rng, raw)?;
@@ -168,10 +166,7 @@ impl Inner {
                 .try_for_each_init(init, one)?;
         } else {
             let mut st = init();
-            for item in images
-                .chunks_mut(out_len)
-                .zip(labels.iter_mut().zip(indices.iter()))
-            {
+            for item in images.chunks_mut(out_len).zip(labels.iter_mut().zip(indices.iter())) {
                 one(&mut st, item)?;
             }
         }
@@ -325,8 +320,7 @@ impl DataLoader {
             )));
         }
         let order = self.inner.epoch_order(epoch);
-        self.inner
-            .build(epoch, self.inner.batch_indices(&order, batch))
+        self.inner.build(epoch, self.inner.batch_indices(&order, batch))
     }
 
     /// Builds batch `batch` of `epoch` as tensors.
@@ -349,17 +343,15 @@ impl DataLoader {
             let (tx, rx) = sync_channel(self.prefetch);
             let inner = self.inner.clone();
             let order = order.clone();
-            let handle = std::thread::Builder::new()
-                .name("data-prefetch".into())
-                .spawn(move || {
-                    for b in start..end {
-                        let r = inner.build(epoch, inner.batch_indices(&order, b));
-                        let failed = r.is_err();
-                        if tx.send(r).is_err() || failed {
-                            break;
-                        }
+            let handle = std::thread::Builder::new().name("data-prefetch".into()).spawn(move || {
+                for b in start..end {
+                    let r = inner.build(epoch, inner.batch_indices(&order, b));
+                    let failed = r.is_err();
+                    if tx.send(r).is_err() || failed {
+                        break;
                     }
-                });
+                }
+            });
             match handle {
                 Ok(h) => (Some(rx), Some(h)),
                 // Could not spawn a thread: fall back to synchronous loading.
@@ -411,14 +403,10 @@ impl EpochIter {
             return None;
         }
         let r = match &self.rx {
-            Some(rx) => rx.recv().unwrap_or_else(|_| {
-                Err(DataError::InvalidArgument(
-                    "data prefetch thread stopped unexpectedly".into(),
-                ))
-            }),
-            None => self
-                .inner
-                .build(self.epoch, self.inner.batch_indices(&self.order, self.next)),
+            Some(rx) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(DataError::InvalidArgument("data prefetch thread stopped unexpectedly".into()))),
+            None => self.inner.build(self.epoch, self.inner.batch_indices(&self.order, self.next)),
         };
         self.next += 1;
         if r.is_err() {
@@ -433,8 +421,7 @@ impl Iterator for EpochIter {
 
     fn next(&mut self) -> Option<Result<Batch>> {
         let device = self.device.clone();
-        self.next_host()
-            .map(|r| r.and_then(|hb| hb.to_batch(&device)))
+        self.next_host().map(|r| r.and_then(|hb| hb.to_batch(&device)))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -462,9 +449,7 @@ mod tests {
 
     /// 10 single-channel 2x3 images; image i has pixel values i*10 + p.
     fn toy(n: usize) -> ImageDataset {
-        let images = (0..n)
-            .flat_map(|i| (0..6).map(move |p| (i * 10 + p) as u8))
-            .collect();
+        let images = (0..n).flat_map(|i| (0..6).map(move |p| (i * 10 + p) as u8)).collect();
         let labels = (0..n).map(|i| (i % 3) as u32).collect();
         ImageDataset::new("toy", 1, 2, 3, 3, images, labels, vec![]).unwrap()
     }
@@ -479,10 +464,7 @@ mod tests {
     }
 
     fn aug() -> Pipeline {
-        Pipeline::new()
-            .random_crop(2, 1)
-            .hflip(0.5)
-            .normalize(&[0.5], &[0.25])
+        Pipeline::new().random_crop(2, 1).hflip(0.5).normalize(&[0.5], &[0.25])
     }
 
     #[test]
@@ -495,18 +477,9 @@ mod tests {
         let mut s = o0.clone();
         s.sort();
         assert_eq!(s, (0..10).collect::<Vec<_>>());
-        assert_ne!(
-            o0,
-            DataLoader::new(toy(10), 4)
-                .shuffle(true)
-                .seed(10)
-                .epoch_order(0)
-        );
+        assert_ne!(o0, DataLoader::new(toy(10), 4).shuffle(true).seed(10).epoch_order(0));
         let batches = collect(&l, 0, 0);
-        assert_eq!(
-            batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
-            vec![4, 4, 2]
-        );
+        assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
         let idx: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
         assert_eq!(idx, o0);
         // Without transform, values are pixels / 255 and labels match.
@@ -522,10 +495,7 @@ mod tests {
 
     #[test]
     fn resume_and_prefetch_reproduce_batches() {
-        let base = DataLoader::new(toy(23), 5)
-            .shuffle(true)
-            .seed(3)
-            .transform(aug());
+        let base = DataLoader::new(toy(23), 5).shuffle(true).seed(3).transform(aug());
         for prefetch in [0, 1, 3] {
             for parallel in [Some(false), Some(true)] {
                 let l = base.clone().prefetch(prefetch).parallel(parallel);
@@ -562,8 +532,7 @@ mod tests {
 
     #[test]
     fn errors_stop_the_epoch() {
-        let l = DataLoader::new(toy(7), 4)
-            .transform(Pipeline::new().normalize(&[0.1, 0.2], &[1.0, 1.0]));
+        let l = DataLoader::new(toy(7), 4).transform(Pipeline::new().normalize(&[0.1, 0.2], &[1.0, 1.0]));
         let r: Vec<_> = l.epoch(0).collect();
         assert_eq!(r.len(), 1);
         assert!(r[0].as_ref().unwrap_err().to_string().contains("Normalize"));
@@ -578,22 +547,13 @@ mod tests {
         let ds = ImageDataset::new("bench", 1, 28, 28, 10, images, labels, vec![]).unwrap();
         let l = DataLoader::new(ds, 128)
             .shuffle(true)
-            .transform(
-                Pipeline::new()
-                    .random_crop(28, 2)
-                    .hflip(0.5)
-                    .normalize(&[0.1307], &[0.3081]),
-            )
+            .transform(Pipeline::new().random_crop(28, 2).hflip(0.5).normalize(&[0.1307], &[0.3081]))
             .prefetch(2);
         let t = std::time::Instant::now();
         let count: usize = l.epoch(0).map(|b| b.unwrap().indices.len()).sum();
         let secs = t.elapsed().as_secs_f64();
         assert_eq!(count, n);
         eprintln!("loader: {:.0} images/s", n as f64 / secs);
-        assert!(
-            n as f64 / secs > 3000.0,
-            "too slow: {:.0} images/s",
-            n as f64 / secs
-        );
+        assert!(n as f64 / secs > 3000.0, "too slow: {:.0} images/s", n as f64 / secs);
     }
 }

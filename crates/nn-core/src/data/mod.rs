@@ -49,9 +49,7 @@ pub use error::{DataError, Result};
 pub use image_folder::{ImageFolderDataset, ImageFolderOptions};
 pub use loader::{Batch, DataLoader, HostBatch};
 
-pub use registry::{
-    load, load_in_memory, report, report_table, AnyDataset, DatasetStatus, LoadOptions, Split,
-};
+pub use registry::{load, load_in_memory, report, report_table, AnyDataset, DatasetStatus, LoadOptions, Split};
 pub use transforms::{Pipeline, Transform};
 
 /// A source of labelled images that a [`DataLoader`] can batch.
@@ -169,9 +167,9 @@ impl ImageDataset {
     /// `class_names` either empty or of length `num_classes`.
     pub fn validate(&self) -> Result<()> {
         let per = self.image_size();
-        let expected = per.checked_mul(self.labels.len()).ok_or_else(|| {
-            DataError::InvalidArgument(format!("{}: image buffer size overflows", self.name))
-        })?;
+        let expected = per
+            .checked_mul(self.labels.len())
+            .ok_or_else(|| DataError::InvalidArgument(format!("{}: image buffer size overflows", self.name)))?;
         if self.images.len() != expected {
             return Err(DataError::InvalidArgument(format!(
                 "{}: {} image bytes for {} labels of {}x{}x{} (expected {expected})",
@@ -183,12 +181,7 @@ impl ImageDataset {
                 self.width
             )));
         }
-        if let Some((i, &l)) = self
-            .labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= self.num_classes)
-        {
+        if let Some((i, &l)) = self.labels.iter().enumerate().find(|(_, &l)| l as usize >= self.num_classes) {
             return Err(DataError::InvalidArgument(format!(
                 "{}: label {l} of sample {i} is out of range (num_classes = {})",
                 self.name, self.num_classes
@@ -308,13 +301,10 @@ impl Dataset for ImageDataset {
         self.num_classes
     }
     fn label(&self, i: usize) -> Result<u32> {
-        self.labels.get(i).copied().ok_or_else(|| {
-            DataError::InvalidArgument(format!(
-                "{}: index {i} out of range (len {})",
-                self.name,
-                self.len()
-            ))
-        })
+        self.labels
+            .get(i)
+            .copied()
+            .ok_or_else(|| DataError::InvalidArgument(format!("{}: index {i} out of range (len {})", self.name, self.len())))
     }
     fn read_into(&self, i: usize, _rng: &mut dyn RngCore, out: &mut [u8]) -> Result<u32> {
         let label = Dataset::label(self, i)?;

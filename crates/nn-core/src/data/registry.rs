@@ -58,9 +58,7 @@ impl std::str::FromStr for Split {
         match s.to_ascii_lowercase().as_str() {
             "train" | "training" => Ok(Split::Train),
             "test" | "val" | "valid" | "validation" | "t10k" => Ok(Split::Test),
-            other => Err(DataError::InvalidArgument(format!(
-                "unknown split `{other}` (train or test)"
-            ))),
+            other => Err(DataError::InvalidArgument(format!("unknown split `{other}` (train or test)"))),
         }
     }
 }
@@ -108,11 +106,7 @@ const fn f(rel: &'static str, sha256: &'static str, split: Split) -> KnownFile {
 }
 
 const fn u(rel: &'static str, split: Option<Split>) -> KnownFile {
-    KnownFile {
-        rel,
-        sha256: None,
-        split,
-    }
+    KnownFile { rel, sha256: None, split }
 }
 
 use super::transforms as t;
@@ -233,18 +227,13 @@ pub fn info(name: &str) -> Result<&'static DatasetInfo> {
         .ok_or_else(|| {
             DataError::InvalidArgument(format!(
                 "unknown dataset `{name}`; known: {}",
-                DATASETS
-                    .iter()
-                    .map(|d| d.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                DATASETS.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
             ))
         })
 }
 
 fn is_workspace_root(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("Cargo.toml"))
-        .is_ok_and(|s| s.lines().any(|l| l.trim() == "[workspace]"))
+    std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|s| s.lines().any(|l| l.trim() == "[workspace]"))
 }
 
 /// Workspace roots: the nearest ancestor of the current directory whose `Cargo.toml` has a
@@ -484,22 +473,14 @@ pub fn load(name: &str, split: Split, opts: &LoadOptions) -> Result<AnyDataset> 
     let ds_name = format!("{}/{}", info.name, split);
     let ds = match info.name {
         "mnist" | "fashion-mnist" | "usps" => {
-            let prefix = if split == Split::Train {
-                "train"
-            } else {
-                "t10k"
-            };
+            let prefix = if split == Split::Train { "train" } else { "t10k" };
             let mut ds = load_idx_images_labels_with(
                 dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
                 dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
                 Some(10),
                 &ds_name,
             )?;
-            let names: &[&str] = if info.name == "fashion-mnist" {
-                &FASHION
-            } else {
-                &DIGITS
-            };
+            let names: &[&str] = if info.name == "fashion-mnist" { &FASHION } else { &DIGITS };
             ds.class_names = names.iter().map(|s| s.to_string()).collect();
             AnyDataset::Memory(ds)
         }
@@ -518,11 +499,7 @@ pub fn load(name: &str, split: Split, opts: &LoadOptions) -> Result<AnyDataset> 
                 random_crop: split == Split::Train,
                 ..ImageFolderOptions::default()
             });
-            let sub = if split == Split::Train {
-                "train"
-            } else {
-                "val"
-            };
+            let sub = if split == Split::Train { "train" } else { "val" };
             let folder = ImageFolderDataset::open(dir.join(sub), fo)?.with_name(ds_name);
             if opts.eager {
                 AnyDataset::Memory(folder.to_memory()?)
@@ -530,11 +507,7 @@ pub fn load(name: &str, split: Split, opts: &LoadOptions) -> Result<AnyDataset> 
                 AnyDataset::Folder(folder)
             }
         }
-        other => {
-            return Err(DataError::InvalidArgument(format!(
-                "no loader for dataset `{other}`"
-            )))
-        }
+        other => return Err(DataError::InvalidArgument(format!("no loader for dataset `{other}`"))),
     };
     Ok(ds)
 }
@@ -607,12 +580,11 @@ impl DatasetStatus {
     pub fn summary(&self) -> &'static str {
         if self.location.is_none() {
             "missing"
-        } else if self.files.iter().any(|f| {
-            matches!(
-                f.check,
-                FileCheck::Mismatch { .. } | FileCheck::Unreadable(_)
-            )
-        }) {
+        } else if self
+            .files
+            .iter()
+            .any(|f| matches!(f.check, FileCheck::Mismatch { .. } | FileCheck::Unreadable(_)))
+        {
             "BAD CHECKSUM"
         } else if self.is_ok() {
             "ok"
@@ -625,10 +597,7 @@ impl DatasetStatus {
 /// Checks every known dataset: where it is (searching `data_dir` first) and whether each
 /// file's sha256 matches the manifest. Reads every found file in full.
 pub fn report(data_dir: Option<&Path>) -> Vec<DatasetStatus> {
-    DATASETS
-        .iter()
-        .map(|info| status_of(info, data_dir))
-        .collect()
+    DATASETS.iter().map(|info| status_of(info, data_dir)).collect()
 }
 
 /// [`report`] rendered as a text table (what `cargo xtask data` prints).
@@ -686,20 +655,9 @@ pub fn status_of(info: &'static DatasetInfo, data_dir: Option<&Path>) -> Dataset
 impl fmt::Display for DatasetStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.location {
-            Some(loc) => writeln!(
-                f,
-                "{:<14} {:<12} {}",
-                self.name,
-                self.summary(),
-                loc.display()
-            )?,
+            Some(loc) => writeln!(f, "{:<14} {:<12} {}", self.name, self.summary(), loc.display())?,
             None => {
-                writeln!(
-                    f,
-                    "{:<14} {:<12} not found; searched:",
-                    self.name,
-                    self.summary()
-                )?;
+                writeln!(f, "{:<14} {:<12} not found; searched:", self.name, self.summary())?;
                 for s in &self.searched {
                     writeln!(f, "{:<27} {}", "", s.display())?;
                 }
@@ -711,10 +669,7 @@ impl fmt::Display for DatasetStatus {
                 FileCheck::Ok => "sha256 ok".to_string(),
                 FileCheck::Present => "present (no checksum known)".to_string(),
                 FileCheck::Mismatch { actual } => {
-                    format!(
-                        "SHA256 MISMATCH: expected {}, found {actual}",
-                        file.expected.unwrap_or("?")
-                    )
+                    format!("SHA256 MISMATCH: expected {}, found {actual}", file.expected.unwrap_or("?"))
                 }
                 FileCheck::Missing if file.split.is_none() => "missing (optional)".to_string(),
                 FileCheck::Missing => "MISSING".to_string(),
@@ -748,10 +703,7 @@ mod tests {
     #[test]
     fn names_splits_and_roots() {
         assert_eq!(info("Fashion_MNIST").unwrap().name, "fashion-mnist");
-        assert!(info("svhn")
-            .unwrap_err()
-            .to_string()
-            .contains("known: mnist"));
+        assert!(info("svhn").unwrap_err().to_string().contains("known: mnist"));
         assert_eq!("val".parse::<Split>().unwrap(), Split::Test);
         assert!("dev".parse::<Split>().is_err());
         let roots = search_roots(Some(Path::new("/explicit/dir")));
@@ -776,28 +728,17 @@ mod tests {
             ..Default::default()
         };
         let ds = load("cifar100", Split::Test, &opts).unwrap();
-        assert_eq!(
-            (ds.len(), ds.num_classes(), ds.labels()),
-            (1, 100, vec![42])
-        );
+        assert_eq!((ds.len(), ds.num_classes(), ds.labels()), (1, 100, vec![42]));
         let coarse = LoadOptions {
             cifar100_labels: Cifar100Labels::Coarse,
             ..opts.clone()
         };
-        assert_eq!(
-            load("cifar100", Split::Test, &coarse).unwrap().labels(),
-            vec![3]
-        );
+        assert_eq!(load("cifar100", Split::Test, &coarse).unwrap().labels(), vec![3]);
         // Train split is missing: the error lists the searched places and the hint.
-        let e = load("cifar100", Split::Train, &opts)
-            .unwrap_err()
-            .to_string();
+        let e = load("cifar100", Split::Train, &opts).unwrap_err().to_string();
         assert!(e.contains(&cifar.display().to_string()), "{e}");
         assert!(e.contains("/usr/share/datasets/cifar-100-binary"), "{e}");
-        assert!(
-            e.contains("train.bin") && e.contains("cifar-100-binary.tar.gz"),
-            "{e}"
-        );
+        assert!(e.contains("train.bin") && e.contains("cifar-100-binary.tar.gz"), "{e}");
         // A checksum mismatch is caught when verification is requested.
         let m = dir.path().join("mnist");
         std::fs::create_dir_all(&m).unwrap();
@@ -809,16 +750,8 @@ mod tests {
             dims: vec![1],
             data: IdxData::U8(vec![5]),
         };
-        std::fs::write(
-            m.join("t10k-images-idx3-ubyte.gz"),
-            gzip(&imgs.to_bytes().unwrap()),
-        )
-        .unwrap();
-        std::fs::write(
-            m.join("t10k-labels-idx1-ubyte.gz"),
-            gzip(&labs.to_bytes().unwrap()),
-        )
-        .unwrap();
+        std::fs::write(m.join("t10k-images-idx3-ubyte.gz"), gzip(&imgs.to_bytes().unwrap())).unwrap();
+        std::fs::write(m.join("t10k-labels-idx1-ubyte.gz"), gzip(&labs.to_bytes().unwrap())).unwrap();
         let ds = load("mnist", Split::Test, &opts).unwrap();
         assert_eq!((ds.len(), ds.class_names()[5].as_str()), (1, "5"));
         let v = LoadOptions {
@@ -826,10 +759,7 @@ mod tests {
             ..opts.clone()
         };
         let e = load("mnist", Split::Test, &v).unwrap_err().to_string();
-        assert!(
-            e.contains("sha256 mismatch") && e.contains("t10k-images-idx3-ubyte.gz"),
-            "{e}"
-        );
+        assert!(e.contains("sha256 mismatch") && e.contains("t10k-images-idx3-ubyte.gz"), "{e}");
         let st = status_of(info("mnist").unwrap(), Some(dir.path()));
         // The fake test-only folder is not complete, so a complete copy elsewhere wins, or
         // this one is reported with its missing / mismatching files.
@@ -846,8 +776,7 @@ mod tests {
                 let d = dir.path().join("imagenet").join(split).join(c);
                 std::fs::create_dir_all(&d).unwrap();
                 for i in 0..2 {
-                    let img =
-                        image::RgbImage::from_pixel(12 + i, 10, image::Rgb([k as u8 * 100, 50, 0]));
+                    let img = image::RgbImage::from_pixel(12 + i, 10, image::Rgb([k as u8 * 100, 50, 0]));
                     img.save(d.join(format!("x{i}.JPEG"))).unwrap();
                 }
             }
@@ -865,24 +794,10 @@ mod tests {
         };
         let lazy = load("imagenet", Split::Test, &opts).unwrap();
         assert!(lazy.is_lazy());
-        assert_eq!(
-            (lazy.len(), lazy.shape(), lazy.labels()),
-            (2, (3, 8, 8), vec![0, 1])
-        );
-        let eager = load(
-            "imagenet",
-            Split::Train,
-            &LoadOptions {
-                eager: true,
-                ..opts
-            },
-        )
-        .unwrap();
+        assert_eq!((lazy.len(), lazy.shape(), lazy.labels()), (2, (3, 8, 8), vec![0, 1]));
+        let eager = load("imagenet", Split::Train, &LoadOptions { eager: true, ..opts }).unwrap();
         let m = eager.as_memory().unwrap();
-        assert_eq!(
-            (m.len(), m.class_names.clone()),
-            (2, vec!["n01".to_string(), "n02".to_string()])
-        );
+        assert_eq!((m.len(), m.class_names.clone()), (2, vec!["n01".to_string(), "n02".to_string()]));
         assert!(m.image(1)[0] > 80, "class n02 is red-ish");
     }
 

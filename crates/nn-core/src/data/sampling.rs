@@ -47,23 +47,15 @@ fn shuffle(v: &mut [usize], rng: &mut impl Rng) {
 pub fn select_classes(ds: &ImageDataset, classes: &[u32], remap: bool) -> Result<ImageDataset> {
     let mut map = vec![None; ds.num_classes];
     for (k, &c) in classes.iter().enumerate() {
-        let slot = map.get_mut(c as usize).ok_or_else(|| {
-            DataError::InvalidArgument(format!(
-                "{}: class {c} out of range ({} classes)",
-                ds.name, ds.num_classes
-            ))
-        })?;
+        let slot = map
+            .get_mut(c as usize)
+            .ok_or_else(|| DataError::InvalidArgument(format!("{}: class {c} out of range ({} classes)", ds.name, ds.num_classes)))?;
         if slot.is_some() {
-            return Err(DataError::InvalidArgument(format!(
-                "{}: class {c} selected twice",
-                ds.name
-            )));
+            return Err(DataError::InvalidArgument(format!("{}: class {c} selected twice", ds.name)));
         }
         *slot = Some(k as u32);
     }
-    let keep: Vec<usize> = (0..ds.len())
-        .filter(|&i| map[ds.labels[i] as usize].is_some())
-        .collect();
+    let keep: Vec<usize> = (0..ds.len()).filter(|&i| map[ds.labels[i] as usize].is_some()).collect();
     let mut out = ds.subset(&keep)?;
     if remap {
         for l in &mut out.labels {
@@ -71,10 +63,7 @@ pub fn select_classes(ds: &ImageDataset, classes: &[u32], remap: bool) -> Result
         }
         out.num_classes = classes.len();
         if !ds.class_names.is_empty() {
-            out.class_names = classes
-                .iter()
-                .map(|&c| ds.class_names[c as usize].clone())
-                .collect();
+            out.class_names = classes.iter().map(|&c| ds.class_names[c as usize].clone()).collect();
         }
     }
     Ok(out)
@@ -121,16 +110,9 @@ pub fn per_class_counts(labels: &[u32], counts: &[usize], pick: Pick) -> Result<
 /// A random class-balanced subset of `total` indices (sorted): every class gets
 /// `total / num_classes` samples and `total % num_classes` randomly chosen classes get one
 /// more. Fails if a class has too few samples.
-pub fn balanced_subset(
-    labels: &[u32],
-    num_classes: usize,
-    total: usize,
-    seed: u64,
-) -> Result<Vec<usize>> {
+pub fn balanced_subset(labels: &[u32], num_classes: usize, total: usize, seed: u64) -> Result<Vec<usize>> {
     if num_classes == 0 {
-        return Err(DataError::InvalidArgument(
-            "balanced subset of 0 classes".into(),
-        ));
+        return Err(DataError::InvalidArgument("balanced subset of 0 classes".into()));
     }
     let mut counts = vec![total / num_classes; num_classes];
     let mut classes: Vec<usize> = (0..num_classes).collect();
@@ -144,22 +126,12 @@ pub fn balanced_subset(
 
 /// Splits the indices into two stratified parts: in each class, `round(fraction * n_c)`
 /// randomly chosen samples go to the first part, the rest to the second. Both are sorted.
-pub fn stratified_split(
-    labels: &[u32],
-    num_classes: usize,
-    fraction: f64,
-    seed: u64,
-) -> Result<(Vec<usize>, Vec<usize>)> {
+pub fn stratified_split(labels: &[u32], num_classes: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(0.0..=1.0).contains(&fraction) {
-        return Err(DataError::InvalidArgument(format!(
-            "split fraction {fraction} not in [0, 1]"
-        )));
+        return Err(DataError::InvalidArgument(format!("split fraction {fraction} not in [0, 1]")));
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for (c, mut idx) in indices_by_class(labels, num_classes)
-        .into_iter()
-        .enumerate()
-    {
+    for (c, mut idx) in indices_by_class(labels, num_classes).into_iter().enumerate() {
         let mut rng = derived_rng(&[TAG_SAMPLING, seed, c as u64, 1]);
         shuffle(&mut idx, &mut rng);
         let k = ((fraction * idx.len() as f64).round() as usize).min(idx.len());
@@ -174,22 +146,14 @@ pub fn stratified_split(
 /// Partitions the indices into `parts` stratified, near-equal parts (each class is spread
 /// as evenly as possible: part sizes per class differ by at most one). Useful for IID
 /// federated splits and k-fold cross-validation.
-pub fn stratified_partition(
-    labels: &[u32],
-    num_classes: usize,
-    parts: usize,
-    seed: u64,
-) -> Result<Vec<Vec<usize>>> {
+pub fn stratified_partition(labels: &[u32], num_classes: usize, parts: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
     if parts == 0 {
         return Err(DataError::InvalidArgument("partition into 0 parts".into()));
     }
     let mut out = vec![Vec::new(); parts];
     // Rotating the starting part per class keeps total part sizes balanced too.
     let mut next = 0usize;
-    for (c, mut idx) in indices_by_class(labels, num_classes)
-        .into_iter()
-        .enumerate()
-    {
+    for (c, mut idx) in indices_by_class(labels, num_classes).into_iter().enumerate() {
         let mut rng = derived_rng(&[TAG_SAMPLING, seed, c as u64, 2]);
         shuffle(&mut idx, &mut rng);
         for i in idx {
@@ -216,20 +180,11 @@ mod tests {
     fn counts_and_per_class() {
         let l = labels();
         assert_eq!(class_counts(&l, 3), vec![5, 4, 3]);
-        assert_eq!(
-            per_class(&l, 3, 2, Pick::First).unwrap(),
-            vec![0, 1, 2, 3, 4, 5]
-        );
+        assert_eq!(per_class(&l, 3, 2, Pick::First).unwrap(), vec![0, 1, 2, 3, 4, 5]);
         let r = per_class(&l, 3, 3, Pick::Random { seed: 1 }).unwrap();
-        assert_eq!(
-            class_counts(&r.iter().map(|&i| l[i]).collect::<Vec<_>>(), 3),
-            vec![3, 3, 3]
-        );
+        assert_eq!(class_counts(&r.iter().map(|&i| l[i]).collect::<Vec<_>>(), 3), vec![3, 3, 3]);
         assert_eq!(r, per_class(&l, 3, 3, Pick::Random { seed: 1 }).unwrap());
-        assert!(per_class(&l, 3, 4, Pick::First)
-            .unwrap_err()
-            .to_string()
-            .contains("class 2"));
+        assert!(per_class(&l, 3, 4, Pick::First).unwrap_err().to_string().contains("class 2"));
     }
 
     #[test]
@@ -242,18 +197,12 @@ mod tests {
         let (a, rest) = stratified_split(&l, 3, 0.5, 2).unwrap();
         assert_eq!(a.len() + rest.len(), 12);
         // round(2.5)=3, round(2)=2, round(1.5)=2
-        assert_eq!(
-            class_counts(&a.iter().map(|&i| l[i]).collect::<Vec<_>>(), 3),
-            vec![3, 2, 2]
-        );
+        assert_eq!(class_counts(&a.iter().map(|&i| l[i]).collect::<Vec<_>>(), 3), vec![3, 2, 2]);
         let mut all: Vec<usize> = a.iter().chain(&rest).copied().collect();
         all.sort();
         assert_eq!(all, (0..12).collect::<Vec<_>>());
         let parts = stratified_partition(&l, 3, 4, 0).unwrap();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            vec![3, 3, 3, 3]
-        );
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![3, 3, 3, 3]);
         assert!(stratified_split(&l, 3, 1.5, 0).is_err());
     }
 

@@ -64,8 +64,7 @@ impl Sample {
         self.height = shape.1;
         self.width = shape.2;
         self.data.clear();
-        self.data
-            .extend(pixels.iter().map(|&p| p as f32 * (1.0 / 255.0)));
+        self.data.extend(pixels.iter().map(|&p| p as f32 * (1.0 / 255.0)));
     }
 
     /// `(channels, height, width)`.
@@ -177,14 +176,7 @@ impl Transform for CenterCrop {
     fn apply(&self, s: &mut Sample, scratch: &mut Vec<f32>, _rng: &mut dyn RngCore) {
         let y0 = (s.height - self.height) / 2;
         let x0 = (s.width - self.width) / 2;
-        crop_window(
-            s,
-            scratch,
-            self.height,
-            self.width,
-            y0 as isize,
-            x0 as isize,
-        );
+        crop_window(s, scratch, self.height, self.width, y0 as isize, x0 as isize);
     }
 }
 
@@ -371,10 +363,7 @@ impl Pipeline {
     }
     /// Appends a `size x size` centre crop.
     pub fn center_crop(self, size: usize) -> Self {
-        self.push(CenterCrop {
-            height: size,
-            width: size,
-        })
+        self.push(CenterCrop { height: size, width: size })
     }
     /// Appends a horizontal flip with probability `p`.
     pub fn hflip(self, p: f32) -> Self {
@@ -409,17 +398,9 @@ impl Pipeline {
     }
     /// Convenience: scales `pixels` to `[0, 1]`, applies the pipeline and returns the result
     /// (allocates; the loader uses [`apply`](Pipeline::apply) with reused buffers).
-    pub fn run_u8(
-        &self,
-        pixels: &[u8],
-        shape: (usize, usize, usize),
-        rng: &mut dyn RngCore,
-    ) -> Result<Sample> {
+    pub fn run_u8(&self, pixels: &[u8], shape: (usize, usize, usize), rng: &mut dyn RngCore) -> Result<Sample> {
         if pixels.len() != shape.0 * shape.1 * shape.2 {
-            return Err(DataError::InvalidArgument(format!(
-                "{} pixels for shape {shape:?}",
-                pixels.len()
-            )));
+            return Err(DataError::InvalidArgument(format!("{} pixels for shape {shape:?}", pixels.len())));
         }
         self.output_shape(shape)?;
         let mut s = Sample::default();
@@ -450,10 +431,7 @@ mod tests {
         let mut s = sample(2, 2, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         RandomHorizontalFlip { p: 1.0 }.apply(&mut s, &mut Vec::new(), &mut rng);
-        assert_eq!(
-            s.data,
-            vec![3., 2., 1., 6., 5., 4., 9., 8., 7., 12., 11., 10.]
-        );
+        assert_eq!(s.data, vec![3., 2., 1., 6., 5., 4., 9., 8., 7., 12., 11., 10.]);
         let mut s2 = sample(2, 2, 3);
         RandomHorizontalFlip { p: 0.0 }.apply(&mut s2, &mut Vec::new(), &mut rng);
         assert_eq!(s2, sample(2, 2, 3));
@@ -510,11 +488,7 @@ mod tests {
     #[test]
     fn center_crop_and_resize() {
         let mut s = sample(1, 4, 4);
-        CenterCrop {
-            height: 2,
-            width: 2,
-        }
-        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        CenterCrop { height: 2, width: 2 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.data, vec![6., 7., 10., 11.]);
         // Upsample 2x2 -> 4x4: corners keep their values, rows interpolate linearly.
         let mut s = Sample {
@@ -523,47 +497,27 @@ mod tests {
             height: 2,
             width: 2,
         };
-        Resize {
-            height: 4,
-            width: 4,
-        }
-        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        Resize { height: 4, width: 4 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.shape(), (1, 4, 4));
         assert_eq!(&s.data[0..4], &[0., 0.25, 0.75, 1.]);
         assert_eq!(&s.data[12..16], &[2., 2.25, 2.75, 3.]);
         // Downsample by 2 averages 2x2 blocks.
         let mut s = sample(1, 4, 4);
-        Resize {
-            height: 2,
-            width: 2,
-        }
-        .apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
+        Resize { height: 2, width: 2 }.apply(&mut s, &mut Vec::new(), &mut ChaCha8Rng::seed_from_u64(0));
         assert_eq!(s.data, vec![3.5, 5.5, 11.5, 13.5]);
     }
 
     #[test]
     fn normalize_values() {
         let p = Pipeline::new().normalize(&[0.5, 0.25], &[0.5, 2.0]);
-        let out = p
-            .run_u8(
-                &[0, 255, 51, 255],
-                (2, 1, 2),
-                &mut ChaCha8Rng::seed_from_u64(0),
-            )
-            .unwrap();
+        let out = p.run_u8(&[0, 255, 51, 255], (2, 1, 2), &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
         let want = [-1.0, 1.0, (0.2 - 0.25) / 2.0, 0.375];
         for (a, b) in out.data.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        assert!(Pipeline::new()
-            .normalize(&MNIST_MEAN, &MNIST_STD)
-            .output_shape((3, 4, 4))
-            .is_err());
+        assert!(Pipeline::new().normalize(&MNIST_MEAN, &MNIST_STD).output_shape((3, 4, 4)).is_err());
         let m = Pipeline::new().push(Normalize::mnist());
-        let v = m
-            .run_u8(&[0], (1, 1, 1), &mut ChaCha8Rng::seed_from_u64(0))
-            .unwrap()
-            .data[0];
+        let v = m.run_u8(&[0], (1, 1, 1), &mut ChaCha8Rng::seed_from_u64(0)).unwrap().data[0];
         assert!((v - (-0.1307 / 0.3081)).abs() < 1e-6);
     }
 
@@ -577,11 +531,7 @@ mod tests {
             .normalize(&CIFAR10_MEAN, &CIFAR10_STD);
         assert_eq!(p.output_shape((3, 32, 32)).unwrap(), (3, 28, 28));
         let out = p
-            .run_u8(
-                &vec![128; 3 * 32 * 32],
-                (3, 32, 32),
-                &mut ChaCha8Rng::seed_from_u64(3),
-            )
+            .run_u8(&vec![128; 3 * 32 * 32], (3, 32, 32), &mut ChaCha8Rng::seed_from_u64(3))
             .unwrap();
         assert_eq!(out.data.len(), 3 * 28 * 28);
     }

@@ -79,7 +79,26 @@ impl ModuleT for BatchNorm {
         let (n, c) = (x.dims()[0], self.num_features);
         let rest: usize = x.dims()[2..].iter().product::<usize>().max(1);
         let count = n * rest;
-        let y = if train {
+        let fused = train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && self.weight.is_some();
+        let y = if fused {
+            if count < 2 {
+                candle_core::bail!(
+                    "BatchNorm `{}` in training mode needs more than one value per channel, got shape {:?}",
+                    self.name,
+                    x.dims()
+                );
+            }
+            let (w, b) = (self.weight.as_ref().expect("affine"), self.bias.as_ref().expect("affine"));
+            let (y, st) = crate::ops::batch_norm::batch_norm_train(x, w.as_tensor(), b.as_tensor(), self.eps)?;
+            let m = self.momentum;
+            let dev = x.device();
+            let bm = Tensor::from_vec(st.mean, c, dev)?;
+            let bv = Tensor::from_vec(st.var, c, dev)?.affine(count as f64 / (count - 1) as f64, 0.0)?;
+            self.running_mean
+                .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (bm * m)?)?)?;
+            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (bv * m)?)?)?;
+            y
+        } else if train {
             if count < 2 {
                 candle_core::bail!(
                     "BatchNorm `{}` in training mode needs more than one value per channel, got shape {:?}",
@@ -108,6 +127,7 @@ impl ModuleT for BatchNorm {
             x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?
         };
         let y = match (&self.weight, &self.bias) {
+            _ if fused => y,
             (Some(w), Some(b)) => y
                 .broadcast_mul(&w.as_tensor().reshape(shape.as_slice())?)?
                 .broadcast_add(&b.as_tensor().reshape(shape.as_slice())?)?,

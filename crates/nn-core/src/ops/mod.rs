@@ -32,3 +32,4 @@ pub fn adaptive_avg_pool2d(x: &Tensor, o: (usize, usize)) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     x.avg_pool2d((h / o.0, w / o.1))
 }
+pub mod batch_norm;

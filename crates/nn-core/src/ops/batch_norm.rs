@@ -1,0 +1,224 @@
+//! Fused BatchNorm (training mode) forward and backward for CPU f32 tensors.
+//!
+//! Composing BatchNorm from candle's element-wise and reduction ops costs about ten passes over
+//! the activation in the forward pass and many more in the backward pass (measured 160 ms for
+//! a 128x16x28x28 forward+backward). This op makes one statistics pass and one normalisation
+//! pass forward, and two passes backward, threaded over channels with rayon.
+//!
+//! Forward (Ioffe & Szegedy 2015, Alg. 1): per channel c over the m = N*H*W values,
+//! mean = sum x / m, var = sum (x - mean)^2 / m, xhat = (x - mean) / sqrt(var + eps),
+//! y = gamma * xhat + beta.
+//! Backward: dbeta = sum dy, dgamma = sum dy * xhat,
+//! dx = gamma / sqrt(var + eps) / m * (m * dy - dbeta - xhat * dgamma).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Per-channel statistics of the last forward pass, shared between the op's forward and
+/// backward and returned to the caller for the running averages.
+#[derive(Debug, Default, Clone)]
+pub struct BatchStats {
+    pub mean: Vec<f32>,
+    /// Biased variance (divided by m).
+    pub var: Vec<f32>,
+    pub count: usize,
+}
+
+struct FusedBatchNorm {
+    eps: f64,
+    stats: Arc<Mutex<BatchStats>>,
+}
+
+struct SyncPtr(*mut f32);
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("fused batch norm: {what} must be f32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused batch norm: {what} must be contiguous"),
+    }
+}
+
+/// (n, c, inner) of an `[N, C, ...]` shape.
+fn ncl(dims: &[usize]) -> (usize, usize, usize) {
+    (dims[0], dims[1], dims[2..].iter().product::<usize>().max(1))
+}
+
+impl CustomOp3 for FusedBatchNorm {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, "input")?;
+        let gamma = cpu_f32(s2, l2, "weight")?;
+        let beta = cpu_f32(s3, l3, "bias")?;
+        let (n, c, inner) = ncl(l1.dims());
+        let m = n * inner;
+        let mut y = vec![0f32; x.len()];
+        let yp = SyncPtr(y.as_mut_ptr());
+        let stats: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut sum = 0f64;
+                for b in 0..n {
+                    let s = &x[(b * c + ch) * inner..][..inner];
+                    sum += s.iter().map(|&v| v as f64).sum::<f64>();
+                }
+                let mean = (sum / m as f64) as f32;
+                let mut sq = 0f64;
+                for b in 0..n {
+                    let s = &x[(b * c + ch) * inner..][..inner];
+                    sq += s.iter().map(|&v| ((v - mean) * (v - mean)) as f64).sum::<f64>();
+                }
+                let var = (sq / m as f64) as f32;
+                let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
+                let (scale, shift) = (gamma[ch] * inv, beta[ch] - gamma[ch] * inv * mean);
+                let yp = &yp;
+                for b in 0..n {
+                    let off = (b * c + ch) * inner;
+                    // SAFETY: each (b, ch) block is written by exactly one task.
+                    let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(off), inner) };
+                    for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
+                        *o = v * scale + shift;
+                    }
+                }
+                (mean, var)
+            })
+            .collect();
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.mean = stats.iter().map(|s| s.0).collect();
+        st.var = stats.iter().map(|s| s.1).collect();
+        st.count = m;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let st = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let grad = grad.contiguous()?;
+        let (n, c, inner) = ncl(x.dims());
+        let m = (n * inner) as f32;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (ws, wl) = gamma.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(gs), Storage::Cpu(ws)) = (&*xs, &*gs, &*ws) else {
+            candle_core::bail!("fused batch norm backward: tensors must be on the CPU");
+        };
+        let xv = cpu_f32(xs, xl, "input")?;
+        let gv = cpu_f32(gs, gl, "gradient")?;
+        let wv = cpu_f32(ws, wl, "weight")?;
+        let mut dx = vec![0f32; xv.len()];
+        let dxp = SyncPtr(dx.as_mut_ptr());
+        let sums: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mean = st.mean[ch];
+                let inv = 1.0 / (st.var[ch] as f64 + self.eps).sqrt() as f32;
+                let (mut sdy, mut sdyx) = (0f64, 0f64);
+                for b in 0..n {
+                    let off = (b * c + ch) * inner;
+                    let (xb, gb) = (&xv[off..off + inner], &gv[off..off + inner]);
+                    let (mut a, mut bb) = (0f32, 0f32);
+                    for (&xi, &gi) in xb.iter().zip(gb) {
+                        a += gi;
+                        bb += gi * (xi - mean);
+                    }
+                    sdy += a as f64;
+                    sdyx += bb as f64;
+                }
+                let dbeta = sdy as f32;
+                let dgamma = sdyx as f32 * inv;
+                let k = wv[ch] * inv / m;
+                let dxp = &dxp;
+                for b in 0..n {
+                    let off = (b * c + ch) * inner;
+                    // SAFETY: each (b, ch) block is written by exactly one task.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(off), inner) };
+                    for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
+                        let xhat = (xi - mean) * inv;
+                        *o = k * (m * gi - dbeta - xhat * dgamma);
+                    }
+                }
+                (dgamma, dbeta)
+            })
+            .collect();
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, x.dims(), dev)?;
+        let dgamma = Tensor::from_vec(sums.iter().map(|s| s.0).collect::<Vec<_>>(), c, dev)?;
+        let dbeta = Tensor::from_vec(sums.iter().map(|s| s.1).collect::<Vec<_>>(), c, dev)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Training-mode batch normalisation of `x` `[N, C, ...]` (CPU, f32) with affine `gamma`,
+/// `beta` `[C]`. Returns the normalised output (with gradients to all three inputs) and the
+/// batch statistics (mean and biased variance) for the running averages.
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+    let stats = Arc::new(Mutex::new(BatchStats::default()));
+    let x = x.contiguous()?;
+    let y = x.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        FusedBatchNorm { eps, stats: stats.clone() },
+    )?;
+    let st = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok((y, st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused op agrees with the composed formula in value and in all three gradients.
+    #[test]
+    fn matches_composed_batch_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 5, 2), &dev)?.affine(3.0, 1.0)?)?;
+        let g = Var::from_tensor(&Tensor::new(&[1.0f32, 0.5, -2.0, 1.5], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[0.1f32, 0.0, 0.3, -0.2], &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 4, 5, 2), &dev)?;
+        let (y, st) = batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?;
+        let gf = y.mul(&w)?.sum_all()?.backward()?;
+        // composed reference
+        let x3 = x.as_tensor().reshape((3, 4, 10))?;
+        let mean = x3.mean_keepdim(2)?.mean_keepdim(0)?;
+        let xc = x3.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+        let yr = xc
+            .broadcast_div(&(var.clone() + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&g.as_tensor().reshape((1, 4, 1))?)?
+            .broadcast_add(&b.as_tensor().reshape((1, 4, 1))?)?
+            .reshape((3, 4, 5, 2))?;
+        let gr = yr.mul(&w)?.sum_all()?.backward()?;
+        let close = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+        assert!(close(&y, &yr)? < 1e-4);
+        assert!(close(&Tensor::new(st.var.as_slice(), &dev)?, &var.flatten_all()?)? < 1e-4);
+        for v in [&x, &g, &b] {
+            let d = close(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap())?;
+            assert!(d < 1e-3, "gradient differs by {d}");
+        }
+        Ok(())
+    }
+}
