@@ -27,6 +27,7 @@ pub mod ops;
 pub mod rng;
 pub mod summary;
 pub mod testing;
+pub mod train;
 pub mod var_store;
 
 pub use candle_core;
