@@ -15,7 +15,7 @@ use nn_core::train::{
 };
 use nn_core::{Model, StandardFactory, VarPath, VarStore};
 use rand::Rng;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn tmp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("nncore-train-{name}-{}", std::process::id()));
@@ -40,8 +40,8 @@ fn lenet(seed: u64) -> Result<(VarStore, Box<dyn Model>)> {
     Ok((vs, m))
 }
 
-fn small_config(dir: &PathBuf) -> TrainConfig {
-    let mut c = TrainConfig::new("lenet5-bn", "random16", 2, dir.clone());
+fn small_config(dir: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new("lenet5-bn", "random16", 2, dir);
     c.batch_size = 4;
     c.optimizer = OptimizerConfig::Sgd {
         lr: 0.05,
@@ -107,8 +107,8 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() -> Result<()> {
         // a new process: a model initialised differently, then resumed
         let (vs_c, model_c) = lenet(999)?;
         assert_ne!(weights(&vs_c)?, w_a);
-        let mut cfg = small_config(&dir_b);
-        cfg.resume = true;
+        let cfg = TrainConfig::for_resume(&dir_b)?;
+        assert_eq!(cfg.identity(), small_config(&dir_b).identity());
         let sum_c = Trainer::new(cfg, model_c.as_ref(), &vs_c)?.fit(&train, Some(&test))?;
         assert!(sum_c.completed);
         let w_c = weights(&vs_c)?;
@@ -352,13 +352,13 @@ fn blobs(n: usize, seed: u64) -> Result<InMemorySource> {
         x.extend(centres[c].iter().map(|v| v + (rng.gen::<f32>() - 0.5)));
         y.push(c as u32);
     }
-    Ok(InMemorySource::new(
+    InMemorySource::new(
         Tensor::from_vec(x, (n, 1, 1, 8), &Device::Cpu)?,
         Tensor::from_vec(y, n, &Device::Cpu)?,
         16,
         true,
         seed,
-    )?)
+    )
 }
 
 #[test]
@@ -420,6 +420,41 @@ fn batch_source_contract_is_checked() -> Result<()> {
     let e = Trainer::new(cfg, model.as_ref(), &vs)?.fit(&src, None).unwrap_err().to_string();
     assert!(e.contains("yielded 2 batches") && e.contains("reports 3"), "{e}");
     let _ = DType::F32;
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+#[test]
+fn resnet20_trains_a_few_steps() -> Result<()> {
+    // one step of 8 images: candle's CPU conv backward dominates (seconds at this size)
+    let mut rng = seeded(4);
+    let n = 8;
+    let x: Vec<f32> = (0..n * 3 * 32 * 32).map(|_| rng.gen::<f32>() - 0.5).collect();
+    let y: Vec<u32> = (0..n).map(|_| rng.gen_range(0..10)).collect();
+    let x = Tensor::from_vec(x, (n, 3, 32, 32), &Device::Cpu)?;
+    let y = Tensor::from_vec(y, n, &Device::Cpu)?;
+    let train = InMemorySource::new(x.clone(), y.clone(), 8, true, 4)?;
+    let test = InMemorySource::new(x, y, 8, false, 0)?;
+    let dir = tmp_dir("resnet20");
+    let vs = VarStore::new(0, &Device::Cpu);
+    let model = create_model("resnet20", &ModelConfig::new(3, 10, 32), &vs.root(), &StandardFactory)?;
+    let mut cfg = TrainConfig::new("resnet20", "random", 1, dir.clone());
+    cfg.optimizer = OptimizerConfig::Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 1e-4,
+        no_decay_bias_norm: false,
+    };
+    cfg.quiet = true;
+    let s = Trainer::new(cfg, model.as_ref(), &vs)?.fit(&train, Some(&test))?;
+    assert!((260_000..280_000).contains(&s.params), "{}", s.params);
+    assert!((35_000_000..45_000_000).contains(&s.macs), "{}", s.macs);
+    assert!(s.train_loss.unwrap().is_finite() && s.train_images_per_s > 0.0);
+    eprintln!(
+        "resnet20: {:.1} train img/s, {:.1} eval img/s",
+        s.train_images_per_s, s.eval_images_per_s
+    );
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

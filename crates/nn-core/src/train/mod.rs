@@ -18,6 +18,8 @@
 //! The trainer consumes data through the small [`trainer::BatchSource`] trait, so any loader can
 //! be adapted to it; data order must be a function of `(seed, epoch)` for resume to be exact.
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;

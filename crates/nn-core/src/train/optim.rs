@@ -229,10 +229,15 @@ fn check_and_collect(
 /// Hyper-parameters of [`Sgd`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SgdParams {
+    /// Learning rate.
     pub lr: f64,
+    /// Momentum factor (0: no momentum buffer).
     pub momentum: f64,
+    /// Nesterov momentum.
     pub nesterov: bool,
+    /// L2 weight decay added to the gradient.
     pub weight_decay: f64,
+    /// Decay only `ParamKind::Weight` parameters.
     pub no_decay_bias_norm: bool,
 }
 
@@ -327,11 +332,17 @@ impl Optimizer for Sgd {
 /// Hyper-parameters of [`AdamW`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWParams {
+    /// Learning rate.
     pub lr: f64,
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Denominator epsilon.
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Decay only `ParamKind::Weight` parameters.
     pub no_decay_bias_norm: bool,
 }
 

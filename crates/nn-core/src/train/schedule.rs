@@ -20,10 +20,11 @@
 use serde::{Deserialize, Serialize};
 
 /// A learning-rate schedule (see the [module docs](self) for the formulas).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Schedule {
     /// The base learning rate throughout.
+    #[default]
     Constant,
     /// Multiply by `gamma` at each milestone epoch.
     Step {
@@ -51,12 +52,6 @@ pub enum Schedule {
         /// The schedule being warmed up.
         then: Box<Schedule>,
     },
-}
-
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule::Constant
-    }
 }
 
 impl Schedule {

@@ -149,6 +149,19 @@ impl TrainConfig {
         }
     }
 
+    /// The config saved in `out_dir/config.json` by an earlier run, with `resume` set, so a
+    /// caller can continue a run knowing only its directory.
+    pub fn for_resume(out_dir: impl AsRef<Path>) -> Result<Self> {
+        let p = out_dir.as_ref().join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let mut c: TrainConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        c.out_dir = out_dir.as_ref().to_path_buf();
+        c.resume = true;
+        c.overwrite = false;
+        c.stop_after_steps = None;
+        Ok(c)
+    }
+
     /// The fields that define what the run computes (everything but output/bookkeeping options).
     pub fn identity(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
@@ -222,7 +235,9 @@ pub struct TimeToAccuracy {
 /// The outcome of a run (`summary.json`); shared by every crate that reports results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSummary {
+    /// Model name.
     pub model: String,
+    /// Dataset name.
     pub dataset: String,
     /// Epochs requested.
     pub epochs: usize,
@@ -230,7 +245,9 @@ pub struct TrainSummary {
     pub epochs_completed: usize,
     /// Whether all epochs ran (false after `stop_after_steps`).
     pub completed: bool,
+    /// The run's seed.
     pub seed: u64,
+    /// Batch size.
     pub batch_size: usize,
     /// Optimizer name (`sgd`, `adamw`).
     pub optimizer: String,
@@ -238,7 +255,9 @@ pub struct TrainSummary {
     pub optimizer_config: OptimizerConfig,
     /// Base learning rate.
     pub lr: f64,
+    /// Learning-rate schedule.
     pub schedule: Schedule,
+    /// Label smoothing of the training loss.
     pub label_smoothing: f64,
     /// Last evaluated test top-1 (percent).
     pub test_top1: Option<f64>,
@@ -248,8 +267,9 @@ pub struct TrainSummary {
     pub test_loss: Option<f64>,
     /// Best test top-1 of any evaluation (percent).
     pub best_test_top1: Option<f64>,
-    /// Last epoch's training loss and top-1 (percent).
+    /// Last epoch's training loss.
     pub train_loss: Option<f64>,
+    /// Last epoch's training top-1 (percent).
     pub train_top1: Option<f64>,
     /// Parameters of the model (buffers excluded).
     pub params: usize,
@@ -267,6 +287,7 @@ pub struct TrainSummary {
     pub command: String,
     /// RFC 3339 UTC timestamps of the run's start and of this summary.
     pub started: String,
+    /// Time of this summary.
     pub finished: String,
 }
 
@@ -282,20 +303,32 @@ pub enum TrainError {
         step: usize,
         /// 0-based global step.
         global_step: usize,
+        /// The non-finite loss value.
         loss: f64,
+        /// The last finite loss before it.
         last_finite: Option<f64>,
     },
     /// The gradient norm became NaN or infinite (only checked with clipping on).
     #[error("non-finite gradient norm at epoch {epoch} step {step}; no update made")]
-    NonFiniteGradient { epoch: usize, step: usize },
+    NonFiniteGradient {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based step within the epoch.
+        step: usize,
+    },
 }
 
 /// What callbacks see of the run.
 pub struct FitContext<'a> {
+    /// The model being trained.
     pub model: &'a dyn Model,
+    /// Its variables.
     pub vs: &'a VarStore,
+    /// The run configuration.
     pub config: &'a TrainConfig,
+    /// Batches per epoch.
     pub steps_per_epoch: usize,
+    /// Total optimizer steps of the run.
     pub total_steps: usize,
     /// The trainer state (epoch, step, history so far).
     pub state: &'a TrainerState,
@@ -309,15 +342,21 @@ pub struct StepContext<'a> {
     pub step_in_epoch: usize,
     /// 0-based global step (the update being made).
     pub global_step: usize,
+    /// Batches per epoch.
     pub steps_per_epoch: usize,
+    /// Total optimizer steps of the run.
     pub total_steps: usize,
     /// Learning rate of this update.
     pub lr: f64,
+    /// The batch's images `[B, C, H, W]`.
     pub images: &'a Tensor,
+    /// The batch's labels `[B]`.
     pub labels: &'a Tensor,
     /// Train-mode logits of the batch (part of the autograd graph).
     pub logits: &'a Tensor,
+    /// The model being trained.
     pub model: &'a dyn Model,
+    /// Its variables.
     pub vs: &'a VarStore,
 }
 
@@ -406,7 +445,9 @@ pub struct EvalMetrics {
     pub top1: f64,
     /// Top-5 accuracy, percent.
     pub top5: f64,
+    /// Number of examples evaluated.
     pub examples: usize,
+    /// Wall seconds of the evaluation.
     pub seconds: f64,
 }
 
@@ -804,7 +845,6 @@ impl<'a> Trainer<'a> {
                 for cb in self.callbacks.iter_mut() {
                     cb.on_step_end(&ctx, lv)?;
                 }
-                drop(ctx);
                 if show_bar {
                     let s = &self.state;
                     bar.set_position(s.step_in_epoch as u64);
