@@ -29,6 +29,7 @@ pub mod report;
 pub mod rng;
 pub mod summary;
 pub mod testing;
+pub mod train;
 pub mod var_store;
 
 pub use candle_core;
