@@ -1,1 +1,69 @@
-fn main() {}
+//! `cargo xtask <command>`: the experiments, benchmarks and data checks of compact-vision.
+//! The cargo alias builds it with `--release`: the kernels are far too slow to train with in
+//! a debug build.
+
+mod nn;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "compact-vision experiments, benchmarks and data checks",
+    arg_required_else_help = true
+)]
+struct Cli {
+    /// Worker threads for the CPU kernels and the loader (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on a dataset (nn-core backbones), writing runs/<name>/ and docs/results.
+    Train(nn::TrainArgs),
+    /// The main job: a few minutes on the embedded MNIST showing the workspace end to end.
+    Demo(nn::DemoArgs),
+    /// List every dataset the project knows, where it was found and whether checksums match.
+    Data {
+        /// Search this directory first.
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+    },
+    /// Benchmarks that print ratios against baselines measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: nn::BenchCommand,
+    },
+    /// Print a model's per-layer summary (output shapes, parameters, MACs).
+    Summary {
+        #[arg(long, default_value = "resnet20")]
+        model: String,
+        /// Input channels, classes and image size come from this dataset's usual shapes.
+        #[arg(long, default_value = "cifar10")]
+        dataset: String,
+    },
+    /// List the models, datasets and named training presets.
+    List,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+    }
+    match cli.command {
+        Command::Train(a) => nn::train(a),
+        Command::Demo(a) => nn::demo(a),
+        Command::Data { data } => {
+            print!("{}", nn_core::data::registry::report_table(data.as_deref()));
+            Ok(())
+        }
+        Command::Bench { which } => nn::bench(which),
+        Command::Summary { model, dataset } => nn::summary(&model, &dataset),
+        Command::List => nn::list(),
+    }
+}

@@ -19,6 +19,7 @@
 //! - `half`: f16/bf16 element types shared with candle.
 
 pub mod data;
+pub mod experiment;
 pub mod factory;
 pub mod init;
 pub mod layers;

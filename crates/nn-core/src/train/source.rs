@@ -124,3 +124,20 @@ mod tests {
         Ok(())
     }
 }
+
+/// The data module's loader is a batch source: its epoch order is a function of
+/// `(seed, epoch)` and it can start at any batch, which is what exact resume needs.
+impl BatchSource for crate::data::DataLoader {
+    fn num_batches(&self) -> usize {
+        self.len_batches()
+    }
+    fn num_examples(&self) -> usize {
+        self.dataset().len()
+    }
+    fn batches(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + '_> {
+        Box::new(
+            self.epoch_from(epoch as u64, start)
+                .map(|b| b.map(|b| (b.images, b.labels)).map_err(anyhow::Error::from)),
+        )
+    }
+}
