@@ -450,10 +450,42 @@ fn bench_train(model: &str, steps: usize, batch: usize) -> Result<()> {
         m.forward_t(&x, false)?.to_dtype(DType::F32)?;
     }
     let eval_ips = (steps * batch) as f64 / t.elapsed().as_secs_f64();
-    println!(
-        "nn-core {model} 1x28x28 batch {batch}: train {train_ips:.1} images/s, eval {eval_ips:.1} images/s ({} threads)",
-        rayon::current_num_threads()
+    let threads = rayon::current_num_threads();
+    println!("nn-core {model} 1x28x28 batch {batch}: train {train_ips:.1} images/s, eval {eval_ips:.1} images/s ({threads} threads)");
+    let mut table = format!(
+        "## Training throughput, {model}, 1x28x28, batch {batch}, {threads} threads\n\n| framework | train images/s | eval images/s |\n|---|---|---|\n| nn-core | {train_ips:.1} | {eval_ips:.1} |\n"
     );
+    if model == "resnet20" {
+        match torch_train_bench(steps, batch, threads) {
+            Ok((t_train, t_eval, version)) => {
+                println!("{version} resnet20: train {t_train:.1} images/s, eval {t_eval:.1} images/s");
+                println!(
+                    "ratio nn-core / PyTorch: train {:.2}x, eval {:.2}x (higher is better for nn-core)",
+                    train_ips / t_train,
+                    eval_ips / t_eval
+                );
+                table += &format!(
+                    "| {version} | {t_train:.1} | {t_eval:.1} |\n\nnn-core / PyTorch: train {:.2}x, eval {:.2}x.\n",
+                    train_ips / t_train,
+                    eval_ips / t_eval
+                );
+            }
+            Err(e) => {
+                println!("PyTorch reference not run: {e:#}");
+                table += &format!("\nPyTorch reference not run: {e}\n");
+            }
+        }
+    }
+    table += &format!(
+        "\nSynthetic inputs, {steps} timed steps after one warm-up step, SGD step included.\n\n```\n{}\n```\n",
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(
+        "docs/results/nn-core.md",
+        "nn-core results",
+        &format!("bench-train-{model}-{threads}t"),
+        &table,
+    )?;
     Ok(())
 }
 
@@ -491,4 +523,36 @@ pub fn list() -> Result<()> {
         println!("  {:<26} {}", p.name, p.about);
     }
     Ok(())
+}
+
+/// Runs `bench/torch/bench_train.py` (same model, batch and thread count) and returns
+/// (train images/s, eval images/s, version).
+fn torch_train_bench(steps: usize, batch: usize, threads: usize) -> Result<(f64, f64, String)> {
+    let script = nn_core::report::workspace_root().join("bench/torch/bench_train.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--batch-size",
+            &batch.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output()
+        .context("starting python3")?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+    }
+    let last = out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap_or(b"{}");
+    let v: serde_json::Value = serde_json::from_slice(last)?;
+    Ok((
+        v["train_images_per_s"].as_f64().context("train_images_per_s")?,
+        v["eval_images_per_s"].as_f64().context("eval_images_per_s")?,
+        v["framework"].as_str().unwrap_or("pytorch").to_string(),
+    ))
 }

@@ -1,29 +1,36 @@
-//! Dropout with a seeded mask (candle's CPU generator cannot be seeded).
+//! Dropout with a seeded, checkpointable mask stream (candle's CPU generator cannot be seeded).
 
-use crate::rng::{seeded, ChaCha8Rng};
-use candle_core::{Result, Tensor};
+use crate::init::Init;
+use crate::rng::derived;
+use crate::var_store::VarPath;
+use candle_core::{Result, Tensor, Var};
 use candle_nn::ModuleT;
 use rand::Rng;
-use std::sync::Mutex;
 
 /// Inverted dropout: in training, zeroes each element with probability `p` and scales the rest
-/// by 1/(1-p); identity in evaluation. The mask comes from the layer's own seeded generator,
-/// so a run with the same seed drops the same units.
+/// by 1/(1-p); identity in evaluation.
+///
+/// The mask of the k-th training call is drawn from a generator derived from the layer's seed
+/// and k, and k is kept as a buffer (`<path>.calls`) in the [`crate::VarStore`], so it is saved
+/// in checkpoints and a resumed run drops exactly the units an uninterrupted run would.
 pub struct Dropout {
     p: f32,
-    rng: Mutex<ChaCha8Rng>,
+    seed: u64,
+    calls: Var,
 }
 
 impl Dropout {
-    /// A dropout layer with drop probability `p` in [0, 1) and mask seed `seed`
-    /// (use `VarPath::derived_seed` for a per-layer seed).
-    pub fn new(p: f32, seed: u64) -> Result<Self> {
+    /// A dropout layer with drop probability `p` in [0, 1) whose seed derives from the store's
+    /// seed and the layer's path.
+    pub fn new(vp: &VarPath, p: f32) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout probability must be in [0, 1), got {p}");
         }
+        let calls = vp.buffer("calls", &[1], Init::ZEROS)?;
         Ok(Self {
             p,
-            rng: Mutex::new(seeded(seed)),
+            seed: vp.derived_seed(),
+            calls,
         })
     }
 }
@@ -33,14 +40,14 @@ impl ModuleT for Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
+        let k = self.calls.as_tensor().to_vec1::<f32>()?[0];
+        self.calls.set(&(self.calls.as_tensor() + 1.0)?)?;
+        let mut rng = derived(self.seed, k as u64);
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
-        let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-            (0..x.elem_count())
-                .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
-                .collect()
-        };
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, x.dims(), &candle_core::Device::Cpu)?
             .to_device(x.device())?
             .to_dtype(x.dtype())?;
@@ -51,19 +58,32 @@ impl ModuleT for Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::VarStore;
     use candle_core::{DType, Device};
 
     #[test]
-    fn seeded_and_scaled() -> Result<()> {
+    fn seeded_scaled_and_resumable() -> Result<()> {
         let x = Tensor::ones((1000,), DType::F32, &Device::Cpu)?;
-        let a = Dropout::new(0.25, 3)?.forward_t(&x, true)?.to_vec1::<f32>()?;
-        let b = Dropout::new(0.25, 3)?.forward_t(&x, true)?.to_vec1::<f32>()?;
-        assert_eq!(a, b);
-        let zeros = a.iter().filter(|&&v| v == 0.0).count();
+        let make = || -> Result<(VarStore, Dropout)> {
+            let vs = VarStore::new(3, &Device::Cpu);
+            let d = Dropout::new(&vs.root().pp("drop"), 0.25)?;
+            Ok((vs, d))
+        };
+        let (vs_a, a) = make()?;
+        let (_, b) = make()?;
+        let a1 = a.forward_t(&x, true)?.to_vec1::<f32>()?;
+        assert_eq!(a1, b.forward_t(&x, true)?.to_vec1::<f32>()?);
+        let a2 = a.forward_t(&x, true)?.to_vec1::<f32>()?;
+        assert_ne!(a1, a2, "consecutive calls draw new masks");
+        let zeros = a1.iter().filter(|&&v| v == 0.0).count();
         assert!((200..300).contains(&zeros), "{zeros}");
-        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
-        assert_eq!(Dropout::new(0.25, 3)?.forward_t(&x, false)?.to_vec1::<f32>()?, vec![1.0; 1000]);
-        assert!(Dropout::new(1.0, 0).is_err());
+        assert!(a1.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(a.forward_t(&x, false)?.to_vec1::<f32>()?, vec![1.0; 1000]);
+        // restoring the buffer (as a checkpoint does) replays the same mask stream
+        let (vs_c, c) = make()?;
+        vs_c.load_tensors(&vs_a.tensors(), true)?;
+        assert_eq!(c.forward_t(&x, true)?.to_vec1::<f32>()?, a.forward_t(&x, true)?.to_vec1::<f32>()?);
+        assert!(Dropout::new(&VarStore::new(0, &Device::Cpu).root(), 1.0).is_err());
         Ok(())
     }
 }
