@@ -1,1 +1,3 @@
 pub fn hello() {}
+pub mod bench;
+pub mod ops;
