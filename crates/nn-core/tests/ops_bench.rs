@@ -20,3 +20,58 @@ fn conv_benchmark() {
     .unwrap();
     assert!(!report.rows.is_empty());
 }
+
+/// Profiling loop: `NN_PROF_CASE=<index into resnet20_cases> NN_PROF_MODE=fwd|fb NN_PROF_ITERS=20`.
+#[test]
+#[ignore]
+fn conv_profile_loop() {
+    use candle_core::{Device, Tensor, Var};
+    let idx: usize = std::env::var("NN_PROF_CASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mode = std::env::var("NN_PROF_MODE").unwrap_or_default();
+    let fb = mode != "fwd";
+    let iters: usize = std::env::var("NN_PROF_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let c = &nn_core::bench::resnet20_cases()[idx];
+    let x =
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &Device::Cpu).unwrap())
+            .unwrap();
+    let w = Var::from_tensor(
+        &Tensor::randn(
+            0f32,
+            0.1,
+            (c.cout, c.cin / c.groups, c.k, c.k),
+            &Device::Cpu,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let o = nn_core::ops::Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups);
+    let t = nn_core::bench::time_it(1, iters, || {
+        // gx: only the input gradient, gw: only the weight gradient, fb: both.
+        let xt = if mode == "gw" {
+            x.as_detached_tensor()
+        } else {
+            x.as_tensor().clone()
+        };
+        let wt = if mode == "gx" {
+            w.as_detached_tensor()
+        } else {
+            w.as_tensor().clone()
+        };
+        let y = nn_core::ops::conv2d(&xt, &wt, o)?;
+        if fb {
+            y.sum_all()?.backward()?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    println!(
+        "{} {}: median {:.2} ms min {:.2} ms",
+        c.name, mode, t.median_ms, t.min_ms
+    );
+}

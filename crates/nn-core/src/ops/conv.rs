@@ -97,6 +97,35 @@ impl ConvGeom {
     pub fn is_depthwise(&self) -> bool {
         self.groups > 1 && self.cin_g() == 1
     }
+    /// For stride-1 (non-depthwise, non-pointwise) convolutions whose padding is at most
+    /// the dilated kernel extent minus one, the geometry of the equivalent forward
+    /// convolution computing the input gradient from grad_out.
+    pub fn transposed_as_conv(&self) -> Option<Self> {
+        let (ekh, ekw) = (self.dh * (self.kh - 1), self.dw * (self.kw - 1));
+        if self.sh != 1
+            || self.sw != 1
+            || self.is_depthwise()
+            || self.is_pointwise()
+            || self.ph > ekh
+            || self.pw > ekw
+        {
+            return None;
+        }
+        let t = Self {
+            n: self.n,
+            cin: self.cout,
+            h: self.oh,
+            w: self.ow,
+            cout: self.cin,
+            ph: ekh - self.ph,
+            pw: ekw - self.pw,
+            oh: self.h,
+            ow: self.w,
+            ..*self
+        };
+        debug_assert_eq!(t.oh, t.h + 2 * t.ph - ekh);
+        Some(t)
+    }
     pub fn out_dims(&self) -> (usize, usize, usize, usize) {
         (self.n, self.cout, self.oh, self.ow)
     }
@@ -262,6 +291,14 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
     if g.is_depthwise() {
         return depthwise::bwd_input(g, gout, w);
     }
+    if let Some(tg) = g.transposed_as_conv() {
+        // Stride 1: the input gradient is itself a convolution of grad_out with the
+        // spatially flipped, in/out-transposed weight; this reuses the fast forward path
+        // (im2col copy + gemm with inner dimension Cout*kh*kw) instead of a gemm with
+        // inner dimension Cout followed by a scatter-add col2im.
+        let wt = flip_transpose(g, w);
+        return conv_fwd(&tg, gout, &wt);
+    }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
     let mut gx = vec![T::ZERO; g.n * g.cin * hw];
     let per_img = |ni: usize, gxi: &mut [T], par: Parallelism| {
@@ -311,6 +348,27 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
             .for_each(|(ni, o)| per_img(ni, o, Parallelism::None));
     }
     gx
+}
+
+/// `W'[g*cin_g + ci, co, i, j] = W[g*cout_g + co, ci, kh-1-i, kw-1-j]` (per group).
+fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (cin_g, cout_g, kh, kw) = (g.cin_g(), g.cout_g(), g.kh, g.kw);
+    let mut out = vec![T::ZERO; w.len()];
+    for grp in 0..g.groups {
+        for co in 0..cout_g {
+            for ci in 0..cin_g {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let src = (((grp * cout_g + co) * cin_g + ci) * kh + i) * kw + j;
+                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw
+                            + (kw - 1 - j);
+                        out[dst] = w[src];
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Weight gradient: `grad_W = sum_n grad_out[n] x im2col(x[n])^T`, one partial sum per
