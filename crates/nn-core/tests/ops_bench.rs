@@ -36,6 +36,16 @@ fn conv_profile_loop() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    if let Some(v) = std::env::var("NN_LHS_PACK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        println!(
+            "lhs packing threshold {} -> {v}",
+            gemm::get_lhs_packing_threshold_single_thread()
+        );
+        gemm::set_lhs_packing_threshold_single_thread(v);
+    }
     let c = &nn_core::bench::resnet20_cases()[idx];
     let x =
         Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &Device::Cpu).unwrap())
@@ -51,6 +61,12 @@ fn conv_profile_loop() {
     )
     .unwrap();
     let o = nn_core::ops::Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups);
+    let cpu = || -> f64 {
+        let st = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = st.rsplit(')').next().unwrap().split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 10.0
+    };
+    let c0 = cpu();
     let t = nn_core::bench::time_it(1, iters, || {
         // gx: only the input gradient, gw: only the weight gradient, fb: both.
         let xt = if mode == "gw" {
@@ -70,8 +86,9 @@ fn conv_profile_loop() {
         Ok(())
     })
     .unwrap();
+    let cpu_ms = (cpu() - c0) / (iters + 1) as f64;
     println!(
-        "{} {}: median {:.2} ms min {:.2} ms",
+        "{} {}: median {:.2} ms min {:.2} ms, process cpu {cpu_ms:.1} ms/iter",
         c.name, mode, t.median_ms, t.min_ms
     );
 }

@@ -358,6 +358,35 @@ fn non_contiguous_input_and_resnet_like_shapes() {
             .unwrap();
         assert!(d < 1e-4, "max diff {d} for {o:?}");
     }
+    // Larger batch of small maps: several multi-image gemm blocks with a ragged last one.
+    let x2 = Tensor::randn(0f32, 1.0, (37, 3, 5, 4), &dev).unwrap();
+    let w2 = Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &dev).unwrap();
+    let c2 = Case {
+        n: 37,
+        cin: 3,
+        h: 5,
+        w: 4,
+        cout: 5,
+        kh: 3,
+        kw: 3,
+        o: Conv2dOpts::new(1, 1),
+    };
+    let (oh, ow) = c2.out();
+    let r2 = rand_vec(&mut rng, 37 * 5 * oh * ow);
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (xs, ws) = (flat(&x2), flat(&w2));
+    let (y, gx, gw) = reference(&c2, &xs, &ws, &r2);
+    let (y2, gx2, gw2) = run_ops(&c2, &xs, &ws, &r2, DType::F32);
+    assert_close("y big batch", &c2, &y2, &y, 1e-4);
+    assert_close("gx big batch", &c2, &gx2, &gx, 1e-4);
+    assert_close("gw big batch", &c2, &gw2, &gw, 1e-4);
     // Bad shapes error out instead of panicking.
     assert!(conv2d(&x, &wt, Conv2dOpts::new(1, 1).with_groups(3)).is_err());
 }

@@ -151,17 +151,25 @@ pub(crate) fn valid_range(
     (lo.min(hi), hi)
 }
 
+/// Row stride of the column buffer: rounded up and offset by one cache line so that
+/// the rows read together by the gemm micro-kernel do not alias to the same L1 cache set
+/// (a 1024-float row would otherwise be exactly 4 KiB apart).
+#[inline]
+fn col_ld(ohw: usize) -> usize {
+    ohw.next_multiple_of(16) + 16
+}
+
 /// Writes the column matrix `[cin_g*kh*kw, oh*ow]` of one image/group. Every element of
 /// `col` is written (zeros for padding), row by row, so no pre-zeroing is needed.
 #[inline(always)]
-fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
     let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
     for c in 0..g.cin_g() {
         let xc = &x[c * hw..(c + 1) * hw];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &mut col[r * ohw..(r + 1) * ohw];
+                let row = &mut col[r * ld..r * ld + ohw];
                 let offw = kj * g.dw;
                 let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
                 let offh = ki * g.dh;
@@ -193,14 +201,14 @@ fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
 
 /// Scatters-adds a column matrix back into the (pre-zeroed) input-gradient planes.
 #[inline(always)]
-fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T]) {
+fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
     let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
     for c in 0..g.cin_g() {
         let xc = &mut x[c * hw..(c + 1) * hw];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &col[r * ohw..(r + 1) * ohw];
+                let row = &col[r * ld..r * ld + ohw];
                 let offw = kj * g.dw;
                 let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
                 if hi <= lo {
@@ -230,35 +238,38 @@ fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T]) {
     }
 }
 
-/// Forward convolution: `out[n] = W x im2col(x[n])` per group, rayon over the batch.
+/// Number of images whose columns are concatenated into one gemm, so that the gemm's
+/// column count `imgs * OH * OW` stays large for small feature maps.
+#[inline]
+fn images_per_block(g: &ConvGeom) -> usize {
+    (512 / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
+}
+
+/// Forward convolution: `out = W x im2col(x)` per group over blocks of images (see
+/// [`images_per_block`]), rayon over the blocks; writes every output element.
 pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     if g.is_depthwise() {
         return depthwise::fwd(g, x, w);
     }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
-    let mut out = vec![T::ZERO; g.n * g.cout * ohw];
-    let per_img = |ni: usize, o: &mut [T], par: Parallelism| {
+    let len = g.n * g.cout * ohw;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: every element is written below before being read (gemm with read_dst false
+    // over all rows and columns of every image/group block), and T is a plain float.
+    unsafe { out.set_len(len) };
+    let bimg = if g.is_pointwise() {
+        1
+    } else {
+        images_per_block(g)
+    };
+    let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
+        let nb = o.len() / (g.cout * ohw);
         for grp in 0..g.groups {
-            let xg = &x[(ni * g.cin + grp * cin_g) * hw..][..cin_g * hw];
             let wg = &w[grp * cout_g * k..][..cout_g * k];
-            let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
             if g.is_pointwise() {
-                unsafe {
-                    gemm(
-                        cout_g,
-                        ohw,
-                        k,
-                        og.as_mut_ptr(),
-                        ohw,
-                        false,
-                        Mat::rm(wg, k),
-                        Mat::rm(xg, hw),
-                        par,
-                    )
-                };
-            } else {
-                T::with_scratch(k * ohw, |col| {
-                    simd(|| im2col(g, xg, col));
+                for b in 0..nb {
+                    let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    let og = &mut o[(b * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
                     unsafe {
                         gemm(
                             cout_g,
@@ -268,20 +279,67 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                             ohw,
                             false,
                             Mat::rm(wg, k),
-                            Mat::rm(col, ohw),
+                            Mat::rm(xg, hw),
                             par,
                         )
                     };
-                });
+                }
+                continue;
             }
+            let cols = nb * ohw;
+            let ld = col_ld(cols);
+            let tmp_len = if nb > 1 { cout_g * cols } else { 0 };
+            T::with_scratch(k * ld + tmp_len, |buf| {
+                let (col, tmp) = buf.split_at_mut(k * ld);
+                for b in 0..nb {
+                    let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                }
+                if nb == 1 {
+                    let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            ohw,
+                            k,
+                            og.as_mut_ptr(),
+                            ohw,
+                            false,
+                            Mat::rm(wg, k),
+                            Mat::rm(col, ld),
+                            par,
+                        )
+                    };
+                } else {
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            cols,
+                            k,
+                            tmp.as_mut_ptr(),
+                            cols,
+                            false,
+                            Mat::rm(wg, k),
+                            Mat::rm(col, ld),
+                            par,
+                        )
+                    };
+                    for co in 0..cout_g {
+                        for b in 0..nb {
+                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw]
+                                .copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
+                        }
+                    }
+                }
+            });
         }
     };
-    if g.n == 1 {
-        per_img(0, &mut out, outer_par());
+    if g.n <= bimg {
+        per_block(0, &mut out, outer_par());
     } else {
-        out.par_chunks_mut(g.cout * ohw)
+        out.par_chunks_mut(bimg * g.cout * ohw)
             .enumerate()
-            .for_each(|(ni, o)| per_img(ni, o, Parallelism::None));
+            .for_each(|(i, o)| per_block(i * bimg, o, Parallelism::None));
     }
     out
 }
@@ -321,21 +379,22 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                     )
                 };
             } else {
-                T::with_scratch(k * ohw, |col| {
+                let ld = col_ld(ohw);
+                T::with_scratch(k * ld, |col| {
                     unsafe {
                         gemm(
                             k,
                             ohw,
                             cout_g,
                             col.as_mut_ptr(),
-                            ohw,
+                            ld,
                             false,
                             Mat::tr(wg, k),
                             Mat::rm(gog, ohw),
                             par,
                         )
                     };
-                    simd(|| col2im(g, col, gxg));
+                    simd(|| col2im(g, col, gxg, ld));
                 });
             }
         }
@@ -385,15 +444,23 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
     } else {
         Parallelism::None
     };
+    let bimg = if g.is_pointwise() {
+        1
+    } else {
+        images_per_block(g)
+    };
     let partial = |t: usize| {
         let mut acc = vec![T::ZERO; g.cout * k];
         let mut first = true;
-        for ni in t * chunk..((t + 1) * chunk).min(g.n) {
+        let (lo, hi) = (t * chunk, ((t + 1) * chunk).min(g.n));
+        let mut b0 = lo;
+        while b0 < hi {
+            let nb = bimg.min(hi - b0);
             for grp in 0..g.groups {
-                let xg = &x[(ni * g.cin + grp * cin_g) * hw..][..cin_g * hw];
-                let gog = &gout[(ni * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
                 let accg = &mut acc[grp * cout_g * k..][..cout_g * k];
                 if g.is_pointwise() {
+                    let xg = &x[(b0 * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    let gog = &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
                     unsafe {
                         gemm(
                             cout_g,
@@ -407,26 +474,49 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
                             par,
                         )
                     };
-                } else {
-                    T::with_scratch(k * ohw, |col| {
-                        simd(|| im2col(g, xg, col));
-                        unsafe {
-                            gemm(
-                                cout_g,
-                                k,
-                                ohw,
-                                accg.as_mut_ptr(),
-                                k,
-                                !first,
-                                Mat::rm(gog, ohw),
-                                Mat::tr(col, ohw),
-                                par,
-                            )
-                        };
-                    });
+                    continue;
                 }
+                let cols = nb * ohw;
+                let ld = col_ld(cols);
+                let tmp_len = if nb > 1 { cout_g * cols } else { 0 };
+                T::with_scratch(k * ld + tmp_len, |buf| {
+                    let (col, tmp) = buf.split_at_mut(k * ld);
+                    for b in 0..nb {
+                        let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                        simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                    }
+                    let gmat = if nb == 1 {
+                        Mat::rm(
+                            &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw],
+                            ohw,
+                        )
+                    } else {
+                        for co in 0..cout_g {
+                            for b in 0..nb {
+                                tmp[co * cols + b * ohw..][..ohw].copy_from_slice(
+                                    &gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw],
+                                );
+                            }
+                        }
+                        Mat::rm(&*tmp, cols)
+                    };
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            k,
+                            cols,
+                            accg.as_mut_ptr(),
+                            k,
+                            !first,
+                            gmat,
+                            Mat::tr(col, ld),
+                            par,
+                        )
+                    };
+                });
             }
             first = false;
+            b0 += nb;
         }
         acc
     };
