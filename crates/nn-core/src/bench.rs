@@ -353,3 +353,45 @@ pub fn conv_benchmark_cases(
     println!("{report}");
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_it_and_report_format() {
+        let mut calls = 0;
+        let t = time_it(2, 3, || {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((calls, t.runs), (5, 3));
+        assert!(t.min_ms <= t.median_ms);
+        let row = ConvBenchRow {
+            case: "x".into(),
+            threads: 2,
+            nn_fwd_ms: 1.0,
+            candle_fwd_ms: Some(6.0),
+            torch_fwd_ms: None,
+            nn_fwd_bwd_ms: 2.0,
+            candle_fwd_bwd_ms: Some(18.0),
+            torch_fwd_bwd_ms: Some(4.0),
+        };
+        assert_eq!(row.ratio_nn_torch(), Some(0.5));
+        assert_eq!(row.ratio_candle_nn(), Some(9.0));
+        let rep = ConvBenchReport {
+            rows: vec![row],
+            torch_available: false,
+            notes: vec!["note".into()],
+        };
+        let md = rep.to_markdown();
+        assert!(
+            md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 |"),
+            "{md}"
+        );
+        let back: ConvBenchReport =
+            serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
+        assert_eq!(back.rows.len(), 1);
+    }
+}

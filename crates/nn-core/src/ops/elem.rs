@@ -23,8 +23,6 @@ pub(crate) trait Elem:
     const ONE: Self;
     const NEG_INF: Self;
     fn from_f64(v: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn sqrt(self) -> Self;
     /// Borrows the whole storage buffer if it has this element type.
     fn storage_slice(s: &CpuStorage) -> Option<&[Self]>;
     /// Wraps a result buffer into a storage.
@@ -48,14 +46,6 @@ macro_rules! impl_elem {
             #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t
-            }
-            #[inline(always)]
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            #[inline(always)]
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
             }
             fn storage_slice(s: &CpuStorage) -> Option<&[Self]> {
                 match s {
