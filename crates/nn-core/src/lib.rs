@@ -18,6 +18,7 @@
 //! - `anyhow`, `thiserror`: errors that name the file or step that failed.
 //! - `half`: f16/bf16 element types shared with candle.
 
+pub mod bench;
 pub mod data;
 pub mod experiment;
 pub mod factory;

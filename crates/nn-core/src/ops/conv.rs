@@ -1,0 +1,641 @@
+//! im2col/col2im + gemm convolution kernels (forward, input gradient, weight gradient)
+//! and the candle custom ops wrapping them.
+
+use super::depthwise;
+use super::elem::{contiguous, gemm, outer_par, simd, Elem, Mat};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Full geometry of one 2-D convolution call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvGeom {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub groups: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Builds and validates the geometry from input dims `[n, cin, h, w]` and weight dims
+    /// `[cout, cin/groups, kh, kw]`.
+    pub fn new(xd: &[usize], wd: &[usize], o: &super::Conv2dOpts) -> Result<Self> {
+        if xd.len() != 4 || wd.len() != 4 {
+            candle_core::bail!("conv2d: expected 4-d input and weight, got {xd:?} and {wd:?}");
+        }
+        let (n, cin, h, w) = (xd[0], xd[1], xd[2], xd[3]);
+        let (cout, cin_g, kh, kw) = (wd[0], wd[1], wd[2], wd[3]);
+        let g = o.groups;
+        if g == 0 || cin % g != 0 || cout % g != 0 || cin_g * g != cin {
+            candle_core::bail!("conv2d: bad groups {g} for input {xd:?} and weight {wd:?}");
+        }
+        let (sh, sw) = o.stride;
+        let (ph, pw) = o.padding;
+        let (dh, dw) = o.dilation;
+        if sh == 0 || sw == 0 || dh == 0 || dw == 0 || kh == 0 || kw == 0 {
+            candle_core::bail!("conv2d: stride, dilation and kernel must be positive");
+        }
+        let ekh = dh * (kh - 1) + 1;
+        let ekw = dw * (kw - 1) + 1;
+        if h + 2 * ph < ekh || w + 2 * pw < ekw {
+            candle_core::bail!("conv2d: kernel larger than padded input ({xd:?}, {wd:?})");
+        }
+        let oh = (h + 2 * ph - ekh) / sh + 1;
+        let ow = (w + 2 * pw - ekw) / sw + 1;
+        Ok(Self {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            dh,
+            dw,
+            groups: g,
+            oh,
+            ow,
+        })
+    }
+    pub fn cin_g(&self) -> usize {
+        self.cin / self.groups
+    }
+    pub fn cout_g(&self) -> usize {
+        self.cout / self.groups
+    }
+    /// Inner dimension of the gemm: `cin/groups * kh * kw`.
+    pub fn k(&self) -> usize {
+        self.cin_g() * self.kh * self.kw
+    }
+    pub fn hw(&self) -> usize {
+        self.h * self.w
+    }
+    pub fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// 1x1, stride 1, no padding: the input plane is already the column matrix.
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+    /// One input channel per group (depthwise, possibly with a channel multiplier).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.cin_g() == 1
+    }
+    /// For stride-1 (non-depthwise, non-pointwise) convolutions whose padding is at most
+    /// the dilated kernel extent minus one, the geometry of the equivalent forward
+    /// convolution computing the input gradient from grad_out.
+    pub fn transposed_as_conv(&self) -> Option<Self> {
+        let (ekh, ekw) = (self.dh * (self.kh - 1), self.dw * (self.kw - 1));
+        if self.sh != 1
+            || self.sw != 1
+            || self.is_depthwise()
+            || self.is_pointwise()
+            || self.ph > ekh
+            || self.pw > ekw
+        {
+            return None;
+        }
+        let t = Self {
+            n: self.n,
+            cin: self.cout,
+            h: self.oh,
+            w: self.ow,
+            cout: self.cin,
+            ph: ekh - self.ph,
+            pw: ekw - self.pw,
+            oh: self.h,
+            ow: self.w,
+            ..*self
+        };
+        debug_assert_eq!(t.oh, t.h + 2 * t.ph - ekh);
+        Some(t)
+    }
+    pub fn out_dims(&self) -> (usize, usize, usize, usize) {
+        (self.n, self.cout, self.oh, self.ow)
+    }
+}
+
+/// Range `[lo, hi)` of output positions `o < out` whose input index `o*s + off - p` lies
+/// in `[0, len)`.
+#[inline(always)]
+pub(crate) fn valid_range(
+    off: usize,
+    p: usize,
+    s: usize,
+    len: usize,
+    out: usize,
+) -> (usize, usize) {
+    let lo = if p > off { (p - off).div_ceil(s) } else { 0 };
+    let hi = if len + p > off {
+        (len + p - off).div_ceil(s)
+    } else {
+        0
+    };
+    let hi = hi.min(out);
+    (lo.min(hi), hi)
+}
+
+/// Row stride of the column buffer: rounded up and offset by one cache line so that
+/// the rows read together by the gemm micro-kernel do not alias to the same L1 cache set
+/// (a 1024-float row would otherwise be exactly 4 KiB apart).
+#[inline]
+fn col_ld(ohw: usize) -> usize {
+    ohw.next_multiple_of(16) + 16
+}
+
+/// Writes the column matrix `[cin_g*kh*kw, oh*ow]` of one image/group. Every element of
+/// `col` is written (zeros for padding), row by row, so no pre-zeroing is needed.
+#[inline(always)]
+fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
+    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
+    for c in 0..g.cin_g() {
+        let xc = &x[c * hw..(c + 1) * hw];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let row = &mut col[r * ld..r * ld + ohw];
+                let offw = kj * g.dw;
+                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
+                let offh = ki * g.dh;
+                for y in 0..g.oh {
+                    let dst = &mut row[y * ow..(y + 1) * ow];
+                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        dst.fill(T::ZERO);
+                        continue;
+                    }
+                    let src = &xc[ih as usize * w..(ih as usize + 1) * w];
+                    dst[..lo].fill(T::ZERO);
+                    dst[hi..].fill(T::ZERO);
+                    if hi > lo {
+                        let start = lo * g.sw + offw - g.pw;
+                        if g.sw == 1 {
+                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                        } else {
+                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[start + i * g.sw];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scatters-adds a column matrix back into the (pre-zeroed) input-gradient planes.
+#[inline(always)]
+fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
+    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
+    for c in 0..g.cin_g() {
+        let xc = &mut x[c * hw..(c + 1) * hw];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let row = &col[r * ld..r * ld + ohw];
+                let offw = kj * g.dw;
+                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
+                if hi <= lo {
+                    continue;
+                }
+                let offh = ki * g.dh;
+                for y in 0..g.oh {
+                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        continue;
+                    }
+                    let src = &row[y * ow + lo..y * ow + hi];
+                    let dst = &mut xc[ih as usize * w..(ih as usize + 1) * w];
+                    let start = lo * g.sw + offw - g.pw;
+                    if g.sw == 1 {
+                        for (d, s) in dst[start..start + hi - lo].iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (i, s) in src.iter().enumerate() {
+                            dst[start + i * g.sw] += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Number of images whose columns are concatenated into one gemm, so that the gemm's
+/// column count `imgs * OH * OW` stays large for small feature maps.
+#[inline]
+fn images_per_block(g: &ConvGeom) -> usize {
+    (512 / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
+}
+
+/// Forward convolution: `out = W x im2col(x)` per group over blocks of images (see
+/// [`images_per_block`]), rayon over the blocks; writes every output element.
+pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
+    if g.is_depthwise() {
+        return depthwise::fwd(g, x, w);
+    }
+    let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
+    let len = g.n * g.cout * ohw;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: every element is written below before being read (gemm with read_dst false
+    // over all rows and columns of every image/group block), and T is a plain float.
+    unsafe { out.set_len(len) };
+    let bimg = if g.is_pointwise() {
+        1
+    } else {
+        images_per_block(g)
+    };
+    let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
+        let nb = o.len() / (g.cout * ohw);
+        for grp in 0..g.groups {
+            let wg = &w[grp * cout_g * k..][..cout_g * k];
+            if g.is_pointwise() {
+                for b in 0..nb {
+                    let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    let og = &mut o[(b * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            ohw,
+                            k,
+                            og.as_mut_ptr(),
+                            ohw,
+                            false,
+                            Mat::rm(wg, k),
+                            Mat::rm(xg, hw),
+                            par,
+                        )
+                    };
+                }
+                continue;
+            }
+            let cols = nb * ohw;
+            let ld = col_ld(cols);
+            let tmp_len = if nb > 1 { cout_g * cols } else { 0 };
+            T::with_scratch(k * ld + tmp_len, |buf| {
+                let (col, tmp) = buf.split_at_mut(k * ld);
+                for b in 0..nb {
+                    let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                }
+                if nb == 1 {
+                    let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            ohw,
+                            k,
+                            og.as_mut_ptr(),
+                            ohw,
+                            false,
+                            Mat::rm(wg, k),
+                            Mat::rm(col, ld),
+                            par,
+                        )
+                    };
+                } else {
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            cols,
+                            k,
+                            tmp.as_mut_ptr(),
+                            cols,
+                            false,
+                            Mat::rm(wg, k),
+                            Mat::rm(col, ld),
+                            par,
+                        )
+                    };
+                    for co in 0..cout_g {
+                        for b in 0..nb {
+                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw]
+                                .copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
+                        }
+                    }
+                }
+            });
+        }
+    };
+    if g.n <= bimg {
+        per_block(0, &mut out, outer_par());
+    } else {
+        out.par_chunks_mut(bimg * g.cout * ohw)
+            .enumerate()
+            .for_each(|(i, o)| per_block(i * bimg, o, Parallelism::None));
+    }
+    out
+}
+
+/// Input gradient: `col = W^T x grad_out[n]`, then col2im, rayon over the batch.
+pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
+    if g.is_depthwise() {
+        return depthwise::bwd_input(g, gout, w);
+    }
+    if let Some(tg) = g.transposed_as_conv() {
+        // Stride 1: the input gradient is itself a convolution of grad_out with the
+        // spatially flipped, in/out-transposed weight; this reuses the fast forward path
+        // (im2col copy + gemm with inner dimension Cout*kh*kw) instead of a gemm with
+        // inner dimension Cout followed by a scatter-add col2im.
+        let wt = flip_transpose(g, w);
+        return conv_fwd(&tg, gout, &wt);
+    }
+    let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
+    let mut gx = vec![T::ZERO; g.n * g.cin * hw];
+    let per_img = |ni: usize, gxi: &mut [T], par: Parallelism| {
+        for grp in 0..g.groups {
+            let gog = &gout[(ni * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
+            let wg = &w[grp * cout_g * k..][..cout_g * k];
+            let gxg = &mut gxi[grp * cin_g * hw..][..cin_g * hw];
+            if g.is_pointwise() {
+                unsafe {
+                    gemm(
+                        k,
+                        hw,
+                        cout_g,
+                        gxg.as_mut_ptr(),
+                        hw,
+                        false,
+                        Mat::tr(wg, k),
+                        Mat::rm(gog, ohw),
+                        par,
+                    )
+                };
+            } else {
+                let ld = col_ld(ohw);
+                T::with_scratch(k * ld, |col| {
+                    unsafe {
+                        gemm(
+                            k,
+                            ohw,
+                            cout_g,
+                            col.as_mut_ptr(),
+                            ld,
+                            false,
+                            Mat::tr(wg, k),
+                            Mat::rm(gog, ohw),
+                            par,
+                        )
+                    };
+                    simd(|| col2im(g, col, gxg, ld));
+                });
+            }
+        }
+    };
+    if g.n == 1 {
+        per_img(0, &mut gx, outer_par());
+    } else {
+        gx.par_chunks_mut(g.cin * hw)
+            .enumerate()
+            .for_each(|(ni, o)| per_img(ni, o, Parallelism::None));
+    }
+    gx
+}
+
+/// `W'[g*cin_g + ci, co, i, j] = W[g*cout_g + co, ci, kh-1-i, kw-1-j]` (per group).
+fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (cin_g, cout_g, kh, kw) = (g.cin_g(), g.cout_g(), g.kh, g.kw);
+    let mut out = vec![T::ZERO; w.len()];
+    for grp in 0..g.groups {
+        for co in 0..cout_g {
+            for ci in 0..cin_g {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let src = (((grp * cout_g + co) * cin_g + ci) * kh + i) * kw + j;
+                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw
+                            + (kw - 1 - j);
+                        out[dst] = w[src];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Weight gradient: `grad_W = sum_n grad_out[n] x im2col(x[n])^T`, one partial sum per
+/// worker thread (contiguous batch chunks), reduced at the end.
+pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
+    if g.is_depthwise() {
+        return depthwise::bwd_weight(g, x, gout);
+    }
+    let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
+    let nth = rayon::current_num_threads().min(g.n).max(1);
+    let chunk = g.n.div_ceil(nth);
+    let par = if nth == 1 {
+        outer_par()
+    } else {
+        Parallelism::None
+    };
+    let bimg = if g.is_pointwise() {
+        1
+    } else {
+        images_per_block(g)
+    };
+    let partial = |t: usize| {
+        let mut acc = vec![T::ZERO; g.cout * k];
+        let mut first = true;
+        let (lo, hi) = (t * chunk, ((t + 1) * chunk).min(g.n));
+        let mut b0 = lo;
+        while b0 < hi {
+            let nb = bimg.min(hi - b0);
+            for grp in 0..g.groups {
+                let accg = &mut acc[grp * cout_g * k..][..cout_g * k];
+                if g.is_pointwise() {
+                    let xg = &x[(b0 * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                    let gog = &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            k,
+                            ohw,
+                            accg.as_mut_ptr(),
+                            k,
+                            !first,
+                            Mat::rm(gog, ohw),
+                            Mat::tr(xg, hw),
+                            par,
+                        )
+                    };
+                    continue;
+                }
+                let cols = nb * ohw;
+                let ld = col_ld(cols);
+                let tmp_len = if nb > 1 { cout_g * cols } else { 0 };
+                T::with_scratch(k * ld + tmp_len, |buf| {
+                    let (col, tmp) = buf.split_at_mut(k * ld);
+                    for b in 0..nb {
+                        let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
+                        simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                    }
+                    let gmat = if nb == 1 {
+                        Mat::rm(
+                            &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw],
+                            ohw,
+                        )
+                    } else {
+                        for co in 0..cout_g {
+                            for b in 0..nb {
+                                tmp[co * cols + b * ohw..][..ohw].copy_from_slice(
+                                    &gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw],
+                                );
+                            }
+                        }
+                        Mat::rm(&*tmp, cols)
+                    };
+                    unsafe {
+                        gemm(
+                            cout_g,
+                            k,
+                            cols,
+                            accg.as_mut_ptr(),
+                            k,
+                            !first,
+                            gmat,
+                            Mat::tr(col, ld),
+                            par,
+                        )
+                    };
+                });
+            }
+            first = false;
+            b0 += nb;
+        }
+        acc
+    };
+    let mut parts: Vec<Vec<T>> = (0..nth).into_par_iter().map(partial).collect();
+    let mut out = parts.swap_remove(0);
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+fn dims4(l: &Layout) -> Vec<usize> {
+    l.dims().to_vec()
+}
+
+/// Dispatches a binary kernel on the storage dtype (f32 or f64).
+macro_rules! dispatch2 {
+    ($name:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:ident, $g:expr, $shape:expr) => {{
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let a = contiguous::<f32>($s1, $l1, $name)?;
+                let b = contiguous::<f32>($s2, $l2, $name)?;
+                Ok((f32::into_storage($f($g, a, b)), $shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let a = contiguous::<f64>($s1, $l1, $name)?;
+                let b = contiguous::<f64>($s2, $l2, $name)?;
+                Ok((f64::into_storage($f($g, a, b)), $shape))
+            }
+            _ => candle_core::bail!("{}: only f32/f64 inputs of the same dtype", $name),
+        }
+    }};
+}
+
+/// Forward convolution custom op: `(x, w) -> y`.
+pub(crate) struct Conv2dOp(pub super::Conv2dOpts);
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "nn-core-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = ConvGeom::new(&dims4(l1), &dims4(l2), &self.0)?;
+        let shape = Shape::from(g.out_dims());
+        dispatch2!(self.name(), s1, l1, s2, l2, conv_fwd, &g, shape)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = ConvGeom::new(x.dims(), w.dims(), &self.0)?;
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvInputGradOp(g))?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &ConvWeightGradOp(g))?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// Input-gradient custom op: `(grad_out, w) -> grad_x`.
+pub(crate) struct ConvInputGradOp(pub ConvGeom);
+
+impl CustomOp2 for ConvInputGradOp {
+    fn name(&self) -> &'static str {
+        "nn-core-conv2d-grad-input"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        if l1.dims() != [g.n, g.cout, g.oh, g.ow] {
+            candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l1.dims());
+        }
+        let shape = Shape::from((g.n, g.cin, g.h, g.w));
+        dispatch2!(self.name(), s1, l1, s2, l2, conv_bwd_input, g, shape)
+    }
+}
+
+/// Weight-gradient custom op: `(x, grad_out) -> grad_w`.
+pub(crate) struct ConvWeightGradOp(pub ConvGeom);
+
+impl CustomOp2 for ConvWeightGradOp {
+    fn name(&self) -> &'static str {
+        "nn-core-conv2d-grad-weight"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        if l2.dims() != [g.n, g.cout, g.oh, g.ow] {
+            candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l2.dims());
+        }
+        let shape = Shape::from((g.cout, g.cin_g(), g.kh, g.kw));
+        dispatch2!(self.name(), s1, l1, s2, l2, conv_bwd_weight, g, shape)
+    }
+}

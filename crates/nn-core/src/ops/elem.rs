@@ -1,0 +1,191 @@
+//! Element-type plumbing shared by the CPU kernels: a tiny float trait implemented for
+//! `f32` and `f64`, thread-local scratch buffers, storage access helpers and a thin
+//! wrapper over the `gemm` crate.
+
+use candle_core::{CpuStorage, Layout, Result};
+use std::cell::RefCell;
+
+/// Floating point element handled by the CPU kernels (`f32` for training, `f64` for
+/// high-precision gradient checks).
+pub(crate) trait Elem:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn from_f64(v: f64) -> Self;
+    /// Borrows the whole storage buffer if it has this element type.
+    fn storage_slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// Wraps a result buffer into a storage.
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+    /// Runs `f` with a thread-local scratch buffer of at least `len` elements (contents
+    /// unspecified). The buffer is reused across calls: no allocation per image.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $variant:ident, $scratch:ident) => {
+        impl Elem for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn storage_slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v.as_slice()),
+                    _ => None,
+                }
+            }
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                $scratch.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
+                    }
+                    f(&mut buf[..len])
+                })
+            }
+        }
+    };
+}
+impl_elem!(f32, F32, SCRATCH_F32);
+impl_elem!(f64, F64, SCRATCH_F64);
+
+/// The contiguous slice of `s` described by `l`, or an error if the layout is strided.
+pub(crate) fn contiguous<'a, T: Elem>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let data = T::storage_slice(s)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: unexpected dtype")))?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Row-major matrix view used by [`gemm`]: pointer plus row and column strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<T> Mat<T> {
+    /// Row-major `[rows, cols]` matrix with row stride `ld`.
+    pub fn rm(s: &[T], ld: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+    /// Transposed view of a row-major matrix with row stride `ld`.
+    pub fn tr(s: &[T], ld: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: ld as isize,
+        }
+    }
+}
+
+/// `dst[m, n] (row stride ldd) (+)= lhs[m, k] * rhs[k, n]`; accumulates when `acc`.
+///
+/// # Safety
+/// The views must cover `m x k`, `k x n` and `m x n` elements inside live buffers.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    ldd: usize,
+    acc: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * ldd), 0, n);
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        acc,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        if acc { T::ONE } else { T::ZERO },
+        T::ONE,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// Parallelism for a gemm issued from outside a parallel batch loop.
+pub(crate) fn outer_par() -> gemm::Parallelism {
+    let t = rayon::current_num_threads();
+    if t > 1 {
+        gemm::Parallelism::Rayon(t)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// Runs `f` compiled with AVX2+FMA enabled when the CPU supports it (the crate is built
+/// for baseline x86-64), so that the auto-vectorised inner loops use 256-bit registers.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
