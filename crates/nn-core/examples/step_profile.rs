@@ -20,13 +20,23 @@ fn time<F: FnMut() -> candle_core::Result<()>>(name: &str, n: usize, mut f: F) -
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let vs = VarStore::new(0, &dev);
-    let model = create_model("resnet20", &ModelConfig::new(1, 10, 28), &vs.root(), &StandardFactory)?;
+    let name = std::env::args().nth(1).unwrap_or_else(|| "resnet20".into());
+    let model = create_model(&name, &ModelConfig::new(1, 10, 28), &vs.root(), &StandardFactory)?;
+    let mut opt = nn_core::train::OptimizerConfig::sgd(0.1, 5e-4).build(vs.trainable()).unwrap();
+    let y = Tensor::from_vec((0..128u32).map(|i| i % 10).collect::<Vec<_>>(), 128, &dev)?;
     let x = Tensor::randn(0f32, 1.0, (128, 1, 28, 28), &dev)?;
-    time("resnet20 forward (eval)", 3, || model.forward_t(&x, false).map(|_| ()))?;
-    time("resnet20 forward (train)", 3, || model.forward_t(&x, true).map(|_| ()))?;
-    time("resnet20 forward+backward", 3, || {
+    time("forward (eval)", 3, || model.forward_t(&x, false).map(|_| ()))?;
+    time("forward (train)", 3, || model.forward_t(&x, true).map(|_| ()))?;
+    time("forward+backward", 3, || {
         let l = model.forward_t(&x, true)?.sqr()?.mean_all()?;
         l.backward().map(|_| ())
+    })?;
+    let l = nn_core::train::cross_entropy(&model.forward_t(&x, true)?, &y, 0.0)?;
+    let g = l.backward()?;
+    time("optimizer step", 3, || opt.step(&g))?;
+    time("cross entropy fwd+bwd", 3, || {
+        let logits = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, 10), &dev)?)?;
+        nn_core::train::cross_entropy(logits.as_tensor(), &y, 0.0)?.backward().map(|_| ())
     })?;
     let bvs = VarStore::new(0, &dev);
     let bn = BatchNorm::new(&bvs.root(), 16)?;

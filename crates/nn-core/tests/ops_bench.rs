@@ -26,40 +26,17 @@ fn conv_benchmark() {
 #[ignore]
 fn conv_profile_loop() {
     use candle_core::{Device, Tensor, Var};
-    let idx: usize = std::env::var("NN_PROF_CASE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let idx: usize = std::env::var("NN_PROF_CASE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let mode = std::env::var("NN_PROF_MODE").unwrap_or_default();
     let fb = mode != "fwd";
-    let iters: usize = std::env::var("NN_PROF_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    if let Some(v) = std::env::var("NN_LHS_PACK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        println!(
-            "lhs packing threshold {} -> {v}",
-            gemm::get_lhs_packing_threshold_single_thread()
-        );
+    let iters: usize = std::env::var("NN_PROF_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    if let Some(v) = std::env::var("NN_LHS_PACK").ok().and_then(|v| v.parse().ok()) {
+        println!("lhs packing threshold {} -> {v}", gemm::get_lhs_packing_threshold_single_thread());
         gemm::set_lhs_packing_threshold_single_thread(v);
     }
     let c = &nn_core::bench::resnet20_cases()[idx];
-    let x =
-        Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &Device::Cpu).unwrap())
-            .unwrap();
-    let w = Var::from_tensor(
-        &Tensor::randn(
-            0f32,
-            0.1,
-            (c.cout, c.cin / c.groups, c.k, c.k),
-            &Device::Cpu,
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (c.cout, c.cin / c.groups, c.k, c.k), &Device::Cpu).unwrap()).unwrap();
     let o = nn_core::ops::Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups);
     let cpu = || -> f64 {
         let st = std::fs::read_to_string("/proc/self/stat").unwrap();

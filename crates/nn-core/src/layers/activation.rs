@@ -30,7 +30,7 @@ impl Activation {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match *self {
             Activation::Identity => Ok(x.clone()),
-            Activation::Relu => x.relu(),
+            Activation::Relu => crate::ops::activation::relu(x),
             Activation::Relu6 => x.clamp(0f32, 6f32),
             Activation::LeakyRelu(slope) => {
                 let pos = x.relu()?;

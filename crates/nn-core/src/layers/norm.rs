@@ -119,15 +119,21 @@ impl ModuleT for BatchNorm {
             self.running_var.set(&new_var)?;
             xc.broadcast_mul(&inv_std)?.reshape(x.dims())?
         } else {
-            let mean = self.running_mean.as_tensor().reshape(shape.as_slice())?;
-            let inv_std = (self.running_var.as_tensor() + self.eps)?
-                .sqrt()?
-                .recip()?
-                .reshape(shape.as_slice())?;
-            x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?
+            // y = x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean * scale
+            let inv_std = (self.running_var.as_tensor() + self.eps)?.sqrt()?.recip()?;
+            let scale = match &self.weight {
+                Some(w) => w.as_tensor().mul(&inv_std)?,
+                None => inv_std,
+            };
+            let shift = self.running_mean.as_tensor().mul(&scale)?.neg()?;
+            let shift = match &self.bias {
+                Some(b) => (b.as_tensor() + shift)?,
+                None => shift,
+            };
+            crate::ops::batch_norm::channel_affine(x, &scale, &shift)?
         };
         let y = match (&self.weight, &self.bias) {
-            _ if fused => y,
+            _ if fused || !train => y,
             (Some(w), Some(b)) => y
                 .broadcast_mul(&w.as_tensor().reshape(shape.as_slice())?)?
                 .broadcast_add(&b.as_tensor().reshape(shape.as_slice())?)?,

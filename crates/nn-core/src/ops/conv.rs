@@ -102,13 +102,7 @@ impl ConvGeom {
     /// convolution computing the input gradient from grad_out.
     pub fn transposed_as_conv(&self) -> Option<Self> {
         let (ekh, ekw) = (self.dh * (self.kh - 1), self.dw * (self.kw - 1));
-        if self.sh != 1
-            || self.sw != 1
-            || self.is_depthwise()
-            || self.is_pointwise()
-            || self.ph > ekh
-            || self.pw > ekw
-        {
+        if self.sh != 1 || self.sw != 1 || self.is_depthwise() || self.is_pointwise() || self.ph > ekh || self.pw > ekw {
             return None;
         }
         let t = Self {
@@ -134,19 +128,9 @@ impl ConvGeom {
 /// Range `[lo, hi)` of output positions `o < out` whose input index `o*s + off - p` lies
 /// in `[0, len)`.
 #[inline(always)]
-pub(crate) fn valid_range(
-    off: usize,
-    p: usize,
-    s: usize,
-    len: usize,
-    out: usize,
-) -> (usize, usize) {
+pub(crate) fn valid_range(off: usize, p: usize, s: usize, len: usize, out: usize) -> (usize, usize) {
     let lo = if p > off { (p - off).div_ceil(s) } else { 0 };
-    let hi = if len + p > off {
-        (len + p - off).div_ceil(s)
-    } else {
-        0
-    };
+    let hi = if len + p > off { (len + p - off).div_ceil(s) } else { 0 };
     let hi = hi.min(out);
     (lo.min(hi), hi)
 }
@@ -257,11 +241,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     // SAFETY: every element is written below before being read (gemm with read_dst false
     // over all rows and columns of every image/group block), and T is a plain float.
     unsafe { out.set_len(len) };
-    let bimg = if g.is_pointwise() {
-        1
-    } else {
-        images_per_block(g)
-    };
+    let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
         let nb = o.len() / (g.cout * ohw);
         for grp in 0..g.groups {
@@ -270,19 +250,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                 for b in 0..nb {
                     let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
                     let og = &mut o[(b * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            ohw,
-                            k,
-                            og.as_mut_ptr(),
-                            ohw,
-                            false,
-                            Mat::rm(wg, k),
-                            Mat::rm(xg, hw),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, ohw, k, og.as_mut_ptr(), ohw, false, Mat::rm(wg, k), Mat::rm(xg, hw), par) };
                 }
                 continue;
             }
@@ -297,19 +265,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                 }
                 if nb == 1 {
                     let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            ohw,
-                            k,
-                            og.as_mut_ptr(),
-                            ohw,
-                            false,
-                            Mat::rm(wg, k),
-                            Mat::rm(col, ld),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, ohw, k, og.as_mut_ptr(), ohw, false, Mat::rm(wg, k), Mat::rm(col, ld), par) };
                 } else {
                     unsafe {
                         gemm(
@@ -326,8 +282,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                     };
                     for co in 0..cout_g {
                         for b in 0..nb {
-                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw]
-                                .copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
+                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw].copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
                         }
                     }
                 }
@@ -365,35 +320,11 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
             let wg = &w[grp * cout_g * k..][..cout_g * k];
             let gxg = &mut gxi[grp * cin_g * hw..][..cin_g * hw];
             if g.is_pointwise() {
-                unsafe {
-                    gemm(
-                        k,
-                        hw,
-                        cout_g,
-                        gxg.as_mut_ptr(),
-                        hw,
-                        false,
-                        Mat::tr(wg, k),
-                        Mat::rm(gog, ohw),
-                        par,
-                    )
-                };
+                unsafe { gemm(k, hw, cout_g, gxg.as_mut_ptr(), hw, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
             } else {
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
-                    unsafe {
-                        gemm(
-                            k,
-                            ohw,
-                            cout_g,
-                            col.as_mut_ptr(),
-                            ld,
-                            false,
-                            Mat::tr(wg, k),
-                            Mat::rm(gog, ohw),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
                     simd(|| col2im(g, col, gxg, ld));
                 });
             }
@@ -419,8 +350,7 @@ fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
                 for i in 0..kh {
                     for j in 0..kw {
                         let src = (((grp * cout_g + co) * cin_g + ci) * kh + i) * kw + j;
-                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw
-                            + (kw - 1 - j);
+                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw + (kw - 1 - j);
                         out[dst] = w[src];
                     }
                 }
@@ -439,16 +369,8 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
     let nth = rayon::current_num_threads().min(g.n).max(1);
     let chunk = g.n.div_ceil(nth);
-    let par = if nth == 1 {
-        outer_par()
-    } else {
-        Parallelism::None
-    };
-    let bimg = if g.is_pointwise() {
-        1
-    } else {
-        images_per_block(g)
-    };
+    let par = if nth == 1 { outer_par() } else { Parallelism::None };
+    let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let partial = |t: usize| {
         let mut acc = vec![T::ZERO; g.cout * k];
         let mut first = true;
@@ -486,33 +408,17 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
                         simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
                     }
                     let gmat = if nb == 1 {
-                        Mat::rm(
-                            &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw],
-                            ohw,
-                        )
+                        Mat::rm(&gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw], ohw)
                     } else {
                         for co in 0..cout_g {
                             for b in 0..nb {
-                                tmp[co * cols + b * ohw..][..ohw].copy_from_slice(
-                                    &gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw],
-                                );
+                                tmp[co * cols + b * ohw..][..ohw]
+                                    .copy_from_slice(&gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw]);
                             }
                         }
                         Mat::rm(&*tmp, cols)
                     };
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            k,
-                            cols,
-                            accg.as_mut_ptr(),
-                            k,
-                            !first,
-                            gmat,
-                            Mat::tr(col, ld),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, k, cols, accg.as_mut_ptr(), k, !first, gmat, Mat::tr(col, ld), par) };
                 });
             }
             first = false;
@@ -560,24 +466,12 @@ impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = ConvGeom::new(&dims4(l1), &dims4(l2), &self.0)?;
         let shape = Shape::from(g.out_dims());
         dispatch2!(self.name(), s1, l1, s2, l2, conv_fwd, &g, shape)
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = ConvGeom::new(x.dims(), w.dims(), &self.0)?;
         let grad = grad.contiguous()?;
         let gx = if x.track_op() {
@@ -601,13 +495,7 @@ impl CustomOp2 for ConvInputGradOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d-grad-input"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         if l1.dims() != [g.n, g.cout, g.oh, g.ow] {
             candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l1.dims());
@@ -624,13 +512,7 @@ impl CustomOp2 for ConvWeightGradOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d-grad-weight"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         if l2.dims() != [g.n, g.cout, g.oh, g.ow] {
             candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l2.dims());

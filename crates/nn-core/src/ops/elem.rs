@@ -72,13 +72,8 @@ impl_elem!(f32, F32, SCRATCH_F32);
 impl_elem!(f64, F64, SCRATCH_F64);
 
 /// The contiguous slice of `s` described by `l`, or an error if the layout is strided.
-pub(crate) fn contiguous<'a, T: Elem>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<&'a [T]> {
-    let data = T::storage_slice(s)
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: unexpected dtype")))?;
+pub(crate) fn contiguous<'a, T: Elem>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let data = T::storage_slice(s).ok_or_else(|| candle_core::Error::Msg(format!("{what}: unexpected dtype")))?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what}: input must be contiguous"),
