@@ -407,6 +407,13 @@ impl TrainArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum BenchCommand {
+    /// Convolution forward and forward+backward: nn-core vs stock candle vs PyTorch (when
+    /// `python3 -c "import torch"` works), ResNet-20 shapes at batch 128, with ratios.
+    Conv {
+        /// Thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+    },
     /// Training throughput of a model, nn-core vs the PyTorch reference script, same run.
     Train {
         #[arg(long, default_value = "resnet20")]
@@ -421,6 +428,17 @@ pub enum BenchCommand {
 pub fn bench(which: BenchCommand) -> Result<()> {
     match which {
         BenchCommand::Train { model, steps, batch_size } => bench_train(&model, steps, batch_size),
+        BenchCommand::Conv { threads } => {
+            let report = nn_core::bench::conv_benchmark(&threads)?;
+            let body = format!(
+                "## Convolution benchmark (ms, median)\n\n{}\n\n```\n{}\n```\n",
+                report.to_markdown(),
+                nn_core::report::command_line()
+            );
+            let page = nn_core::report::write_section("docs/results/nn-core.md", "nn-core results", "bench-conv", &body)?;
+            eprintln!("written to {}", page.display());
+            Ok(())
+        }
     }
 }
 
@@ -555,4 +573,49 @@ fn torch_train_bench(steps: usize, batch: usize, threads: usize) -> Result<(f64,
         v["eval_images_per_s"].as_f64().context("eval_images_per_s")?,
         v["framework"].as_str().unwrap_or("pytorch").to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(flatten)]
+        t: TrainArgs,
+    }
+
+    fn args(a: &[&str]) -> TrainArgs {
+        W::parse_from(std::iter::once("train").chain(a.iter().copied())).t
+    }
+
+    #[test]
+    fn invalid_flags_are_named_in_the_error() {
+        let e = |a: &[&str]| resolve(&args(a)).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(e(&["--model", "resnet21", "--dataset", "mnist"]).contains("valid models: lenet5"));
+        assert!(e(&["--preset", "nope"]).contains("valid presets: mnist-lenet5"));
+        assert!(e(&["--model", "resnet20", "--dataset", "mnist", "--epochs", "0"]).contains("--epochs"));
+        assert!(e(&["--model", "resnet20", "--dataset", "mnist", "--lr=-1"]).contains("--lr"));
+        assert!(e(&["--model", "resnet20", "--dataset", "mnist", "--batch-size", "1"]).contains("--batch-size"));
+        assert!(e(&["--dataset", "mnist"]).contains("--model is required"));
+    }
+
+    #[test]
+    fn presets_resolve_and_flags_override_them() {
+        for p in PRESETS {
+            let r = resolve(&args(&["--preset", p.name])).unwrap();
+            assert_eq!(
+                (r.model.as_str(), r.dataset.as_str(), r.epochs),
+                (p.model, p.dataset, p.epochs),
+                "{}",
+                p.name
+            );
+        }
+        let r = resolve(&args(&["--preset", "fashion-resnet20", "--epochs", "3", "--lr", "0.05"])).unwrap();
+        assert_eq!(r.epochs, 3);
+        assert_eq!(r.optimizer.lr(), 0.05);
+        let r = resolve(&args(&["--preset", "cifar10-resnet20-he2016"])).unwrap();
+        assert!(matches!(r.schedule, Schedule::Step { ref milestones, .. } if milestones == &vec![82.0, 123.0]));
+    }
 }
