@@ -24,11 +24,7 @@ pub struct Timing {
 }
 
 /// Runs `f` `warmup` times untimed, then `runs` times timed, and returns the median.
-pub fn time_it(
-    warmup: usize,
-    runs: usize,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<Timing> {
+pub fn time_it(warmup: usize, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
@@ -72,21 +68,8 @@ pub struct ConvCase {
 }
 
 impl ConvCase {
-    fn new(
-        n: usize,
-        cin: usize,
-        hw: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-        groups: usize,
-    ) -> Self {
-        let dw = if groups > 1 {
-            format!(" g{groups}")
-        } else {
-            String::new()
-        };
+    fn new(n: usize, cin: usize, hw: usize, cout: usize, k: usize, stride: usize, padding: usize, groups: usize) -> Self {
+        let dw = if groups > 1 { format!(" g{groups}") } else { String::new() };
         Self {
             name: format!("{cin}ch@{hw}x{hw}->{cout} {k}x{k} s{stride}{dw}"),
             n,
@@ -103,7 +86,8 @@ impl ConvCase {
 }
 
 /// The benchmark's shapes: the three ResNet-20 stages, a depthwise 3x3 and a strided
-/// downsampling convolution, all at batch 128.
+/// downsampling convolution, all at batch 128; then the same stages on 28x28 inputs
+/// (as used in training), the second downsampling convolution and the 3-channel stem.
 pub fn resnet20_cases() -> Vec<ConvCase> {
     vec![
         ConvCase::new(128, 16, 32, 16, 3, 1, 1, 1),
@@ -111,7 +95,25 @@ pub fn resnet20_cases() -> Vec<ConvCase> {
         ConvCase::new(128, 64, 8, 64, 3, 1, 1, 1),
         ConvCase::new(128, 64, 16, 64, 3, 1, 1, 64),
         ConvCase::new(128, 16, 32, 32, 3, 2, 1, 1),
+        ConvCase::new(128, 16, 28, 16, 3, 1, 1, 1),
+        ConvCase::new(128, 32, 14, 32, 3, 1, 1, 1),
+        ConvCase::new(128, 64, 7, 64, 3, 1, 1, 1),
+        ConvCase::new(128, 32, 16, 64, 3, 2, 1, 1),
+        ConvCase::new(128, 16, 28, 32, 3, 2, 1, 1),
+        ConvCase::new(128, 32, 14, 64, 3, 2, 1, 1),
+        ConvCase::new(128, 3, 32, 16, 3, 1, 1, 1),
     ]
+}
+
+/// [`resnet20_cases`] whose name contains one of the comma-separated patterns in the
+/// environment variable `NN_BENCH_CASES` (all cases when unset or empty).
+pub fn selected_cases() -> Vec<ConvCase> {
+    let pat = std::env::var("NN_BENCH_CASES").unwrap_or_default();
+    let pats: Vec<&str> = pat.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    resnet20_cases()
+        .into_iter()
+        .filter(|c| pats.is_empty() || pats.iter().any(|p| c.name.contains(p)))
+        .collect()
 }
 
 /// One row of the report: one shape at one thread count. Times are medians in ms.
@@ -200,11 +202,7 @@ impl std::fmt::Display for ConvBenchReport {
 type ConvFn = fn(&Tensor, &Tensor, &ConvCase) -> candle_core::Result<Tensor>;
 
 fn nn_conv(x: &Tensor, w: &Tensor, c: &ConvCase) -> candle_core::Result<Tensor> {
-    conv2d(
-        x,
-        w,
-        Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups),
-    )
+    conv2d(x, w, Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups))
 }
 
 fn candle_conv(x: &Tensor, w: &Tensor, c: &ConvCase) -> candle_core::Result<Tensor> {
@@ -219,10 +217,7 @@ fn time_conv(f: ConvFn, c: &ConvCase, x: &Var, w: &Var, runs: usize) -> anyhow::
     })?;
     let fb = time_it(1, runs, || {
         let g = f(x.as_tensor(), w.as_tensor(), c)?.sum_all()?.backward()?;
-        anyhow::ensure!(
-            g.get(x.as_tensor()).is_some() && g.get(w.as_tensor()).is_some(),
-            "missing gradient"
-        );
+        anyhow::ensure!(g.get(x.as_tensor()).is_some() && g.get(w.as_tensor()).is_some(), "missing gradient");
         Ok(())
     })?;
     Ok((fwd.median_ms, fb.median_ms))
@@ -254,28 +249,19 @@ fn run_torch(cases: &[ConvCase], threads: usize) -> anyhow::Result<Vec<TorchTimi
         .arg(serde_json::to_string(cases)?)
         .env("OMP_NUM_THREADS", threads.to_string())
         .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "torch bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "torch bench failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// Benchmarks nn-core, stock candle and PyTorch convolutions on [`resnet20_cases`] for
 /// each thread count in `threads`; prints the table to stdout and returns it.
 pub fn conv_benchmark(threads: &[usize]) -> anyhow::Result<ConvBenchReport> {
-    conv_benchmark_cases(&resnet20_cases(), threads, 7, 3)
+    conv_benchmark_cases(&selected_cases(), threads, 7, 3)
 }
 
 /// [`conv_benchmark`] on chosen cases with `runs` timed runs for nn-core and
 /// `candle_runs` for stock candle (which is much slower; 0 skips candle).
-pub fn conv_benchmark_cases(
-    cases: &[ConvCase],
-    threads: &[usize],
-    runs: usize,
-    candle_runs: usize,
-) -> anyhow::Result<ConvBenchReport> {
+pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, candle_runs: usize) -> anyhow::Result<ConvBenchReport> {
     let mut notes = Vec::new();
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         notes.push(format!("load average at start: {}", l.trim()));
@@ -303,10 +289,8 @@ pub fn conv_benchmark_cases(
         for c in cases {
             let dev = Device::Cpu;
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &dev)?)?;
-            let w = Var::from_tensor(
-                &(Tensor::randn(0f32, 1.0, (c.cout, c.cin / c.groups, c.k, c.k), &dev)? * 0.1)?
-                    .to_dtype(DType::F32)?,
-            )?;
+            let w =
+                Var::from_tensor(&(Tensor::randn(0f32, 1.0, (c.cout, c.cin / c.groups, c.k, c.k), &dev)? * 0.1)?.to_dtype(DType::F32)?)?;
             let (nf, nfb) = pool.install(|| time_conv(nn_conv, c, &x, &w, runs))?;
             let cf = if candle_runs == 0 {
                 Err(anyhow::anyhow!("skipped"))
@@ -386,12 +370,8 @@ mod tests {
             notes: vec!["note".into()],
         };
         let md = rep.to_markdown();
-        assert!(
-            md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 |"),
-            "{md}"
-        );
-        let back: ConvBenchReport =
-            serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
+        assert!(md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 |"), "{md}");
+        let back: ConvBenchReport = serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
         assert_eq!(back.rows.len(), 1);
     }
 }

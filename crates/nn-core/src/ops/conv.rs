@@ -102,13 +102,7 @@ impl ConvGeom {
     /// convolution computing the input gradient from grad_out.
     pub fn transposed_as_conv(&self) -> Option<Self> {
         let (ekh, ekw) = (self.dh * (self.kh - 1), self.dw * (self.kw - 1));
-        if self.sh != 1
-            || self.sw != 1
-            || self.is_depthwise()
-            || self.is_pointwise()
-            || self.ph > ekh
-            || self.pw > ekw
-        {
+        if self.sh != 1 || self.sw != 1 || self.is_depthwise() || self.is_pointwise() || self.ph > ekh || self.pw > ekw {
             return None;
         }
         let t = Self {
@@ -134,19 +128,9 @@ impl ConvGeom {
 /// Range `[lo, hi)` of output positions `o < out` whose input index `o*s + off - p` lies
 /// in `[0, len)`.
 #[inline(always)]
-pub(crate) fn valid_range(
-    off: usize,
-    p: usize,
-    s: usize,
-    len: usize,
-    out: usize,
-) -> (usize, usize) {
+pub(crate) fn valid_range(off: usize, p: usize, s: usize, len: usize, out: usize) -> (usize, usize) {
     let lo = if p > off { (p - off).div_ceil(s) } else { 0 };
-    let hi = if len + p > off {
-        (len + p - off).div_ceil(s)
-    } else {
-        0
-    };
+    let hi = if len + p > off { (len + p - off).div_ceil(s) } else { 0 };
     let hi = hi.min(out);
     (lo.min(hi), hi)
 }
@@ -196,6 +180,134 @@ fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
                 }
             }
         }
+    }
+}
+
+/// Development switch for A/B timing of kernel variants inside one process
+/// (`NN_CONV_VARIANT`, default: the newest variant).
+#[inline]
+pub(crate) fn variant() -> usize {
+    std::env::var("NN_CONV_VARIANT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
+/// Copies `n` elements `src[i * s]` to `dst[i]`. For `s` of 1 or 2 it works in chunks of 8
+/// and may write up to 7 elements past `dst[n - 1]` and read up to `7 * s` past the last
+/// source element: callers provide that slack.
+#[inline(always)]
+unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, n: usize, s: usize) {
+    let mut i = 0;
+    if s == 1 {
+        while i < n {
+            std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), 8);
+            i += 8;
+        }
+    } else if s == 2 {
+        while i < n {
+            for l in 0..8 {
+                *dst.add(i + l) = *src.add(2 * (i + l));
+            }
+            i += 8;
+        }
+    } else {
+        for i in 0..n {
+            *dst.add(i) = *src.add(i * s);
+        }
+    }
+}
+
+/// Padded plane dimensions `(H + 2ph, W + 2pw)`.
+#[inline]
+fn padded_hw(g: &ConvGeom) -> (usize, usize) {
+    (g.h + 2 * g.ph, g.w + 2 * g.pw)
+}
+
+/// Length of the zero-padded copy of one image/group's input planes, with slack for the
+/// chunked row reads of [`copy_row`].
+#[inline]
+fn padded_len(g: &ConvGeom) -> usize {
+    let (hp, wp) = padded_hw(g);
+    g.cin_g() * hp * wp + 8 * g.sw + 8
+}
+
+/// Writes the zero-padded copy `xp[cin_g, H + 2ph, W + 2pw]` of the planes `x`.
+#[inline(always)]
+fn pad_planes<T: Elem>(g: &ConvGeom, x: &[T], xp: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
+    let (w, hw) = (g.w, g.hw());
+    for c in 0..g.cin_g() {
+        let p = &mut xp[c * hp * wp..(c + 1) * hp * wp];
+        for v in &mut p[..g.ph * wp] {
+            *v = T::ZERO;
+        }
+        for y in 0..g.h {
+            let r = &mut p[(g.ph + y) * wp..(g.ph + y + 1) * wp];
+            for v in &mut r[..g.pw] {
+                *v = T::ZERO;
+            }
+            let src = &x[c * hw + y * w..][..w];
+            let dst = &mut r[g.pw..g.pw + w];
+            let full = w / 8 * 8;
+            for (d, s) in dst[..full].chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+                d.copy_from_slice(s);
+            }
+            for i in full..w {
+                dst[i] = src[i];
+            }
+            for v in &mut r[g.pw + w..] {
+                *v = T::ZERO;
+            }
+        }
+        for v in &mut p[(g.ph + g.h) * wp..] {
+            *v = T::ZERO;
+        }
+    }
+}
+
+/// im2col from a zero-padded copy (see [`pad_planes`]): no bounds logic, every column row
+/// is a sequence of (strided) row copies. Writes up to 7 elements past each row's end
+/// (`ld` must exceed the block's column count by at least 8; rows are written in order,
+/// so that spill is overwritten by later images of the same block).
+#[inline(always)]
+fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
+    let (hp, wp) = padded_hw(g);
+    let (oh, ow) = (g.oh, g.ow);
+    let k = g.k();
+    assert!(col.len() >= (k - 1) * ld + oh * ow + 8 && ld >= oh * ow + 8 && xp.len() >= padded_len(g));
+    let plane = hp * wp;
+    for c in 0..g.cin_g() {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                // SAFETY: reads stay inside xp (slack included), writes inside col (the
+                // assertion above and ld >= cols + 16).
+                unsafe {
+                    let row = col.as_mut_ptr().add(r * ld);
+                    let base = xp.as_ptr().add(c * plane + ki * g.dh * wp + kj * g.dw);
+                    for y in 0..oh {
+                        copy_row(base.add(y * g.sh * wp), row.add(y * ow), ow, g.sw);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Column matrix of one image/group into `col` (row stride `ld`), through the padded
+/// fast path unless disabled by the development switch.
+#[inline]
+fn fill_cols<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
+    if variant() >= 1 {
+        T::with_scratch2(padded_len(g), |xp| {
+            simd(|| {
+                pad_planes(g, x, xp);
+                im2col_padded(g, xp, col, ld);
+            })
+        })
+    } else {
+        simd(|| im2col(g, x, col, ld))
     }
 }
 
@@ -257,11 +369,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     // SAFETY: every element is written below before being read (gemm with read_dst false
     // over all rows and columns of every image/group block), and T is a plain float.
     unsafe { out.set_len(len) };
-    let bimg = if g.is_pointwise() {
-        1
-    } else {
-        images_per_block(g)
-    };
+    let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
         let nb = o.len() / (g.cout * ohw);
         for grp in 0..g.groups {
@@ -270,19 +378,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                 for b in 0..nb {
                     let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
                     let og = &mut o[(b * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            ohw,
-                            k,
-                            og.as_mut_ptr(),
-                            ohw,
-                            false,
-                            Mat::rm(wg, k),
-                            Mat::rm(xg, hw),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, ohw, k, og.as_mut_ptr(), ohw, false, Mat::rm(wg, k), Mat::rm(xg, hw), par) };
                 }
                 continue;
             }
@@ -293,23 +389,11 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                 let (col, tmp) = buf.split_at_mut(k * ld);
                 for b in 0..nb {
                     let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
-                    simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                    fill_cols(g, xg, &mut col[b * ohw..], ld);
                 }
                 if nb == 1 {
                     let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            ohw,
-                            k,
-                            og.as_mut_ptr(),
-                            ohw,
-                            false,
-                            Mat::rm(wg, k),
-                            Mat::rm(col, ld),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, ohw, k, og.as_mut_ptr(), ohw, false, Mat::rm(wg, k), Mat::rm(col, ld), par) };
                 } else {
                     unsafe {
                         gemm(
@@ -326,8 +410,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                     };
                     for co in 0..cout_g {
                         for b in 0..nb {
-                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw]
-                                .copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
+                            o[(b * g.cout + grp * cout_g + co) * ohw..][..ohw].copy_from_slice(&tmp[co * cols + b * ohw..][..ohw]);
                         }
                     }
                 }
@@ -365,35 +448,11 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
             let wg = &w[grp * cout_g * k..][..cout_g * k];
             let gxg = &mut gxi[grp * cin_g * hw..][..cin_g * hw];
             if g.is_pointwise() {
-                unsafe {
-                    gemm(
-                        k,
-                        hw,
-                        cout_g,
-                        gxg.as_mut_ptr(),
-                        hw,
-                        false,
-                        Mat::tr(wg, k),
-                        Mat::rm(gog, ohw),
-                        par,
-                    )
-                };
+                unsafe { gemm(k, hw, cout_g, gxg.as_mut_ptr(), hw, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
             } else {
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
-                    unsafe {
-                        gemm(
-                            k,
-                            ohw,
-                            cout_g,
-                            col.as_mut_ptr(),
-                            ld,
-                            false,
-                            Mat::tr(wg, k),
-                            Mat::rm(gog, ohw),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
                     simd(|| col2im(g, col, gxg, ld));
                 });
             }
@@ -419,8 +478,7 @@ fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
                 for i in 0..kh {
                     for j in 0..kw {
                         let src = (((grp * cout_g + co) * cin_g + ci) * kh + i) * kw + j;
-                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw
-                            + (kw - 1 - j);
+                        let dst = (((grp * cin_g + ci) * cout_g + co) * kh + (kh - 1 - i)) * kw + (kw - 1 - j);
                         out[dst] = w[src];
                     }
                 }
@@ -439,16 +497,8 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
     let nth = rayon::current_num_threads().min(g.n).max(1);
     let chunk = g.n.div_ceil(nth);
-    let par = if nth == 1 {
-        outer_par()
-    } else {
-        Parallelism::None
-    };
-    let bimg = if g.is_pointwise() {
-        1
-    } else {
-        images_per_block(g)
-    };
+    let par = if nth == 1 { outer_par() } else { Parallelism::None };
+    let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let partial = |t: usize| {
         let mut acc = vec![T::ZERO; g.cout * k];
         let mut first = true;
@@ -483,36 +533,20 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
                     let (col, tmp) = buf.split_at_mut(k * ld);
                     for b in 0..nb {
                         let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
-                        simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                        fill_cols(g, xg, &mut col[b * ohw..], ld);
                     }
                     let gmat = if nb == 1 {
-                        Mat::rm(
-                            &gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw],
-                            ohw,
-                        )
+                        Mat::rm(&gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw], ohw)
                     } else {
                         for co in 0..cout_g {
                             for b in 0..nb {
-                                tmp[co * cols + b * ohw..][..ohw].copy_from_slice(
-                                    &gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw],
-                                );
+                                tmp[co * cols + b * ohw..][..ohw]
+                                    .copy_from_slice(&gout[((b0 + b) * g.cout + grp * cout_g + co) * ohw..][..ohw]);
                             }
                         }
                         Mat::rm(&*tmp, cols)
                     };
-                    unsafe {
-                        gemm(
-                            cout_g,
-                            k,
-                            cols,
-                            accg.as_mut_ptr(),
-                            k,
-                            !first,
-                            gmat,
-                            Mat::tr(col, ld),
-                            par,
-                        )
-                    };
+                    unsafe { gemm(cout_g, k, cols, accg.as_mut_ptr(), k, !first, gmat, Mat::tr(col, ld), par) };
                 });
             }
             first = false;
@@ -560,24 +594,12 @@ impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = ConvGeom::new(&dims4(l1), &dims4(l2), &self.0)?;
         let shape = Shape::from(g.out_dims());
         dispatch2!(self.name(), s1, l1, s2, l2, conv_fwd, &g, shape)
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = ConvGeom::new(x.dims(), w.dims(), &self.0)?;
         let grad = grad.contiguous()?;
         let gx = if x.track_op() {
@@ -601,13 +623,7 @@ impl CustomOp2 for ConvInputGradOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d-grad-input"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         if l1.dims() != [g.n, g.cout, g.oh, g.ow] {
             candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l1.dims());
@@ -624,13 +640,7 @@ impl CustomOp2 for ConvWeightGradOp {
     fn name(&self) -> &'static str {
         "nn-core-conv2d-grad-weight"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         if l2.dims() != [g.n, g.cout, g.oh, g.ow] {
             candle_core::bail!("{}: unexpected grad shape {:?}", self.name(), l2.dims());
