@@ -187,10 +187,18 @@ fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
 /// (`NN_CONV_VARIANT`, default: the newest variant).
 #[inline]
 pub(crate) fn variant() -> usize {
-    std::env::var("NN_CONV_VARIANT")
+    VARIANT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static VARIANT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Re-reads the development switch (once per kernel call).
+fn refresh_variant() {
+    let v = std::env::var("NN_CONV_VARIANT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(usize::MAX)
+        .unwrap_or(usize::MAX);
+    VARIANT.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Copies `n` elements `src[i * s]` to `dst[i]`. For `s` of 1 or 2 it works in chunks of 8
@@ -214,6 +222,42 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, n: usize, s: usize) {
     } else {
         for i in 0..n {
             *dst.add(i) = *src.add(i * s);
+        }
+    }
+}
+
+/// Whether AVX2 and FMA are available (cached by std).
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Stride-2 row gathers of one column-matrix row: for each of `oh` output rows `y`,
+/// `dst[y*ow + i] = src[y*step + 2*i]`, 8 outputs per step from two 8-wide loads
+/// (same spill and slack rules as [`copy_row`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather2_rows_f32(src: *const f32, dst: *mut f32, oh: usize, ow: usize, step: usize) {
+    use std::arch::x86_64::*;
+    for y in 0..oh {
+        let s = src.add(y * step);
+        let d = dst.add(y * ow);
+        let mut i = 0;
+        while i < ow {
+            let a = _mm256_loadu_ps(s.add(2 * i));
+            let b = _mm256_loadu_ps(s.add(2 * i + 8));
+            // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6]
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            _mm256_storeu_ps(d.add(i), e);
+            i += 8;
         }
     }
 }
@@ -286,6 +330,11 @@ fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
                 unsafe {
                     let row = col.as_mut_ptr().add(r * ld);
                     let base = xp.as_ptr().add(c * plane + ki * g.dh * wp + kj * g.dw);
+                    #[cfg(target_arch = "x86_64")]
+                    if g.sw == 2 && T::IS_F32 && variant() >= 2 && has_avx2() {
+                        gather2_rows_f32(base as *const f32, row as *mut f32, oh, ow, g.sh * wp);
+                        continue;
+                    }
                     for y in 0..oh {
                         copy_row(base.add(y * g.sh * wp), row.add(y * ow), ow, g.sw);
                     }
@@ -350,6 +399,62 @@ fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
     }
 }
 
+/// col2im into a zeroed, padded plane buffer `xp` (see [`pad_planes`]; no bounds logic),
+/// with a vectorisable interleaved path for 3-tap, stride-2 rows.
+#[inline(always)]
+fn col2im_padded<T: Elem>(g: &ConvGeom, col: &[T], ld: usize, xp: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
+    let (oh, ow, plane) = (g.oh, g.ow, hp * wp);
+    let row = |r: usize, y: usize| &col[r * ld + y * ow..][..ow];
+    for c in 0..g.cin_g() {
+        for ki in 0..g.kh {
+            if g.sw == 2 && g.kw == 3 && g.dw == 1 && ow > 0 {
+                let r0 = (c * g.kh + ki) * g.kw;
+                for y in 0..oh {
+                    let (a0, a1, a2) = (row(r0, y), row(r0 + 1, y), row(r0 + 2, y));
+                    let d = &mut xp[c * plane + (y * g.sh + ki * g.dh) * wp..][..2 * ow + 1];
+                    d[0] += a0[0];
+                    d[1] += a1[0];
+                    for i in 1..ow {
+                        d[2 * i] += a0[i] + a2[i - 1];
+                        d[2 * i + 1] += a1[i];
+                    }
+                    d[2 * ow] += a2[ow - 1];
+                }
+                continue;
+            }
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let base = c * plane + ki * g.dh * wp + kj * g.dw;
+                for y in 0..oh {
+                    let s = row(r, y);
+                    let d = &mut xp[base + y * g.sh * wp..];
+                    if g.sw == 1 {
+                        for (d, s) in d[..ow].iter_mut().zip(s) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (i, s) in s.iter().enumerate() {
+                            d[i * g.sw] += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies the interior of padded planes `xp` into `x[cin_g, H, W]`.
+#[inline(always)]
+fn unpad_planes<T: Elem>(g: &ConvGeom, xp: &[T], x: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
+    for c in 0..g.cin_g() {
+        for y in 0..g.h {
+            x[(c * g.h + y) * g.w..][..g.w].copy_from_slice(&xp[c * hp * wp + (y + g.ph) * wp + g.pw..][..g.w]);
+        }
+    }
+}
+
 /// Number of images whose columns are concatenated into one gemm, so that the gemm's
 /// column count `imgs * OH * OW` stays large for small feature maps.
 #[inline]
@@ -360,6 +465,7 @@ fn images_per_block(g: &ConvGeom) -> usize {
 /// Forward convolution: `out = W x im2col(x)` per group over blocks of images (see
 /// [`images_per_block`]), rayon over the blocks; writes every output element.
 pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
+    refresh_variant();
     if g.is_depthwise() {
         return depthwise::fwd(g, x, w);
     }
@@ -429,6 +535,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Input gradient: `col = W^T x grad_out[n]`, then col2im, rayon over the batch.
 pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
+    refresh_variant();
     if g.is_depthwise() {
         return depthwise::bwd_input(g, gout, w);
     }
@@ -453,7 +560,19 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
                     unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
-                    simd(|| col2im(g, col, gxg, ld));
+                    if variant() >= 3 {
+                        T::with_scratch2(padded_len(g), |xp| {
+                            simd(|| {
+                                for v in xp.iter_mut() {
+                                    *v = T::ZERO;
+                                }
+                                col2im_padded(g, col, ld, xp);
+                                unpad_planes(g, xp, gxg);
+                            })
+                        });
+                    } else {
+                        simd(|| col2im(g, col, gxg, ld));
+                    }
                 });
             }
         }
@@ -491,6 +610,7 @@ fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 /// Weight gradient: `grad_W = sum_n grad_out[n] x im2col(x[n])^T`, one partial sum per
 /// worker thread (contiguous batch chunks), reduced at the end.
 pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
+    refresh_variant();
     if g.is_depthwise() {
         return depthwise::bwd_weight(g, x, gout);
     }

@@ -22,6 +22,8 @@ pub(crate) trait Elem:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
+    /// Whether this is `f32` (for hand-written f32 SIMD paths).
+    const IS_F32: bool;
     fn from_f64(v: f64) -> Self;
     /// Borrows the whole storage buffer if it has this element type.
     fn storage_slice(s: &CpuStorage) -> Option<&[Self]>;
@@ -47,6 +49,7 @@ macro_rules! impl_elem {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = <$t>::NEG_INFINITY;
+            const IS_F32: bool = std::mem::size_of::<$t>() == 4;
             #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t
