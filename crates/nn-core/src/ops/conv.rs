@@ -143,64 +143,6 @@ fn col_ld(ohw: usize) -> usize {
     ohw.next_multiple_of(16) + 16
 }
 
-/// Writes the column matrix `[cin_g*kh*kw, oh*ow]` of one image/group. Every element of
-/// `col` is written (zeros for padding), row by row, so no pre-zeroing is needed.
-#[inline(always)]
-fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
-    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
-    for c in 0..g.cin_g() {
-        let xc = &x[c * hw..(c + 1) * hw];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &mut col[r * ld..r * ld + ohw];
-                let offw = kj * g.dw;
-                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
-                let offh = ki * g.dh;
-                for y in 0..g.oh {
-                    let dst = &mut row[y * ow..(y + 1) * ow];
-                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        dst.fill(T::ZERO);
-                        continue;
-                    }
-                    let src = &xc[ih as usize * w..(ih as usize + 1) * w];
-                    dst[..lo].fill(T::ZERO);
-                    dst[hi..].fill(T::ZERO);
-                    if hi > lo {
-                        let start = lo * g.sw + offw - g.pw;
-                        if g.sw == 1 {
-                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                        } else {
-                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[start + i * g.sw];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Development switch for A/B timing of kernel variants inside one process
-/// (`NN_CONV_VARIANT`, default: the newest variant).
-#[inline]
-pub(crate) fn variant() -> usize {
-    VARIANT.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-static VARIANT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
-
-/// Re-reads the development switch (once per kernel call).
-fn refresh_variant() {
-    let v = std::env::var("NN_CONV_VARIANT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(usize::MAX);
-    VARIANT.store(v, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Copies `n` elements `src[i * s]` to `dst[i]`. For `s` of 1 or 2 it works in chunks of 8
 /// and may write up to 7 elements past `dst[n - 1]` and read up to `7 * s` past the last
 /// source element: callers provide that slack.
@@ -297,6 +239,8 @@ fn pad_planes<T: Elem>(g: &ConvGeom, x: &[T], xp: &mut [T]) {
             for (d, s) in dst[..full].chunks_exact_mut(8).zip(src.chunks_exact(8)) {
                 d.copy_from_slice(s);
             }
+            // Element loop on purpose: a short `copy_from_slice` becomes a memcpy call.
+            #[allow(clippy::manual_memcpy)]
             for i in full..w {
                 dst[i] = src[i];
             }
@@ -331,7 +275,7 @@ fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
                     let row = col.as_mut_ptr().add(r * ld);
                     let base = xp.as_ptr().add(c * plane + ki * g.dh * wp + kj * g.dw);
                     #[cfg(target_arch = "x86_64")]
-                    if g.sw == 2 && T::IS_F32 && variant() >= 2 && has_avx2() {
+                    if g.sw == 2 && T::IS_F32 && has_avx2() {
                         gather2_rows_f32(base as *const f32, row as *mut f32, oh, ow, g.sh * wp);
                         continue;
                     }
@@ -344,59 +288,18 @@ fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
     }
 }
 
-/// Column matrix of one image/group into `col` (row stride `ld`), through the padded
-/// fast path unless disabled by the development switch.
+/// Column matrix `[cin_g*kh*kw, oh*ow]` of one image/group into `col` (row stride `ld`,
+/// at least 16 more than the block's column count): the planes are first copied into a
+/// zero-padded scratch buffer, then every column row is a sequence of (strided) row copies
+/// without bounds logic.
 #[inline]
 fn fill_cols<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
-    if variant() >= 1 {
-        T::with_scratch2(padded_len(g), |xp| {
-            simd(|| {
-                pad_planes(g, x, xp);
-                im2col_padded(g, xp, col, ld);
-            })
+    T::with_scratch2(padded_len(g), |xp| {
+        simd(|| {
+            pad_planes(g, x, xp);
+            im2col_padded(g, xp, col, ld);
         })
-    } else {
-        simd(|| im2col(g, x, col, ld))
-    }
-}
-
-/// Scatters-adds a column matrix back into the (pre-zeroed) input-gradient planes.
-#[inline(always)]
-fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
-    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
-    for c in 0..g.cin_g() {
-        let xc = &mut x[c * hw..(c + 1) * hw];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &col[r * ld..r * ld + ohw];
-                let offw = kj * g.dw;
-                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
-                if hi <= lo {
-                    continue;
-                }
-                let offh = ki * g.dh;
-                for y in 0..g.oh {
-                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        continue;
-                    }
-                    let src = &row[y * ow + lo..y * ow + hi];
-                    let dst = &mut xc[ih as usize * w..(ih as usize + 1) * w];
-                    let start = lo * g.sw + offw - g.pw;
-                    if g.sw == 1 {
-                        for (d, s) in dst[start..start + hi - lo].iter_mut().zip(src) {
-                            *d += *s;
-                        }
-                    } else {
-                        for (i, s) in src.iter().enumerate() {
-                            dst[start + i * g.sw] += *s;
-                        }
-                    }
-                }
-            }
-        }
-    }
+    })
 }
 
 /// col2im into a zeroed, padded plane buffer `xp` (see [`pad_planes`]; no bounds logic),
@@ -459,13 +362,13 @@ fn unpad_planes<T: Elem>(g: &ConvGeom, xp: &[T], x: &mut [T]) {
 /// column count `imgs * OH * OW` stays large for small feature maps.
 #[inline]
 fn images_per_block(g: &ConvGeom) -> usize {
-    (512 / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
+    let target = 128;
+    (target / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
 }
 
 /// Forward convolution: `out = W x im2col(x)` per group over blocks of images (see
 /// [`images_per_block`]), rayon over the blocks; writes every output element.
 pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
-    refresh_variant();
     if g.is_depthwise() {
         return depthwise::fwd(g, x, w);
     }
@@ -535,7 +438,6 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Input gradient: `col = W^T x grad_out[n]`, then col2im, rayon over the batch.
 pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
-    refresh_variant();
     if g.is_depthwise() {
         return depthwise::bwd_input(g, gout, w);
     }
@@ -548,7 +450,11 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
         return conv_fwd(&tg, gout, &wt);
     }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
-    let mut gx = vec![T::ZERO; g.n * g.cin * hw];
+    let len = g.n * g.cin * hw;
+    let mut gx: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: every element is written below before being read: the pointwise gemm
+    // (read_dst false) and `unpad_planes` each cover all planes of every image/group.
+    unsafe { gx.set_len(len) };
     let per_img = |ni: usize, gxi: &mut [T], par: Parallelism| {
         for grp in 0..g.groups {
             let gog = &gout[(ni * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
@@ -560,19 +466,15 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
                     unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
-                    if variant() >= 3 {
-                        T::with_scratch2(padded_len(g), |xp| {
-                            simd(|| {
-                                for v in xp.iter_mut() {
-                                    *v = T::ZERO;
-                                }
-                                col2im_padded(g, col, ld, xp);
-                                unpad_planes(g, xp, gxg);
-                            })
-                        });
-                    } else {
-                        simd(|| col2im(g, col, gxg, ld));
-                    }
+                    T::with_scratch2(padded_len(g), |xp| {
+                        simd(|| {
+                            for v in xp.iter_mut() {
+                                *v = T::ZERO;
+                            }
+                            col2im_padded(g, col, ld, xp);
+                            unpad_planes(g, xp, gxg);
+                        })
+                    });
                 });
             }
         }
@@ -610,7 +512,6 @@ fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 /// Weight gradient: `grad_W = sum_n grad_out[n] x im2col(x[n])^T`, one partial sum per
 /// worker thread (contiguous batch chunks), reduced at the end.
 pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
-    refresh_variant();
     if g.is_depthwise() {
         return depthwise::bwd_weight(g, x, gout);
     }
