@@ -377,7 +377,10 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(len);
     // SAFETY: every element is written below before being read (gemm with read_dst false
     // over all rows and columns of every image/group block), and T is a plain float.
-    unsafe { out.set_len(len) };
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(len)
+    };
     let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
         let nb = o.len() / (g.cout * ohw);
@@ -454,7 +457,10 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
     let mut gx: Vec<T> = Vec::with_capacity(len);
     // SAFETY: every element is written below before being read: the pointwise gemm
     // (read_dst false) and `unpad_planes` each cover all planes of every image/group.
-    unsafe { gx.set_len(len) };
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        gx.set_len(len)
+    };
     let per_img = |ni: usize, gxi: &mut [T], par: Parallelism| {
         for grp in 0..g.groups {
             let gog = &gout[(ni * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
