@@ -48,8 +48,10 @@ fn reference(c: &Case, x: &[f64], w: &[f64], r: &[f64]) -> (Vec<f64>, Vec<f64>, 
                         let ci = grp * cin_g + cig;
                         for ki in 0..c.kh {
                             for kj in 0..c.kw {
-                                let ih = (oy * c.o.stride.0 + ki * c.o.dilation.0) as isize - c.o.padding.0 as isize;
-                                let iw = (ox * c.o.stride.1 + kj * c.o.dilation.1) as isize - c.o.padding.1 as isize;
+                                let ih = (oy * c.o.stride.0 + ki * c.o.dilation.0) as isize
+                                    - c.o.padding.0 as isize;
+                                let iw = (ox * c.o.stride.1 + kj * c.o.dilation.1) as isize
+                                    - c.o.padding.1 as isize;
                                 if ih < 0 || iw < 0 || ih >= c.h as isize || iw >= c.w as isize {
                                     continue;
                                 }
@@ -82,7 +84,11 @@ fn random_case(rng: &mut ChaCha8Rng) -> Case {
         let c = rng.gen_range(2..6);
         (c, c * rng.gen_range(1..3), c)
     } else {
-        (groups * rng.gen_range(1..4), groups * rng.gen_range(1..4), groups)
+        (
+            groups * rng.gen_range(1..4),
+            groups * rng.gen_range(1..4),
+            groups,
+        )
     };
     let pointwise = rng.gen_bool(0.15);
     let (kh, kw) = if pointwise {
@@ -107,7 +113,11 @@ fn random_case(rng: &mut ChaCha8Rng) -> Case {
     };
     let h = rng.gen_range(kh * dilation.0..kh * dilation.0 + 8);
     let w = rng.gen_range(kw * dilation.1..kw * dilation.1 + 8);
-    let n = if rng.gen_bool(0.25) { 1 } else { rng.gen_range(2..5) };
+    let n = if rng.gen_bool(0.25) {
+        1
+    } else {
+        rng.gen_range(2..5)
+    };
     Case {
         n,
         cin,
@@ -129,13 +139,22 @@ fn assert_close(what: &str, c: &Case, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what} length, {c:?}");
     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= tol * scale, "{what}[{i}]: {a} vs {b} (tol {tol}), case {c:?}");
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: {a} vs {b} (tol {tol}), case {c:?}"
+        );
     }
 }
 
 fn run_ops(c: &Case, x: &[f64], w: &[f64], r: &[f64], dt: DType) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let dev = Device::Cpu;
-    let xv = Var::from_tensor(&Tensor::from_slice(x, (c.n, c.cin, c.h, c.w), &dev).unwrap().to_dtype(dt).unwrap()).unwrap();
+    let xv = Var::from_tensor(
+        &Tensor::from_slice(x, (c.n, c.cin, c.h, c.w), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap(),
+    )
+    .unwrap();
     let wv = Var::from_tensor(
         &Tensor::from_slice(w, (c.cout, c.cin / c.o.groups, c.kh, c.kw), &dev)
             .unwrap()
@@ -144,12 +163,22 @@ fn run_ops(c: &Case, x: &[f64], w: &[f64], r: &[f64], dt: DType) -> (Vec<f64>, V
     )
     .unwrap();
     let (oh, ow) = c.out();
-    let rt = Tensor::from_slice(r, (c.n, c.cout, oh, ow), &dev).unwrap().to_dtype(dt).unwrap();
+    let rt = Tensor::from_slice(r, (c.n, c.cout, oh, ow), &dev)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap();
     let y = conv2d(xv.as_tensor(), wv.as_tensor(), c.o).unwrap();
     assert_eq!(y.dims(), &[c.n, c.cout, oh, ow]);
     let loss = (&y * &rt).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     (
         flat(&y),
         flat(grads.get(xv.as_tensor()).unwrap()),
@@ -192,7 +221,12 @@ fn matches_candle_conv2d_and_its_gradients() {
         c.h = c.h.max(c.kh * c.o.dilation.0);
         c.w = c.w.max(c.kw * c.o.dilation.1);
         let (oh, ow) = c.out();
-        let x = Tensor::from_vec(rand_vec(&mut rng, c.n * c.cin * c.h * c.w), (c.n, c.cin, c.h, c.w), &dev).unwrap();
+        let x = Tensor::from_vec(
+            rand_vec(&mut rng, c.n * c.cin * c.h * c.w),
+            (c.n, c.cin, c.h, c.w),
+            &dev,
+        )
+        .unwrap();
         let w = Tensor::from_vec(
             rand_vec(&mut rng, c.cout * c.cin / c.o.groups * c.kh * c.kw),
             (c.cout, c.cin / c.o.groups, c.kh, c.kw),
@@ -203,8 +237,17 @@ fn matches_candle_conv2d_and_its_gradients() {
         let x = x.to_dtype(DType::F32).unwrap();
         let w = w.to_dtype(DType::F32).unwrap();
         let ours = conv2d(&x, &w, c.o).unwrap();
-        let theirs = x.conv2d(&w, c.o.padding.0, c.o.stride.0, c.o.dilation.0, c.o.groups).unwrap();
-        let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let theirs = x
+            .conv2d(&w, c.o.padding.0, c.o.stride.0, c.o.dilation.0, c.o.groups)
+            .unwrap();
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
         assert_close("y vs candle", &c, &flat(&ours), &flat(&theirs), 1e-4);
         // Gradients: compare with candle where its backward supports the case.
         if c.o.groups == 1 && i % 2 == 0 {
@@ -214,7 +257,9 @@ fn matches_candle_conv2d_and_its_gradients() {
                 .unwrap();
             let xv = Var::from_tensor(&x).unwrap();
             let wv = Var::from_tensor(&w).unwrap();
-            let y = xv.conv2d(&wv, c.o.padding.0, c.o.stride.0, c.o.dilation.0, 1).unwrap();
+            let y = xv
+                .conv2d(&wv, c.o.padding.0, c.o.stride.0, c.o.dilation.0, 1)
+                .unwrap();
             let Ok(g) = (&y * &rt).unwrap().sum_all().unwrap().backward() else {
                 continue;
             };
@@ -224,7 +269,13 @@ fn matches_candle_conv2d_and_its_gradients() {
                     assert_close("gx vs candle", &c, &gx, &flat(cgx), 1e-4);
                 }
             }
-            assert_close("gw vs candle", &c, &gw, &flat(g.get(wv.as_tensor()).unwrap()), 1e-4);
+            assert_close(
+                "gw vs candle",
+                &c,
+                &gw,
+                &flat(g.get(wv.as_tensor()).unwrap()),
+                1e-4,
+            );
         }
     }
 }
@@ -251,13 +302,21 @@ fn gradients_match_finite_differences() {
             xp[i] += eps;
             xm[i] -= eps;
             let fd = (loss(&xp, &w) - loss(&xm, &w)) / (2.0 * eps);
-            assert!((fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()), "gx[{i}] {} vs fd {fd}, {c:?}", gx[i]);
+            assert!(
+                (fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "gx[{i}] {} vs fd {fd}, {c:?}",
+                gx[i]
+            );
             let j = rng.gen_range(0..w.len());
             let (mut wp, mut wm) = (w.clone(), w.clone());
             wp[j] += eps;
             wm[j] -= eps;
             let fd = (loss(&x, &wp) - loss(&x, &wm)) / (2.0 * eps);
-            assert!((fd - gw[j]).abs() < 1e-6 * (1.0 + fd.abs()), "gw[{j}] {} vs fd {fd}, {c:?}", gw[j]);
+            assert!(
+                (fd - gw[j]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "gw[{j}] {} vs fd {fd}, {c:?}",
+                gw[j]
+            );
         }
     }
 }
@@ -278,9 +337,17 @@ fn non_contiguous_input_and_resnet_like_shapes() {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap();
-    for o in [Conv2dOpts::new(1, 1), Conv2dOpts::new(2, 1), Conv2dOpts::new(1, 0)] {
+    for o in [
+        Conv2dOpts::new(1, 1),
+        Conv2dOpts::new(2, 1),
+        Conv2dOpts::new(1, 0),
+    ] {
         let ours = conv2d(&x, &wt, o).unwrap();
-        let theirs = x.contiguous().unwrap().conv2d(&wt, o.padding.0, o.stride.0, 1, 1).unwrap();
+        let theirs = x
+            .contiguous()
+            .unwrap()
+            .conv2d(&wt, o.padding.0, o.stride.0, 1, 1)
+            .unwrap();
         let d = (ours - theirs)
             .unwrap()
             .abs()
@@ -306,7 +373,14 @@ fn non_contiguous_input_and_resnet_like_shapes() {
     };
     let (oh, ow) = c2.out();
     let r2 = rand_vec(&mut rng, 37 * 5 * oh * ow);
-    let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     let (xs, ws) = (flat(&x2), flat(&w2));
     let (y, gx, gw) = reference(&c2, &xs, &ws, &r2);
     let (y2, gx2, gw2) = run_ops(&c2, &xs, &ws, &r2, DType::F32);

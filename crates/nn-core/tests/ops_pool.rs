@@ -20,7 +20,11 @@ fn windows(len: usize, k: usize, s: usize, p: usize) -> Vec<(usize, usize, usize
         .map(|i| {
             let a = i as i64 * s as i64 - p as i64;
             let b = (a + k as i64).min((len + p) as i64);
-            (a.max(0) as usize, b.min(len as i64) as usize, (b - a) as usize)
+            (
+                a.max(0) as usize,
+                b.min(len as i64) as usize,
+                (b - a) as usize,
+            )
         })
         .collect()
 }
@@ -92,13 +96,21 @@ fn run(x: &Tensor, kind: Kind, k: (usize, usize), s: (usize, usize), p: (usize, 
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what}[{i}]: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}[{i}]: {a} vs {b}"
+        );
     }
 }
 
@@ -107,13 +119,21 @@ fn random_pools_match_reference_and_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let dev = Device::Cpu;
     for it in 0..90 {
-        let d = (rng.gen_range(1..3), rng.gen_range(1..4), rng.gen_range(3..12), rng.gen_range(3..12));
+        let d = (
+            rng.gen_range(1..3),
+            rng.gen_range(1..4),
+            rng.gen_range(3..12),
+            rng.gen_range(3..12),
+        );
         let kind = match it % 4 {
             0 | 1 => Kind::Max,
             2 => Kind::Avg(rng.gen_bool(0.5)),
             _ => Kind::Adaptive(rng.gen_range(1..d.2 + 3), rng.gen_range(1..d.3 + 2)),
         };
-        let k = (rng.gen_range(1..4.min(d.2) + 1), rng.gen_range(1..4.min(d.3) + 1));
+        let k = (
+            rng.gen_range(1..4.min(d.2) + 1),
+            rng.gen_range(1..4.min(d.3) + 1),
+        );
         let s = (rng.gen_range(1..4), rng.gen_range(1..4));
         let p = (rng.gen_range(0..k.0 / 2 + 1), rng.gen_range(0..k.1 / 2 + 1));
         let (rows, cols) = match kind {
@@ -122,17 +142,42 @@ fn random_pools_match_reference_and_finite_differences() {
         };
         let len = d.0 * d.1 * d.2 * d.3;
         let x: Vec<f64> = (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        let r: Vec<f64> = (0..d.0 * d.1 * rows.len() * cols.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let r: Vec<f64> = (0..d.0 * d.1 * rows.len() * cols.len())
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
         let (y_ref, gx_ref) = reference(&x, d, &rows, &cols, kind, &r);
         for dt in [DType::F64, DType::F32] {
             let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
-            let xv = Var::from_tensor(&Tensor::from_slice(&x, d, &dev).unwrap().to_dtype(dt).unwrap()).unwrap();
+            let xv = Var::from_tensor(
+                &Tensor::from_slice(&x, d, &dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
             let y = run(xv.as_tensor(), kind, k, s, p);
-            assert_eq!(y.dims(), &[d.0, d.1, rows.len(), cols.len()], "{kind:?} {d:?}");
-            close(&format!("y {kind:?} {d:?} k{k:?} s{s:?} p{p:?}"), &flat(&y), &y_ref, tol);
-            let rt = Tensor::from_slice(&r, y.dims(), &dev).unwrap().to_dtype(dt).unwrap();
+            assert_eq!(
+                y.dims(),
+                &[d.0, d.1, rows.len(), cols.len()],
+                "{kind:?} {d:?}"
+            );
+            close(
+                &format!("y {kind:?} {d:?} k{k:?} s{s:?} p{p:?}"),
+                &flat(&y),
+                &y_ref,
+                tol,
+            );
+            let rt = Tensor::from_slice(&r, y.dims(), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             let g = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
-            close(&format!("gx {kind:?} {d:?}"), &flat(g.get(xv.as_tensor()).unwrap()), &gx_ref, tol);
+            close(
+                &format!("gx {kind:?} {d:?}"),
+                &flat(g.get(xv.as_tensor()).unwrap()),
+                &gx_ref,
+                tol,
+            );
         }
         // Finite differences (f64) on a few coordinates.
         if it % 3 == 0 {
@@ -155,7 +200,11 @@ fn random_pools_match_reference_and_finite_differences() {
                 a[i] += eps;
                 b[i] -= eps;
                 let fd = (loss(&a) - loss(&b)) / (2.0 * eps);
-                assert!((fd - gx_ref[i]).abs() < 1e-5, "fd {fd} vs {} ({kind:?})", gx_ref[i]);
+                assert!(
+                    (fd - gx_ref[i]).abs() < 1e-5,
+                    "fd {fd} vs {} ({kind:?})",
+                    gx_ref[i]
+                );
             }
         }
     }
@@ -166,7 +215,9 @@ fn matches_candle_pools_where_supported() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let dev = Device::Cpu;
     for k in [2usize, 3] {
-        let x: Vec<f32> = (0..2 * 3 * 12 * 12).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..2 * 3 * 12 * 12)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
         let xv = Var::from_tensor(&Tensor::from_vec(x, (2, 3, 12, 12), &dev).unwrap()).unwrap();
         let ours = max_pool2d(xv.as_tensor(), (k, k), (k, k), (0, 0)).unwrap();
         let theirs = xv.max_pool2d(k).unwrap();
@@ -177,8 +228,16 @@ fn matches_candle_pools_where_supported() {
         // (number of maxima in the window) / k^2 instead of dividing by the number of
         // maxima, i.e. it is 1/k^2 too small for unique maxima (random inputs): rescale.
         // (It also maps windows by nearest upsampling, so sizes must divide evenly.)
-        let cg: Vec<f64> = flat(g2.get(xv.as_tensor()).unwrap()).iter().map(|v| v * (k * k) as f64).collect();
-        close("max grad vs candle", &flat(g1.get(xv.as_tensor()).unwrap()), &cg, 1e-6);
+        let cg: Vec<f64> = flat(g2.get(xv.as_tensor()).unwrap())
+            .iter()
+            .map(|v| v * (k * k) as f64)
+            .collect();
+        close(
+            "max grad vs candle",
+            &flat(g1.get(xv.as_tensor()).unwrap()),
+            &cg,
+            1e-6,
+        );
         let ours = avg_pool2d(xv.as_tensor(), (k, k), (k, k), (0, 0), true).unwrap();
         let theirs = xv.avg_pool2d(k).unwrap();
         close("avg vs candle", &flat(&ours), &flat(&theirs), 1e-6);
@@ -193,7 +252,13 @@ fn resnet_stem_max_pool_and_global_avg() {
     assert_eq!(y.dims(), &[2, 4, 8, 8]);
     let g = y.sum_all().unwrap().backward().unwrap();
     // Every output routes exactly one unit of gradient.
-    let total = g.get(x.as_tensor()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let total = g
+        .get(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(total, (2 * 4 * 8 * 8) as f32);
     // Global average pooling equals candle's mean and has the right gradient.
     let ours = global_avg_pool(x.as_tensor()).unwrap();

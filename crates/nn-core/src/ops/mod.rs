@@ -105,7 +105,11 @@ fn native(t: &Tensor) -> bool {
 /// Runs `f` on a CPU copy of `x` (f32 unless already f32/f64) and moves the result back.
 fn via_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dt = x.dtype();
-    let work = if matches!(dt, DType::F32 | DType::F64) { dt } else { DType::F32 };
+    let work = if matches!(dt, DType::F32 | DType::F64) {
+        dt
+    } else {
+        DType::F32
+    };
     let y = f(&x.to_device(&Device::Cpu)?.to_dtype(work)?)?;
     y.to_dtype(dt)?.to_device(x.device())
 }
@@ -162,7 +166,12 @@ fn pool(
 /// (`(height, width)` pairs; padding at most half the kernel, as in PyTorch; padded
 /// positions never win). Output size `(H + 2p - k) / s + 1`. The backward pass sends each
 /// output gradient to the first maximal input of its window.
-pub fn max_pool2d(x: &Tensor, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Result<Tensor> {
+pub fn max_pool2d(
+    x: &Tensor,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> Result<Tensor> {
     pool(
         x,
         |h| pool::fixed_windows(h, kernel.0, stride.0, padding.0, "max_pool2d"),

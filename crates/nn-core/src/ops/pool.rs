@@ -22,7 +22,13 @@ pub(crate) struct Win {
 }
 
 /// Windows of a fixed-size pooling along an axis of length `len`.
-pub(crate) fn fixed_windows(len: usize, k: usize, s: usize, p: usize, what: &str) -> Result<Vec<Win>> {
+pub(crate) fn fixed_windows(
+    len: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    what: &str,
+) -> Result<Vec<Win>> {
     if k == 0 || s == 0 {
         candle_core::bail!("{what}: kernel and stride must be positive");
     }
@@ -238,7 +244,13 @@ impl CustomOp2 for MaxPoolBwdOp {
     fn name(&self) -> &'static str {
         "nn-core-max-pool2d-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = &*self.0;
         g.check_in(l1, self.name())?;
         g.check_out(l2, self.name())?;
@@ -315,7 +327,9 @@ impl CustomOp1 for GlobalAvgOp {
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&GlobalAvgBwdOp(h, w))?))
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&GlobalAvgBwdOp(h, w))?,
+        ))
     }
 }
 
@@ -336,7 +350,9 @@ impl CustomOp1 for GlobalAvgBwdOp {
             let inv = T::from_f64(1.0 / hw.max(1) as f64);
             let mut gx = vec![T::ZERO; gr.len() * hw];
             if hw > 0 {
-                gx.par_chunks_mut(hw).zip(gr.par_iter()).for_each(|(p, v)| p.fill(*v * inv));
+                gx.par_chunks_mut(hw)
+                    .zip(gr.par_iter())
+                    .for_each(|(p, v)| p.fill(*v * inv));
             }
             gx
         }
