@@ -86,7 +86,8 @@ impl ConvCase {
 }
 
 /// The benchmark's shapes: the three ResNet-20 stages, a depthwise 3x3 and a strided
-/// downsampling convolution, all at batch 128.
+/// downsampling convolution, all at batch 128; then the same stages on 28x28 inputs
+/// (as used in training), the second downsampling convolution and the 3-channel stem.
 pub fn resnet20_cases() -> Vec<ConvCase> {
     vec![
         ConvCase::new(128, 16, 32, 16, 3, 1, 1, 1),
@@ -94,7 +95,25 @@ pub fn resnet20_cases() -> Vec<ConvCase> {
         ConvCase::new(128, 64, 8, 64, 3, 1, 1, 1),
         ConvCase::new(128, 64, 16, 64, 3, 1, 1, 64),
         ConvCase::new(128, 16, 32, 32, 3, 2, 1, 1),
+        ConvCase::new(128, 16, 28, 16, 3, 1, 1, 1),
+        ConvCase::new(128, 32, 14, 32, 3, 1, 1, 1),
+        ConvCase::new(128, 64, 7, 64, 3, 1, 1, 1),
+        ConvCase::new(128, 32, 16, 64, 3, 2, 1, 1),
+        ConvCase::new(128, 16, 28, 32, 3, 2, 1, 1),
+        ConvCase::new(128, 32, 14, 64, 3, 2, 1, 1),
+        ConvCase::new(128, 3, 32, 16, 3, 1, 1, 1),
     ]
+}
+
+/// [`resnet20_cases`] whose name contains one of the comma-separated patterns in the
+/// environment variable `NN_BENCH_CASES` (all cases when unset or empty).
+pub fn selected_cases() -> Vec<ConvCase> {
+    let pat = std::env::var("NN_BENCH_CASES").unwrap_or_default();
+    let pats: Vec<&str> = pat.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    resnet20_cases()
+        .into_iter()
+        .filter(|c| pats.is_empty() || pats.iter().any(|p| c.name.contains(p)))
+        .collect()
 }
 
 /// One row of the report: one shape at one thread count. Times are medians in ms.
@@ -237,7 +256,7 @@ fn run_torch(cases: &[ConvCase], threads: usize) -> anyhow::Result<Vec<TorchTimi
 /// Benchmarks nn-core, stock candle and PyTorch convolutions on [`resnet20_cases`] for
 /// each thread count in `threads`; prints the table to stdout and returns it.
 pub fn conv_benchmark(threads: &[usize]) -> anyhow::Result<ConvBenchReport> {
-    conv_benchmark_cases(&resnet20_cases(), threads, 7, 3)
+    conv_benchmark_cases(&selected_cases(), threads, 7, 3)
 }
 
 /// [`conv_benchmark`] on chosen cases with `runs` timed runs for nn-core and

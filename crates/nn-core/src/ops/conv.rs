@@ -143,38 +143,202 @@ fn col_ld(ohw: usize) -> usize {
     ohw.next_multiple_of(16) + 16
 }
 
-/// Writes the column matrix `[cin_g*kh*kw, oh*ow]` of one image/group. Every element of
-/// `col` is written (zeros for padding), row by row, so no pre-zeroing is needed.
+/// Copies `n` elements `src[i * s]` to `dst[i]`. For `s` of 1 or 2 it works in chunks of 8
+/// and may write up to 7 elements past `dst[n - 1]` and read up to `7 * s` past the last
+/// source element: callers provide that slack.
 #[inline(always)]
-fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
-    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
+unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, n: usize, s: usize) {
+    let mut i = 0;
+    if s == 1 {
+        while i < n {
+            std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), 8);
+            i += 8;
+        }
+    } else if s == 2 {
+        while i < n {
+            for l in 0..8 {
+                *dst.add(i + l) = *src.add(2 * (i + l));
+            }
+            i += 8;
+        }
+    } else {
+        for i in 0..n {
+            *dst.add(i) = *src.add(i * s);
+        }
+    }
+}
+
+/// Whether AVX2 and FMA are available (cached by std).
+#[inline(always)]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Stride-2 row gathers of one column-matrix row: for each of `oh` output rows `y`,
+/// `dst[y*ow + i] = src[y*step + 2*i]`, 8 outputs per step from two 8-wide loads
+/// (same spill and slack rules as [`copy_row`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather2_rows_f32(src: *const f32, dst: *mut f32, oh: usize, ow: usize, step: usize) {
+    use std::arch::x86_64::*;
+    for y in 0..oh {
+        let s = src.add(y * step);
+        let d = dst.add(y * ow);
+        let mut i = 0;
+        while i < ow {
+            let a = _mm256_loadu_ps(s.add(2 * i));
+            let b = _mm256_loadu_ps(s.add(2 * i + 8));
+            // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6]
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            _mm256_storeu_ps(d.add(i), e);
+            i += 8;
+        }
+    }
+}
+
+/// Padded plane dimensions `(H + 2ph, W + 2pw)`.
+#[inline]
+fn padded_hw(g: &ConvGeom) -> (usize, usize) {
+    (g.h + 2 * g.ph, g.w + 2 * g.pw)
+}
+
+/// Length of the zero-padded copy of one image/group's input planes, with slack for the
+/// chunked row reads of [`copy_row`].
+#[inline]
+fn padded_len(g: &ConvGeom) -> usize {
+    let (hp, wp) = padded_hw(g);
+    g.cin_g() * hp * wp + 8 * g.sw + 8
+}
+
+/// Writes the zero-padded copy `xp[cin_g, H + 2ph, W + 2pw]` of the planes `x`.
+#[inline(always)]
+fn pad_planes<T: Elem>(g: &ConvGeom, x: &[T], xp: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
+    let (w, hw) = (g.w, g.hw());
     for c in 0..g.cin_g() {
-        let xc = &x[c * hw..(c + 1) * hw];
+        let p = &mut xp[c * hp * wp..(c + 1) * hp * wp];
+        for v in &mut p[..g.ph * wp] {
+            *v = T::ZERO;
+        }
+        for y in 0..g.h {
+            let r = &mut p[(g.ph + y) * wp..(g.ph + y + 1) * wp];
+            for v in &mut r[..g.pw] {
+                *v = T::ZERO;
+            }
+            let src = &x[c * hw + y * w..][..w];
+            let dst = &mut r[g.pw..g.pw + w];
+            let full = w / 8 * 8;
+            for (d, s) in dst[..full].chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+                d.copy_from_slice(s);
+            }
+            // Element loop on purpose: a short `copy_from_slice` becomes a memcpy call.
+            #[allow(clippy::manual_memcpy)]
+            for i in full..w {
+                dst[i] = src[i];
+            }
+            for v in &mut r[g.pw + w..] {
+                *v = T::ZERO;
+            }
+        }
+        for v in &mut p[(g.ph + g.h) * wp..] {
+            *v = T::ZERO;
+        }
+    }
+}
+
+/// im2col from a zero-padded copy (see [`pad_planes`]): no bounds logic, every column row
+/// is a sequence of (strided) row copies. Writes up to 7 elements past each row's end
+/// (`ld` must exceed the block's column count by at least 8; rows are written in order,
+/// so that spill is overwritten by later images of the same block).
+#[inline(always)]
+fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
+    let (hp, wp) = padded_hw(g);
+    let (oh, ow) = (g.oh, g.ow);
+    let k = g.k();
+    assert!(col.len() >= (k - 1) * ld + oh * ow + 8 && ld >= oh * ow + 8 && xp.len() >= padded_len(g));
+    let plane = hp * wp;
+    for c in 0..g.cin_g() {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &mut col[r * ld..r * ld + ohw];
-                let offw = kj * g.dw;
-                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
-                let offh = ki * g.dh;
-                for y in 0..g.oh {
-                    let dst = &mut row[y * ow..(y + 1) * ow];
-                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        dst.fill(T::ZERO);
+                // SAFETY: reads stay inside xp (slack included), writes inside col (the
+                // assertion above and ld >= cols + 16).
+                unsafe {
+                    let row = col.as_mut_ptr().add(r * ld);
+                    let base = xp.as_ptr().add(c * plane + ki * g.dh * wp + kj * g.dw);
+                    #[cfg(target_arch = "x86_64")]
+                    if g.sw == 2 && T::IS_F32 && has_avx2() {
+                        gather2_rows_f32(base as *const f32, row as *mut f32, oh, ow, g.sh * wp);
                         continue;
                     }
-                    let src = &xc[ih as usize * w..(ih as usize + 1) * w];
-                    dst[..lo].fill(T::ZERO);
-                    dst[hi..].fill(T::ZERO);
-                    if hi > lo {
-                        let start = lo * g.sw + offw - g.pw;
-                        if g.sw == 1 {
-                            dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                        } else {
-                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
-                                *d = src[start + i * g.sw];
-                            }
+                    for y in 0..oh {
+                        copy_row(base.add(y * g.sh * wp), row.add(y * ow), ow, g.sw);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Column matrix `[cin_g*kh*kw, oh*ow]` of one image/group into `col` (row stride `ld`,
+/// at least 16 more than the block's column count): the planes are first copied into a
+/// zero-padded scratch buffer, then every column row is a sequence of (strided) row copies
+/// without bounds logic.
+#[inline]
+fn fill_cols<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
+    T::with_scratch2(padded_len(g), |xp| {
+        simd(|| {
+            pad_planes(g, x, xp);
+            im2col_padded(g, xp, col, ld);
+        })
+    })
+}
+
+/// col2im into a zeroed, padded plane buffer `xp` (see [`pad_planes`]; no bounds logic),
+/// with a vectorisable interleaved path for 3-tap, stride-2 rows.
+#[inline(always)]
+fn col2im_padded<T: Elem>(g: &ConvGeom, col: &[T], ld: usize, xp: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
+    let (oh, ow, plane) = (g.oh, g.ow, hp * wp);
+    let row = |r: usize, y: usize| &col[r * ld + y * ow..][..ow];
+    for c in 0..g.cin_g() {
+        for ki in 0..g.kh {
+            if g.sw == 2 && g.kw == 3 && g.dw == 1 && ow > 0 {
+                let r0 = (c * g.kh + ki) * g.kw;
+                for y in 0..oh {
+                    let (a0, a1, a2) = (row(r0, y), row(r0 + 1, y), row(r0 + 2, y));
+                    let d = &mut xp[c * plane + (y * g.sh + ki * g.dh) * wp..][..2 * ow + 1];
+                    d[0] += a0[0];
+                    d[1] += a1[0];
+                    for i in 1..ow {
+                        d[2 * i] += a0[i] + a2[i - 1];
+                        d[2 * i + 1] += a1[i];
+                    }
+                    d[2 * ow] += a2[ow - 1];
+                }
+                continue;
+            }
+            for kj in 0..g.kw {
+                let r = (c * g.kh + ki) * g.kw + kj;
+                let base = c * plane + ki * g.dh * wp + kj * g.dw;
+                for y in 0..oh {
+                    let s = row(r, y);
+                    let d = &mut xp[base + y * g.sh * wp..];
+                    if g.sw == 1 {
+                        for (d, s) in d[..ow].iter_mut().zip(s) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (i, s) in s.iter().enumerate() {
+                            d[i * g.sw] += *s;
                         }
                     }
                 }
@@ -183,41 +347,13 @@ fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
     }
 }
 
-/// Scatters-adds a column matrix back into the (pre-zeroed) input-gradient planes.
+/// Copies the interior of padded planes `xp` into `x[cin_g, H, W]`.
 #[inline(always)]
-fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
-    let (ow, ohw, w, hw) = (g.ow, g.ohw(), g.w, g.hw());
+fn unpad_planes<T: Elem>(g: &ConvGeom, xp: &[T], x: &mut [T]) {
+    let (hp, wp) = padded_hw(g);
     for c in 0..g.cin_g() {
-        let xc = &mut x[c * hw..(c + 1) * hw];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let r = (c * g.kh + ki) * g.kw + kj;
-                let row = &col[r * ld..r * ld + ohw];
-                let offw = kj * g.dw;
-                let (lo, hi) = valid_range(offw, g.pw, g.sw, w, ow);
-                if hi <= lo {
-                    continue;
-                }
-                let offh = ki * g.dh;
-                for y in 0..g.oh {
-                    let ih = (y * g.sh + offh) as isize - g.ph as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        continue;
-                    }
-                    let src = &row[y * ow + lo..y * ow + hi];
-                    let dst = &mut xc[ih as usize * w..(ih as usize + 1) * w];
-                    let start = lo * g.sw + offw - g.pw;
-                    if g.sw == 1 {
-                        for (d, s) in dst[start..start + hi - lo].iter_mut().zip(src) {
-                            *d += *s;
-                        }
-                    } else {
-                        for (i, s) in src.iter().enumerate() {
-                            dst[start + i * g.sw] += *s;
-                        }
-                    }
-                }
-            }
+        for y in 0..g.h {
+            x[(c * g.h + y) * g.w..][..g.w].copy_from_slice(&xp[c * hp * wp + (y + g.ph) * wp + g.pw..][..g.w]);
         }
     }
 }
@@ -226,7 +362,8 @@ fn col2im<T: Elem>(g: &ConvGeom, col: &[T], x: &mut [T], ld: usize) {
 /// column count `imgs * OH * OW` stays large for small feature maps.
 #[inline]
 fn images_per_block(g: &ConvGeom) -> usize {
-    (512 / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
+    let target = 128;
+    (target / g.ohw().max(1)).clamp(1, 16).min(g.n.max(1))
 }
 
 /// Forward convolution: `out = W x im2col(x)` per group over blocks of images (see
@@ -240,7 +377,14 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(len);
     // SAFETY: every element is written below before being read (gemm with read_dst false
     // over all rows and columns of every image/group block), and T is a plain float.
+<<<<<<< HEAD
     unsafe { out.set_len(len) };
+=======
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(len)
+    };
+>>>>>>> kernels
     let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
         let nb = o.len() / (g.cout * ohw);
@@ -261,7 +405,7 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                 let (col, tmp) = buf.split_at_mut(k * ld);
                 for b in 0..nb {
                     let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
-                    simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                    fill_cols(g, xg, &mut col[b * ohw..], ld);
                 }
                 if nb == 1 {
                     let og = &mut o[grp * cout_g * ohw..][..cout_g * ohw];
@@ -313,7 +457,14 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
         return conv_fwd(&tg, gout, &wt);
     }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
-    let mut gx = vec![T::ZERO; g.n * g.cin * hw];
+    let len = g.n * g.cin * hw;
+    let mut gx: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: every element is written below before being read: the pointwise gemm
+    // (read_dst false) and `unpad_planes` each cover all planes of every image/group.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        gx.set_len(len)
+    };
     let per_img = |ni: usize, gxi: &mut [T], par: Parallelism| {
         for grp in 0..g.groups {
             let gog = &gout[(ni * g.cout + grp * cout_g) * ohw..][..cout_g * ohw];
@@ -325,7 +476,19 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
                     unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
+<<<<<<< HEAD
                     simd(|| col2im(g, col, gxg, ld));
+=======
+                    T::with_scratch2(padded_len(g), |xp| {
+                        simd(|| {
+                            for v in xp.iter_mut() {
+                                *v = T::ZERO;
+                            }
+                            col2im_padded(g, col, ld, xp);
+                            unpad_planes(g, xp, gxg);
+                        })
+                    });
+>>>>>>> kernels
                 });
             }
         }
@@ -405,7 +568,7 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
                     let (col, tmp) = buf.split_at_mut(k * ld);
                     for b in 0..nb {
                         let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
-                        simd(|| im2col(g, xg, &mut col[b * ohw..], ld));
+                        fill_cols(g, xg, &mut col[b * ohw..], ld);
                     }
                     let gmat = if nb == 1 {
                         Mat::rm(&gout[(b0 * g.cout + grp * cout_g) * ohw..][..cout_g * ohw], ohw)

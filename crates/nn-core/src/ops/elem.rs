@@ -22,6 +22,8 @@ pub(crate) trait Elem:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
+    /// Whether this is `f32` (for hand-written f32 SIMD paths).
+    const IS_F32: bool;
     fn from_f64(v: f64) -> Self;
     /// Borrows the whole storage buffer if it has this element type.
     fn storage_slice(s: &CpuStorage) -> Option<&[Self]>;
@@ -30,19 +32,24 @@ pub(crate) trait Elem:
     /// Runs `f` with a thread-local scratch buffer of at least `len` elements (contents
     /// unspecified). The buffer is reused across calls: no allocation per image.
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+    /// A second, independent scratch buffer (usable inside [`Elem::with_scratch`]).
+    fn with_scratch2<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
 }
 
 thread_local! {
     static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH2_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH2_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
 macro_rules! impl_elem {
-    ($t:ty, $variant:ident, $scratch:ident) => {
+    ($t:ty, $variant:ident, $scratch:ident, $scratch2:ident) => {
         impl Elem for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INF: Self = <$t>::NEG_INFINITY;
+            const IS_F32: bool = std::mem::size_of::<$t>() == 4;
             #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t
@@ -65,11 +72,20 @@ macro_rules! impl_elem {
                     f(&mut buf[..len])
                 })
             }
+            fn with_scratch2<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                $scratch2.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
+                    }
+                    f(&mut buf[..len])
+                })
+            }
         }
     };
 }
-impl_elem!(f32, F32, SCRATCH_F32);
-impl_elem!(f64, F64, SCRATCH_F64);
+impl_elem!(f32, F32, SCRATCH_F32, SCRATCH2_F32);
+impl_elem!(f64, F64, SCRATCH_F64, SCRATCH2_F64);
 
 /// The contiguous slice of `s` described by `l`, or an error if the layout is strided.
 pub(crate) fn contiguous<'a, T: Elem>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
