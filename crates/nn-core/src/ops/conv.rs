@@ -377,14 +377,10 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(len);
     // SAFETY: every element is written below before being read (gemm with read_dst false
     // over all rows and columns of every image/group block), and T is a plain float.
-<<<<<<< HEAD
-    unsafe { out.set_len(len) };
-=======
     #[allow(clippy::uninit_vec)]
     unsafe {
         out.set_len(len)
     };
->>>>>>> kernels
     let bimg = if g.is_pointwise() { 1 } else { images_per_block(g) };
     let per_block = |b0: usize, o: &mut [T], par: Parallelism| {
         let nb = o.len() / (g.cout * ohw);
@@ -476,9 +472,6 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                 let ld = col_ld(ohw);
                 T::with_scratch(k * ld, |col| {
                     unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
-<<<<<<< HEAD
-                    simd(|| col2im(g, col, gxg, ld));
-=======
                     T::with_scratch2(padded_len(g), |xp| {
                         simd(|| {
                             for v in xp.iter_mut() {
@@ -488,7 +481,6 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                             unpad_planes(g, xp, gxg);
                         })
                     });
->>>>>>> kernels
                 });
             }
         }
