@@ -51,6 +51,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    nn_core::alloc::tune_allocator();
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;

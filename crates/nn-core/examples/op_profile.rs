@@ -13,7 +13,24 @@ fn time<F: FnMut() -> candle_core::Result<()>>(name: &str, n: usize, mut f: F) -
 }
 
 fn main() -> candle_core::Result<()> {
+    nn_core::alloc::tune_allocator();
     let dev = Device::Cpu;
+    {
+        use candle_nn::ModuleT;
+        let vs = nn_core::VarStore::new(0, &dev);
+        let bn = nn_core::layers::BatchNorm::new(&vs.root(), 16)?;
+        let a = Tensor::randn(0f32, 1.0, (128, 16, 28, 28), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (16, 16, 3, 3), &dev)?;
+        let o = nn_core::ops::Conv2dOpts::new(1, 1);
+        time("conv 16@28 fwd", 5, || nn_core::ops::conv2d(&a, &w, o).map(|_| ()))?;
+        time("bn eval 16@28", 5, || bn.forward_t(&a, false).map(|_| ()))?;
+        time("bn train 16@28", 5, || bn.forward_t(&a, true).map(|_| ()))?;
+        time("relu 16@28", 5, || nn_core::ops::activation::relu(&a).map(|_| ()))?;
+        time("add 16@28", 5, || (&a + &a).map(|_| ()))?;
+        time("subsample+pad 16@28", 5, || nn_core::models::blocks::subsample(&a, 2)?.pad_with_zeros(1, 8, 8).map(|_| ()))?;
+        time("zeros_like 16@28", 5, || a.zeros_like().map(|_| ()))?;
+        time("copy 16@28", 5, || a.copy().map(|_| ()))?;
+    }
     let x6 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, 6, 28, 28), &dev)?)?;
     time("maxpool 2x2 6x28x28 fwd", 5, || {
         nn_core::ops::max_pool2d(x6.as_tensor(), (2, 2), (2, 2), (0, 0)).map(|_| ())

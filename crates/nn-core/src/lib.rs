@@ -17,7 +17,9 @@
 //! - `indicatif`: progress bars; `plotters`: SVG training curves.
 //! - `anyhow`, `thiserror`: errors that name the file or step that failed.
 //! - `half`: f16/bf16 element types shared with candle.
+//! - `libc`: `mallopt`, to keep freed activation buffers for reuse ([`alloc`]).
 
+pub mod alloc;
 pub mod bench;
 pub mod data;
 pub mod experiment;
