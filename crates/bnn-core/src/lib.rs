@@ -31,6 +31,7 @@ pub mod lns;
 pub mod quantizer;
 pub mod schedule;
 
+pub use bimlp::{BiMlp, BiMlpConfig};
 pub use binary::{BinaryControl, BinaryConv2d, BinaryLinear, BinaryOptions, FdaSchedule, NoiseAdaptation, PRelu, RPRelu};
 pub use counts::{count, BinaryCounts};
 pub use factory::{BinaryConfig, BinaryFactory, BodyActivation};
