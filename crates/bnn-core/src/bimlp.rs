@@ -235,6 +235,7 @@ pub struct TokenMixer {
     merge: Option<Var>,
     proj: BinaryFc,
     c: usize,
+    name: String,
 }
 
 impl TokenMixer {
@@ -251,6 +252,7 @@ impl TokenMixer {
             },
             proj: BinaryFc::pointwise(&vp.pp("proj"), c, c, us, f)?,
             c,
+            name: vp.full_name("merge"),
         })
     }
 }
@@ -262,6 +264,15 @@ impl ModuleT for TokenMixer {
                 let c = self.channel.forward_t(x, train)?;
                 let h = self.h.forward(x, x, train)?;
                 let w = self.w.forward(x, x, train)?;
+                if nn_core::summary::is_recording() {
+                    nn_core::summary::record(|| nn_core::summary::LayerStat {
+                        name: self.name.clone(),
+                        kind: "BranchMerge".into(),
+                        out_shape: c.dims().to_vec(),
+                        params: m.elem_count(),
+                        ..Default::default()
+                    });
+                }
                 let m = m.as_tensor();
                 let wt = |i: usize| -> Result<Tensor> { m.get(i)?.reshape((1, self.c, 1, 1)) };
                 ((c.broadcast_mul(&wt(0)?)? + h.broadcast_mul(&wt(1)?)?)? + w.broadcast_mul(&wt(2)?)?)?
