@@ -2,6 +2,7 @@
 //! The cargo alias builds it with `--release`: the kernels are far too slow to train with in
 //! a debug build.
 
+mod bnn;
 mod nn;
 
 use anyhow::Result;
@@ -48,6 +49,11 @@ enum Command {
     },
     /// List the models, datasets and named training presets.
     List,
+    /// Binary networks (bnn-core): train with a quantizer, LNS fine-tuning, BiMLP.
+    Bnn {
+        #[command(subcommand)]
+        which: bnn::BnnCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -66,5 +72,6 @@ fn main() -> Result<()> {
         Command::Bench { which } => nn::bench(which),
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
+        Command::Bnn { which } => bnn::run(which),
     }
 }

@@ -1,0 +1,562 @@
+//! Binary layers: [`BinaryConv2d`] and [`BinaryLinear`] (binarised weights scaled per output
+//! channel, binarised inputs), FDA's training-only [`NoiseAdaptation`] module, the shared
+//! [`BinaryControl`] through which a training callback moves FDA's `n` and the noise weight,
+//! and the small learnable activations binary networks use ([`PRelu`], [`LearnableBias`],
+//! [`RPRelu`]).
+//!
+//! A binary layer computes (XNOR-Net, Rastegari et al. 2016, Eq. (2)-(4); FDA, Sec. 3):
+//! `y = (alpha * Q(W)) (*) Q(x) (+ b)`, with `alpha_o = mean |W_o|` per output channel,
+//! detached (its gradient is not propagated, as in FDA's code), and `Q` the layer's
+//! [`Quantizer`]. With FDA's noise adaptation on, during training only,
+//! `Q(W) + a(t) e(W)` and `Q(x) + a(t) e(x)` replace `Q(W)` and `Q(x)` (FDA, Sec. 3.2), where
+//! `a(t)` decays from `noise_max` to 0 by a cosine over training.
+
+use crate::quantizer::Quantizer;
+use candle_core::{Result, Tensor, Var};
+use candle_nn::ModuleT;
+use nn_core::init::Init;
+use nn_core::layers::{Conv2dConfig, Linear};
+use nn_core::summary::{self, LayerStat};
+use nn_core::var_store::{ParamKind, VarPath};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How FDA's parameters move with training progress `p` in `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FdaSchedule {
+    /// Fundamental frequency `w` of the square wave (0.1 in the reimplementation).
+    pub omega: f64,
+    /// Number of extra sine terms at the start of training (9).
+    pub n_start: usize,
+    /// ... reached at the end (18).
+    pub n_end: usize,
+    /// Weight of the noise adaptation module at the start (0.1); it decays to 0 by a cosine.
+    pub noise_max: f64,
+}
+
+impl Default for FdaSchedule {
+    fn default() -> Self {
+        Self {
+            omega: 0.1,
+            n_start: 9,
+            n_end: 18,
+            noise_max: 0.1,
+        }
+    }
+}
+
+impl FdaSchedule {
+    /// `n(p) = n_start + floor(p (n_end - n_start))` (the reimplementation uses `p = epoch / epochs`).
+    pub fn n_at(&self, p: f64) -> usize {
+        let span = self.n_end.saturating_sub(self.n_start) as f64;
+        self.n_start + (p.clamp(0.0, 1.0) * span).floor() as usize
+    }
+    /// `a(p) = noise_max (1 + cos(pi p)) / 2` (the reimplementation uses `p = (epoch + 1) / epochs`).
+    pub fn noise_at(&self, p: f64) -> f64 {
+        self.noise_max * 0.5 * (1.0 + (std::f64::consts::PI * p.clamp(0.0, 1.0)).cos())
+    }
+}
+
+/// State shared by every binary layer of a model and the callback that drives it: the
+/// quantizer (with FDA's current `n`) and the noise weight.
+#[derive(Debug)]
+pub struct BinaryControl {
+    base: Quantizer,
+    schedule: FdaSchedule,
+    n: AtomicUsize,
+    noise: AtomicU64,
+}
+
+impl BinaryControl {
+    /// A control for `quantizer`; for FDA, `omega` and the starting `n` come from `schedule`.
+    pub fn new(quantizer: Quantizer, schedule: FdaSchedule) -> Arc<Self> {
+        Arc::new(Self {
+            base: quantizer,
+            schedule,
+            n: AtomicUsize::new(schedule.n_start),
+            noise: AtomicU64::new(schedule.noise_at(0.0).to_bits()),
+        })
+    }
+
+    /// The quantizer to use now.
+    pub fn quantizer(&self) -> Quantizer {
+        match self.base {
+            Quantizer::Fda { .. } => Quantizer::Fda {
+                omega: self.schedule.omega,
+                n: self.n.load(Ordering::Relaxed),
+            },
+            q => q,
+        }
+    }
+
+    pub fn schedule(&self) -> FdaSchedule {
+        self.schedule
+    }
+
+    /// The current weight of the noise adaptation module.
+    pub fn noise_weight(&self) -> f64 {
+        f64::from_bits(self.noise.load(Ordering::Relaxed))
+    }
+
+    /// Sets FDA's `n` and the noise weight explicitly.
+    pub fn set(&self, n: usize, noise_weight: f64) {
+        self.n.store(n, Ordering::Relaxed);
+        self.noise.store(noise_weight.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Sets both from training progress: `n` from `p_n`, the noise weight from `p_noise`.
+    pub fn set_progress(&self, p_n: f64, p_noise: f64) {
+        self.set(self.schedule.n_at(p_n), self.schedule.noise_at(p_noise));
+    }
+
+    /// The reimplementation's per-epoch rule: `n` from `epoch / epochs`, the noise weight from
+    /// `(epoch + 1) / epochs` (0-based `epoch`), so the last epoch trains without noise.
+    pub fn set_epoch(&self, epoch: usize, epochs: usize) {
+        let e = epochs.max(1) as f64;
+        self.set_progress(epoch as f64 / e, (epoch + 1) as f64 / e);
+    }
+}
+
+/// FDA's noise adaptation module `e(t) = FC2(ReLU(FC1(t))) + 0.1 sin(t)` over the last
+/// dimension `d` (bias-free FCs, hidden width `d / ratio`, or `d / 4` when that is 0, at least
+/// 1), compensating the approximation error of the sine series (FDA, Sec. 3.2). Used in
+/// training only.
+pub struct NoiseAdaptation {
+    fc1: Linear,
+    fc2: Linear,
+    pub hidden: usize,
+}
+
+impl NoiseAdaptation {
+    pub fn new(vp: &VarPath, d: usize, ratio: usize) -> Result<Self> {
+        let mut hidden = d / ratio.max(1);
+        if hidden == 0 {
+            hidden = (d / 4).max(1);
+        }
+        Ok(Self {
+            fc1: Linear::new(&vp.pp("fc1"), d, hidden, false)?,
+            fc2: Linear::new(&vp.pp("fc2"), hidden, d, false)?,
+            hidden,
+        })
+    }
+
+    /// `e(t)` for `t: [..., d]`.
+    pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let h = nn_core::ops::activation::relu(&self.fc1.forward_t(t, true)?)?;
+        self.fc2.forward_t(&h, true)? + (t.sin()? * 0.1)?
+    }
+
+    /// `e` applied per position over the channels of an NCHW (or `[N, C]`) tensor.
+    pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 4 {
+            self.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))
+        } else {
+            self.forward(x)
+        }
+    }
+}
+
+/// Options of a binary layer.
+#[derive(Clone)]
+pub struct BinaryOptions {
+    pub control: Arc<BinaryControl>,
+    /// Scale binary weights by the per-output-channel mean |W| (detached).
+    pub scale_weights: bool,
+    /// Build FDA's noise adaptation modules (used in training while the noise weight is > 0).
+    pub noise: bool,
+    /// Hidden width ratio of the noise modules (64).
+    pub noise_ratio: usize,
+    /// Binarise the layer's input (false: weights-only binarisation, W1A32).
+    pub binarize_input: bool,
+}
+
+impl BinaryOptions {
+    pub fn new(control: Arc<BinaryControl>) -> Self {
+        Self {
+            control,
+            scale_weights: true,
+            noise: false,
+            noise_ratio: 64,
+            binarize_input: true,
+        }
+    }
+}
+
+/// A map from full-precision weights to the weights that get binarised (LNS's `f_theta`).
+pub trait WeightMapper: Send + Sync {
+    fn map(&self, w: &Tensor, train: bool) -> Result<Tensor>;
+}
+
+/// Binarised weights `alpha * (Q(W) + a e(W))` with `alpha` per output channel (dim 0).
+fn binary_weight(w: &Tensor, src: &Tensor, q: Quantizer, noise: Option<(&NoiseAdaptation, f64)>, scale: bool) -> Result<Tensor> {
+    let mut bw = q.apply(src)?;
+    if let Some((m, a)) = noise {
+        let o = src.dims()[0];
+        let e = m.forward(&src.reshape((o, ()))?)?.reshape(src.dims())?;
+        bw = (bw + (e * a)?)?;
+    }
+    if scale {
+        let o = w.dims()[0];
+        let mut sdims = vec![1usize; w.rank()];
+        sdims[0] = o;
+        let s = w.detach().abs()?.reshape((o, ()))?.mean_keepdim(1)?.reshape(sdims)?;
+        bw = bw.broadcast_mul(&s)?;
+    }
+    Ok(bw)
+}
+
+/// A binary convolution: `conv(Q(x) [+ a e_a(x)], alpha * (Q(W) [+ a e_w(W)])) + b`.
+pub struct BinaryConv2d {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub config: Conv2dConfig,
+    opts: BinaryOptions,
+    weight_noise: Option<NoiseAdaptation>,
+    act_noise: Option<NoiseAdaptation>,
+    mapper: Mutex<Option<Arc<dyn WeightMapper>>>,
+    name: String,
+}
+
+impl BinaryConv2d {
+    /// He initialisation (fan-out), like nn-core's `Conv2d`, so a binary and a float model with
+    /// the same seed start from the same latent weights.
+    pub fn new(vp: &VarPath, config: Conv2dConfig, opts: BinaryOptions) -> Result<Self> {
+        config.validate()?;
+        let weight = vp.param("weight", &config.weight_dims(), Init::KAIMING_RELU_FAN_OUT, ParamKind::Weight)?;
+        let bias = if config.bias {
+            Some(vp.param("bias", &[config.out_channels], Init::ZEROS, ParamKind::Bias)?)
+        } else {
+            None
+        };
+        let (weight_noise, act_noise) = if opts.noise {
+            let [_, i, kh, kw] = config.weight_dims();
+            (
+                Some(NoiseAdaptation::new(&vp.pp("weight_noise"), i * kh * kw, opts.noise_ratio)?),
+                if opts.binarize_input {
+                    Some(NoiseAdaptation::new(&vp.pp("act_noise"), config.in_channels, opts.noise_ratio)?)
+                } else {
+                    None
+                },
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            config,
+            opts,
+            weight_noise,
+            act_noise,
+            mapper: Mutex::new(None),
+            name: vp.prefix().to_string(),
+        })
+    }
+
+    /// Binarises `mapper(W)` instead of `W` from now on (LNS).
+    pub fn set_mapper(&self, mapper: Option<Arc<dyn WeightMapper>>) {
+        *self.mapper.lock().unwrap_or_else(|e| e.into_inner()) = mapper;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether FDA's noise modules exist on this layer.
+    pub fn has_noise_modules(&self) -> bool {
+        self.weight_noise.is_some()
+    }
+
+    /// The binarised, scaled weight used by the forward pass (`train` selects the noise path).
+    pub fn effective_weight(&self, train: bool) -> Result<Tensor> {
+        let q = self.opts.control.quantizer();
+        let a = self.opts.control.noise_weight();
+        let w = self.weight.as_tensor();
+        let mapper = self.mapper.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let src = match mapper {
+            Some(m) => m.map(w, train)?,
+            None => w.clone(),
+        };
+        let noise = match (&self.weight_noise, train && a > 0.0) {
+            (Some(m), true) => Some((m, a)),
+            _ => None,
+        };
+        binary_weight(w, &src, q, noise, self.opts.scale_weights)
+    }
+}
+
+impl ModuleT for BinaryConv2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let q = self.opts.control.quantizer();
+        let a = self.opts.control.noise_weight();
+        let bw = self.effective_weight(train)?;
+        let bx = if self.opts.binarize_input {
+            let b = q.apply(x)?;
+            match (&self.act_noise, train && a > 0.0) {
+                (Some(m), true) => (b + (m.forward_channels(x)? * a)?)?,
+                _ => b,
+            }
+        } else {
+            x.clone()
+        };
+        let y = nn_core::layers::conv::conv2d(&bx, &bw, &self.config)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, self.config.out_channels, 1, 1))?)?,
+            None => y,
+        };
+        if summary::is_recording() {
+            let (oh, ow) = (y.dims()[2], y.dims()[3]);
+            let ops = self.config.macs(oh, ow);
+            summary::record(|| LayerStat {
+                name: self.name.clone(),
+                kind: "BinaryConv2d".into(),
+                out_shape: y.dims().to_vec(),
+                // the per-channel scales are stored as floats at inference
+                params: self.bias.as_ref().map_or(0, |b| b.elem_count())
+                    + if self.opts.scale_weights { self.config.out_channels } else { 0 },
+                binary_params: self.weight.elem_count(),
+                macs: if self.opts.binarize_input { 0 } else { ops },
+                binary_ops: if self.opts.binarize_input { ops } else { 0 },
+                ..Default::default()
+            });
+        }
+        Ok(y)
+    }
+}
+
+/// A binary fully connected layer over the last dimension: `Q(x) (alpha * Q(W))^T + b`.
+pub struct BinaryLinear {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    opts: BinaryOptions,
+    weight_noise: Option<NoiseAdaptation>,
+    act_noise: Option<NoiseAdaptation>,
+    name: String,
+}
+
+impl BinaryLinear {
+    pub fn new(vp: &VarPath, in_features: usize, out_features: usize, bias: bool, opts: BinaryOptions) -> Result<Self> {
+        let weight = vp.param("weight", &[out_features, in_features], Init::TORCH_DEFAULT, ParamKind::Weight)?;
+        let bias = if bias {
+            Some(vp.param("bias", &[out_features], Init::ZEROS, ParamKind::Bias)?)
+        } else {
+            None
+        };
+        let (weight_noise, act_noise) = if opts.noise {
+            (
+                Some(NoiseAdaptation::new(&vp.pp("weight_noise"), in_features, opts.noise_ratio)?),
+                Some(NoiseAdaptation::new(&vp.pp("act_noise"), in_features, opts.noise_ratio)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            opts,
+            weight_noise,
+            act_noise,
+            name: vp.prefix().to_string(),
+        })
+    }
+}
+
+impl ModuleT for BinaryLinear {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let q = self.opts.control.quantizer();
+        let a = self.opts.control.noise_weight();
+        let w = self.weight.as_tensor();
+        let noise = match (&self.weight_noise, train && a > 0.0) {
+            (Some(m), true) => Some((m, a)),
+            _ => None,
+        };
+        let bw = binary_weight(w, w, q, noise, self.opts.scale_weights)?;
+        let bx = if self.opts.binarize_input {
+            let b = q.apply(x)?;
+            match (&self.act_noise, train && a > 0.0) {
+                (Some(m), true) => (b + (m.forward(x)? * a)?)?,
+                _ => b,
+            }
+        } else {
+            x.clone()
+        };
+        let (o, i) = (w.dims()[0], w.dims()[1]);
+        let dims = bx.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = bx.reshape((rows, i))?.matmul(&bw.t()?)?;
+        let mut out = dims.clone();
+        *out.last_mut().expect("rank >= 1") = o;
+        let y = y.reshape(out)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor())?,
+            None => y,
+        };
+        if summary::is_recording() {
+            let tokens: usize = dims[1..dims.len() - 1].iter().product::<usize>().max(1);
+            let ops = (tokens * i * o) as u64;
+            summary::record(|| LayerStat {
+                name: self.name.clone(),
+                kind: "BinaryLinear".into(),
+                out_shape: y.dims().to_vec(),
+                params: self.bias.as_ref().map_or(0, |b| b.elem_count()) + if self.opts.scale_weights { o } else { 0 },
+                binary_params: o * i,
+                macs: if self.opts.binarize_input { 0 } else { ops },
+                binary_ops: if self.opts.binarize_input { ops } else { 0 },
+                ..Default::default()
+            });
+        }
+        Ok(y)
+    }
+}
+
+fn channel_shape(x: &Tensor, c: usize) -> Vec<usize> {
+    let mut s = vec![1; x.rank()];
+    if x.rank() >= 2 {
+        s[1] = c;
+    } else {
+        s[0] = c;
+    }
+    s
+}
+
+/// PReLU with one learnable slope per channel (dim 1), initialised to 0.25:
+/// `max(x, 0) + a min(x, 0)`.
+pub struct PRelu {
+    pub weight: Var,
+    name: String,
+}
+
+impl PRelu {
+    pub fn new(vp: &VarPath, channels: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vp.param("weight", &[channels], Init::Const(0.25), ParamKind::NormWeight)?,
+            name: vp.prefix().to_string(),
+        })
+    }
+}
+
+impl ModuleT for PRelu {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let pos = nn_core::ops::activation::relu(x)?;
+        let neg = (x - &pos)?;
+        let a = self.weight.as_tensor().reshape(channel_shape(x, self.weight.elem_count()))?;
+        let y = (pos + neg.broadcast_mul(&a)?)?;
+        if summary::is_recording() {
+            summary::record(|| LayerStat {
+                name: self.name.clone(),
+                kind: "PReLU".into(),
+                out_shape: y.dims().to_vec(),
+                params: self.weight.elem_count(),
+                ..Default::default()
+            });
+        }
+        Ok(y)
+    }
+}
+
+/// A learnable per-channel shift (ReAct-Net's "move"), zero-initialised.
+pub struct LearnableBias {
+    pub bias: Var,
+    name: String,
+}
+
+impl LearnableBias {
+    pub fn new(vp: &VarPath, channels: usize) -> Result<Self> {
+        Ok(Self {
+            bias: vp.param("bias", &[channels], Init::ZEROS, ParamKind::Bias)?,
+            name: vp.prefix().to_string(),
+        })
+    }
+}
+
+impl ModuleT for LearnableBias {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        let b = self.bias.as_tensor().reshape(channel_shape(x, self.bias.elem_count()))?;
+        let y = x.broadcast_add(&b)?;
+        if summary::is_recording() {
+            summary::record(|| LayerStat {
+                name: self.name.clone(),
+                kind: "LearnableBias".into(),
+                out_shape: y.dims().to_vec(),
+                params: self.bias.elem_count(),
+                ..Default::default()
+            });
+        }
+        Ok(y)
+    }
+}
+
+/// RPReLU (ReActNet, Liu et al. 2020, Eq. (3)): shift, per-channel PReLU, shift.
+pub struct RPRelu {
+    shift_in: LearnableBias,
+    prelu: PRelu,
+    shift_out: LearnableBias,
+}
+
+impl RPRelu {
+    pub fn new(vp: &VarPath, channels: usize) -> Result<Self> {
+        Ok(Self {
+            shift_in: LearnableBias::new(&vp.pp("shift_in"), channels)?,
+            prelu: PRelu::new(&vp.pp("prelu"), channels)?,
+            shift_out: LearnableBias::new(&vp.pp("shift_out"), channels)?,
+        })
+    }
+}
+
+impl ModuleT for RPRelu {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.shift_in.forward_t(x, train)?;
+        let y = self.prelu.forward_t(&y, train)?;
+        self.shift_out.forward_t(&y, train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use nn_core::VarStore;
+
+    #[test]
+    fn schedule_follows_the_reimplementation() {
+        let s = FdaSchedule::default();
+        assert_eq!(s.n_at(0.0), 9);
+        assert_eq!(s.n_at(0.5), 13);
+        assert_eq!(s.n_at(1.0), 18);
+        assert!((s.noise_at(0.0) - 0.1).abs() < 1e-12);
+        assert!((s.noise_at(0.5) - 0.05).abs() < 1e-12);
+        assert!(s.noise_at(1.0).abs() < 1e-12);
+        let c = BinaryControl::new(Quantizer::FDA, s);
+        c.set_epoch(399, 400);
+        assert_eq!(c.quantizer(), Quantizer::Fda { omega: 0.1, n: 17 });
+        assert!(c.noise_weight().abs() < 1e-12);
+    }
+
+    #[test]
+    fn conv_forward_is_scaled_sign_conv_and_noise_is_training_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let vs = VarStore::new(3, &dev);
+        let control = BinaryControl::new(Quantizer::FDA, FdaSchedule::default());
+        let mut o = BinaryOptions::new(control.clone());
+        o.noise = true;
+        let layer = BinaryConv2d::new(&vs.root().pp("c"), Conv2dConfig::new(4, 6, 3), o)?;
+        assert!(layer.has_noise_modules());
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 5, 5), &dev)?;
+        // eval: exactly conv(sign(x), mean|W_o| sign(W))
+        let w = layer.weight.as_tensor();
+        let sw = ((w.ge(0f32)?.to_dtype(DType::F32)? * 2.0)? - 1.0)?;
+        let scale = w.abs()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(1)?;
+        let sx = ((x.ge(0f32)?.to_dtype(DType::F32)? * 2.0)? - 1.0)?;
+        let want = nn_core::layers::conv::conv2d(&sx, &sw.broadcast_mul(&scale)?, &layer.config)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        let eval = layer.forward_t(&x, false)?;
+        assert!(diff(&eval, &want)? < 1e-5);
+        // training with noise weight > 0: differs; with weight 0: identical to eval
+        let train = layer.forward_t(&x, true)?;
+        assert!(diff(&train, &want)? > 1e-3, "noise module must act in training");
+        control.set(9, 0.0);
+        assert!(diff(&layer.forward_t(&x, true)?, &want)? < 1e-5);
+        Ok(())
+    }
+}
