@@ -21,6 +21,26 @@ pub enum BnnCommand {
     Lns(LnsArgs),
     /// Train a BiMLP (or its plain ablation).
     Bimlp(BimlpArgs),
+    /// Experiment A: every quantizer x every seed on the same budget (finished runs are
+    /// skipped, so the grid resumes), then the mean +- std table in docs/results/bnn-core.md.
+    ExpA(ExpAArgs),
+}
+
+/// Options of `cargo xtask bnn exp-a`.
+#[derive(Args, Debug, Clone)]
+pub struct ExpAArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    /// Methods to compare (float is the full-precision upper line).
+    #[arg(long, value_delimiter = ',', default_value = "float,ste,approxsign,fda,fda-noise")]
+    pub methods: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Prefix of the run directories (runs/<prefix>-<method>-s<seed>).
+    #[arg(long, default_value = "bnn-exp-a")]
+    pub prefix: String,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// Options shared by every bnn run.
@@ -109,6 +129,7 @@ pub fn run(cmd: BnnCommand) -> Result<()> {
         BnnCommand::Train(a) => train(a),
         BnnCommand::Lns(a) => lns(a),
         BnnCommand::Bimlp(a) => bimlp(a),
+        BnnCommand::ExpA(a) => exp_a(a),
     }
 }
 
@@ -217,6 +238,72 @@ fn write_summary(out: &std::path::Path, s: &TrainSummary, method: &str, counts: 
     }
     let p = out.join("summary.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))
+}
+
+fn exp_a(a: ExpAArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for method in &a.methods {
+        let mut accs = Vec::new();
+        let mut walls = Vec::new();
+        for &seed in &a.seeds {
+            let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, a.common.dataset, method));
+            let done = std::fs::read(out.join("summary.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v["completed"].as_bool() == Some(true) && v["epochs"].as_u64() == Some(a.common.epochs as u64));
+            let v = match done {
+                Some(v) => v,
+                None => {
+                    let mut c = a.common.clone();
+                    c.seed = seed;
+                    c.out = Some(out.clone());
+                    c.overwrite = !c.resume;
+                    train(TrainArgs { model: a.model.clone(), quantizer: method.clone(), common: c })?;
+                    serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?
+                }
+            };
+            accs.push(v["test_top1"].as_f64().context("summary without test_top1")?);
+            walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
+        }
+        rows.push((method.clone(), accs, walls));
+    }
+    let stats = |v: &[f64]| {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt() } else { 0.0 };
+        (m, sd)
+    };
+    let c = &a.common;
+    let mut t = format!(
+        "## Experiment A: quantizers on binary (W1A1) {}, {}\n\nBudget: {} epochs per run, batch {}, SGD Nesterov lr {} cosine, weight decay {}{}{}; seeds {:?}. Mean +- sample std of the final test top-1.\n\n| method | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
+        a.model,
+        c.dataset,
+        c.epochs,
+        c.batch_size,
+        c.lr,
+        c.weight_decay,
+        c.train_subset.map_or(String::new(), |n| format!(", class-balanced training subset of {n} images")),
+        c.test_subset.map_or(String::new(), |n| format!(", test subset of {n} images")),
+        a.seeds
+    );
+    for (m, accs, walls) in &rows {
+        let (mean, sd) = stats(accs);
+        t += &format!(
+            "| {m} | {mean:.2} +- {sd:.2} | {} | {:.0} |\n",
+            accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+            stats(walls).0
+        );
+    }
+    let mut ranked: Vec<_> = rows.iter().filter(|r| r.0 != "float").map(|r| (r.0.clone(), stats(&r.1).0)).collect();
+    ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+    t += &format!(
+        "\nRanking of the binary methods in this run: {}. The paper's claim is FDA > ApproxSign > STE (400 epochs, full CIFAR-10).\n\n```\n{}\n```\n",
+        ranked.iter().map(|r| format!("{} ({:.2})", r.0, r.1)).collect::<Vec<_>>().join(" > "),
+        nn_core::report::command_line()
+    );
+    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
+    println!("{t}");
+    eprintln!("table: {}", page.display());
+    Ok(())
 }
 
 fn train(a: TrainArgs) -> Result<()> {
