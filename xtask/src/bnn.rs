@@ -258,7 +258,11 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
                     c.seed = seed;
                     c.out = Some(out.clone());
                     c.overwrite = !c.resume;
-                    train(TrainArgs { model: a.model.clone(), quantizer: method.clone(), common: c })?;
+                    train(TrainArgs {
+                        model: a.model.clone(),
+                        quantizer: method.clone(),
+                        common: c,
+                    })?;
                     serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?
                 }
             };
@@ -269,7 +273,11 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
     }
     let stats = |v: &[f64]| {
         let m = v.iter().sum::<f64>() / v.len() as f64;
-        let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt() } else { 0.0 };
+        let sd = if v.len() > 1 {
+            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         (m, sd)
     };
     let c = &a.common;
@@ -293,7 +301,11 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
             stats(walls).0
         );
     }
-    let mut ranked: Vec<_> = rows.iter().filter(|r| r.0 != "float").map(|r| (r.0.clone(), stats(&r.1).0)).collect();
+    let mut ranked: Vec<_> = rows
+        .iter()
+        .filter(|r| r.0 != "float")
+        .map(|r| (r.0.clone(), stats(&r.1).0))
+        .collect();
     ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
     t += &format!(
         "\nRanking of the binary methods in this run: {}. The paper's claim is FDA > ApproxSign > STE (400 epochs, full CIFAR-10).\n\n```\n{}\n```\n",

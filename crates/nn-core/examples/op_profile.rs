@@ -27,7 +27,9 @@ fn main() -> candle_core::Result<()> {
         time("bn train 16@28", 5, || bn.forward_t(&a, true).map(|_| ()))?;
         time("relu 16@28", 5, || nn_core::ops::activation::relu(&a).map(|_| ()))?;
         time("add 16@28", 5, || (&a + &a).map(|_| ()))?;
-        time("subsample+pad 16@28", 5, || nn_core::models::blocks::subsample(&a, 2)?.pad_with_zeros(1, 8, 8).map(|_| ()))?;
+        time("subsample+pad 16@28", 5, || {
+            nn_core::models::blocks::subsample(&a, 2)?.pad_with_zeros(1, 8, 8).map(|_| ())
+        })?;
         time("zeros_like 16@28", 5, || a.zeros_like().map(|_| ()))?;
         time("copy 16@28", 5, || a.copy().map(|_| ()))?;
     }
