@@ -118,3 +118,18 @@ impl ModuleT for BasicBlock {
         self.act2.forward_t(&(y + s)?, train)
     }
 }
+
+/// Runs residual stages one after the other from the stem output `x`; returns each stage's
+/// output followed by the globally average-pooled features (the `forward_stages` of ResNets).
+pub fn run_stages(stages: &[Vec<BasicBlock>], x: Tensor, train: bool) -> Result<Vec<Tensor>> {
+    let mut x = x;
+    let mut outs = Vec::with_capacity(stages.len() + 1);
+    for stage in stages {
+        for b in stage {
+            x = b.forward_t(&x, train)?;
+        }
+        outs.push(x.clone());
+    }
+    outs.push(crate::layers::GlobalAvgPool.forward_t(&x, train)?);
+    Ok(outs)
+}

@@ -2,7 +2,7 @@
 //! 3x3/2 max-pool, four stages (64, 128, 256, 512), option-B projection shortcuts.
 
 use crate::factory::{LayerFactory, LayerRole};
-use crate::layers::{Activation, BoxedLayer, Conv2dConfig, GlobalAvgPool, MaxPool2d};
+use crate::layers::{Activation, BoxedLayer, Conv2dConfig, MaxPool2d};
 use crate::model::Model;
 use crate::models::blocks::{BasicBlock, Shortcut};
 use crate::models::ModelConfig;
@@ -117,15 +117,7 @@ impl Model for ResNet {
         if let Some(p) = &self.maxpool {
             x = p.forward_t(&x, train)?;
         }
-        let mut outs = Vec::new();
-        for stage in &self.stages {
-            for b in stage {
-                x = b.forward_t(&x, train)?;
-            }
-            outs.push(x.clone());
-        }
-        outs.push(GlobalAvgPool.forward_t(&x, train)?);
-        Ok(outs)
+        crate::models::blocks::run_stages(&self.stages, x, train)
     }
     fn forward_head(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward_t(features, train)

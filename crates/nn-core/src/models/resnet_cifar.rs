@@ -3,14 +3,13 @@
 //! linear classifier.
 
 use crate::factory::{LayerFactory, LayerRole};
-use crate::layers::{Activation, BoxedLayer, Conv2dConfig, GlobalAvgPool};
+use crate::layers::{Activation, BoxedLayer, Conv2dConfig};
 use crate::model::Model;
 use crate::models::blocks::BasicBlock;
 pub use crate::models::blocks::Shortcut;
 use crate::models::ModelConfig;
 use crate::var_store::VarPath;
 use candle_core::{Result, Tensor};
-use candle_nn::ModuleT;
 
 /// Structure of a CIFAR ResNet.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +49,6 @@ pub struct CifarResNet {
     bn1: BoxedLayer,
     act1: BoxedLayer,
     stages: Vec<Vec<BasicBlock>>,
-    pool: GlobalAvgPool,
     fc: BoxedLayer,
     num_features: usize,
     num_classes: usize,
@@ -98,7 +96,6 @@ impl CifarResNet {
             bn1,
             act1,
             stages,
-            pool: GlobalAvgPool,
             fc,
             num_features: cin,
             num_classes: cfg.num_classes,
@@ -119,16 +116,7 @@ impl Model for CifarResNet {
         Ok(self.forward_stages(x, train)?.pop().expect("pooled features"))
     }
     fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut x = self.stem(x, train)?;
-        let mut outs = Vec::new();
-        for stage in &self.stages {
-            for b in stage {
-                x = b.forward_t(&x, train)?;
-            }
-            outs.push(x.clone());
-        }
-        outs.push(self.pool.forward_t(&x, train)?);
-        Ok(outs)
+        crate::models::blocks::run_stages(&self.stages, self.stem(x, train)?, train)
     }
     fn forward_head(&self, features: &Tensor, train: bool) -> Result<Tensor> {
         self.fc.forward_t(features, train)
