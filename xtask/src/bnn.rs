@@ -24,6 +24,151 @@ pub enum BnnCommand {
     /// Experiment A: every quantizer x every seed on the same budget (finished runs are
     /// skipped, so the grid resumes), then the mean +- std table in docs/results/bnn-core.md.
     ExpA(ExpAArgs),
+    /// Run a paper-protocol preset (`cargo xtask bnn preset --list` names them); flags given
+    /// here override the preset's values.
+    Preset(PresetArgs),
+}
+
+/// A paper's own training protocol, runnable given its data (CIFAR-10 is on this machine;
+/// ImageNet is read from `imagenet/{train,val}/<class>/` in a data root).
+#[derive(Debug, Clone, Copy)]
+pub struct BnnPreset {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// An nn-core backbone name, or a BiMLP variant (`bimlp-s`, `bimlp-m`, ...).
+    pub model: &'static str,
+    pub quantizer: &'static str,
+    pub dataset: &'static str,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub adamw: bool,
+    pub nesterov: bool,
+}
+
+/// Paper protocols. CIFAR-10 and ImageNet ResNets follow the IR-Net training scripts that the
+/// binary-network code of FDA's authors starts from (SGD momentum 0.9, cosine to 0: CIFAR-10 400
+/// epochs, batch 128, lr 0.1, wd 1e-4; ImageNet 120 epochs, batch 256, lr 0.1, wd 1e-5). BiMLP
+/// on ImageNet uses the ReActNet-style recipe of binary MLPs (Adam(W) lr 5e-4, batch 256, 256
+/// epochs, no weight decay on the binary model); these are our reading of the papers and are all
+/// overridable.
+pub const BNN_PRESETS: &[BnnPreset] = &[
+    BnnPreset {
+        name: "fda-cifar10-resnet20",
+        about: "FDA (+ noise adaptation) binary ResNet-20, CIFAR-10, 400 epochs (paper: 86.2%)",
+        model: "resnet20",
+        quantizer: "fda-noise",
+        dataset: "cifar10",
+        epochs: 400,
+        batch_size: 128,
+        lr: 0.1,
+        weight_decay: 1e-4,
+        adamw: false,
+        nesterov: false,
+    },
+    BnnPreset {
+        name: "fda-cifar10-vgg-small",
+        about: "FDA (+ noise adaptation) binary VGG-small, CIFAR-10, 400 epochs (paper: 92.5%)",
+        model: "vgg-small",
+        quantizer: "fda-noise",
+        dataset: "cifar10",
+        epochs: 400,
+        batch_size: 128,
+        lr: 0.1,
+        weight_decay: 1e-4,
+        adamw: false,
+        nesterov: false,
+    },
+    BnnPreset {
+        name: "ste-cifar10-resnet20",
+        about: "STE binary ResNet-20, CIFAR-10, 400 epochs (the baseline FDA and LNS start from)",
+        model: "resnet20",
+        quantizer: "ste",
+        dataset: "cifar10",
+        epochs: 400,
+        batch_size: 128,
+        lr: 0.1,
+        weight_decay: 1e-4,
+        adamw: false,
+        nesterov: false,
+    },
+    BnnPreset {
+        name: "fda-imagenet-resnet18",
+        about: "FDA (+ noise adaptation) binary ResNet-18, ImageNet, 120 epochs, batch 256",
+        model: "resnet18",
+        quantizer: "fda-noise",
+        dataset: "imagenet",
+        epochs: 120,
+        batch_size: 256,
+        lr: 0.1,
+        weight_decay: 1e-5,
+        adamw: false,
+        nesterov: false,
+    },
+    BnnPreset {
+        name: "bimlp-imagenet-s",
+        about: "BiMLP-S ([2,2,4,2], 64-128-320-512), ImageNet 224x224, AdamW 5e-4, 256 epochs",
+        model: "bimlp-s",
+        quantizer: "approxsign",
+        dataset: "imagenet",
+        epochs: 256,
+        batch_size: 256,
+        lr: 5e-4,
+        weight_decay: 0.0,
+        adamw: true,
+        nesterov: false,
+    },
+    BnnPreset {
+        name: "bimlp-imagenet-m",
+        about: "BiMLP-M ([2,3,10,3]), ImageNet 224x224, AdamW 5e-4, 256 epochs",
+        model: "bimlp-m",
+        quantizer: "approxsign",
+        dataset: "imagenet",
+        epochs: 256,
+        batch_size: 256,
+        lr: 5e-4,
+        weight_decay: 0.0,
+        adamw: true,
+        nesterov: false,
+    },
+];
+
+/// Options of `cargo xtask bnn preset`.
+#[derive(Args, Debug, Clone)]
+pub struct PresetArgs {
+    /// Preset name (see --list).
+    #[arg(required_unless_present = "list")]
+    pub name: Option<String>,
+    /// List the presets and exit.
+    #[arg(long)]
+    pub list: bool,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Data root searched first (e.g. one holding `imagenet/train`, `imagenet/val`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stop after this many optimizer steps (a smoke run: no results table is written).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    #[arg(long)]
+    pub test_subset: Option<usize>,
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Options of `cargo xtask bnn exp-a`.
@@ -76,6 +221,16 @@ pub struct Common {
     pub resume: bool,
     #[arg(long)]
     pub quiet: bool,
+    /// Plain momentum instead of Nesterov (SGD).
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Stop after this many optimizer steps (a smoke run: writes runs/<name>/ but no results
+    /// table, since a partial run is not a result).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Markdown page (relative to the workspace root) that receives the results table.
+    #[arg(long, default_value = RESULTS)]
+    pub results: String,
 }
 
 /// Options of `cargo xtask bnn train`.
@@ -130,6 +285,64 @@ pub fn run(cmd: BnnCommand) -> Result<()> {
         BnnCommand::Lns(a) => lns(a),
         BnnCommand::Bimlp(a) => bimlp(a),
         BnnCommand::ExpA(a) => exp_a(a),
+        BnnCommand::Preset(a) => preset(a),
+    }
+}
+
+fn find_preset(name: &str) -> Result<&'static BnnPreset> {
+    BNN_PRESETS.iter().find(|p| p.name == name).with_context(|| {
+        format!(
+            "unknown bnn preset `{name}`; valid presets: {}",
+            BNN_PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+/// The `train`/`bimlp` invocation a preset stands for, with the overrides applied.
+fn preset_common(p: &BnnPreset, a: &PresetArgs) -> Common {
+    Common {
+        dataset: p.dataset.into(),
+        epochs: a.epochs.unwrap_or(p.epochs),
+        seed: a.seed,
+        batch_size: a.batch_size.unwrap_or(p.batch_size),
+        lr: a.lr.unwrap_or(p.lr),
+        weight_decay: p.weight_decay,
+        adamw: p.adamw,
+        train_subset: a.train_subset,
+        test_subset: a.test_subset,
+        data: a.data.clone(),
+        out: a.out.clone(),
+        overwrite: a.overwrite,
+        resume: a.resume,
+        quiet: a.quiet,
+        no_nesterov: !p.nesterov,
+        max_steps: a.max_steps,
+        results: RESULTS.into(),
+    }
+}
+
+fn preset(a: PresetArgs) -> Result<()> {
+    if a.list {
+        println!("bnn presets (cargo xtask bnn preset NAME):");
+        for p in BNN_PRESETS {
+            println!("  {:<24} {}", p.name, p.about);
+        }
+        return Ok(());
+    }
+    let p = find_preset(a.name.as_deref().unwrap_or_default())?;
+    let common = preset_common(p, &a);
+    if p.model.starts_with("bimlp") {
+        bimlp(BimlpArgs {
+            variant: p.model.into(),
+            quantizer: p.quantizer.into(),
+            common,
+        })
+    } else {
+        train(TrainArgs {
+            model: p.model.into(),
+            quantizer: p.quantizer.into(),
+            common,
+        })
     }
 }
 
@@ -154,7 +367,7 @@ fn config(c: &Common, model: &str, out: &PathBuf) -> TrainConfig {
         let mut o = OptimizerConfig::sgd(c.lr, c.weight_decay);
         if let OptimizerConfig::Sgd { momentum, nesterov, .. } = &mut o {
             *momentum = 0.9;
-            *nesterov = true;
+            *nesterov = !c.no_nesterov;
         }
         o
     };
@@ -163,6 +376,7 @@ fn config(c: &Common, model: &str, out: &PathBuf) -> TrainConfig {
     cfg.overwrite = c.overwrite;
     cfg.resume = c.resume;
     cfg.quiet = c.quiet;
+    cfg.stop_after_steps = c.max_steps;
     cfg.command = nn_core::report::command_line();
     cfg
 }
@@ -225,7 +439,14 @@ fn fit_and_report(
     if let Some(k) = c.test_subset {
         n += &format!(" Class-balanced test subset of {k} images.");
     }
-    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &name, &summary_markdown(&name, &summary, n.trim()))?;
+    if c.max_steps.is_some() {
+        eprintln!(
+            "smoke run (--max-steps): summary in {}/summary.json, no results table written",
+            out.display()
+        );
+        return Ok(summary);
+    }
+    let page = nn_core::report::write_section(&c.results, "bnn-core results", &name, &summary_markdown(&name, &summary, n.trim()))?;
     eprintln!("summary: {}/summary.json; table: {}", out.display(), page.display());
     Ok(summary)
 }
@@ -318,7 +539,7 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+pub(crate) fn train(a: TrainArgs) -> Result<()> {
     if !MODEL_NAMES.iter().any(|(n, _)| *n == a.model) {
         bail!(
             "unknown model `{}`; valid: {}",
@@ -327,6 +548,9 @@ fn train(a: TrainArgs) -> Result<()> {
         );
     }
     let c = &a.common;
+    if a.quantizer != "float" {
+        BinaryConfig::from_method(&a.quantizer)?;
+    }
     let d = data(c)?;
     let vs = VarStore::new(c.seed, &nn_core::candle_core::Device::Cpu);
     let out = c
@@ -422,4 +646,183 @@ fn bimlp(a: BimlpArgs) -> Result<()> {
     let cb: Vec<Box<dyn Callback>> = vec![Box::new(FdaCallback { control: f.control() })];
     fit_and_report(c, &d, &m, &vs, &f.config.method(), out, cb, &format!("BiMLP config: {bc:?}."), None)?;
     Ok(())
+}
+
+/// The binary row of `cargo xtask demo`: LeNet-5-BN with FDA (+ noise adaptation) binary
+/// layers on the embedded MNIST, next to the full-precision row.
+pub fn demo_row(epochs: usize, seed: u64) -> Result<f64> {
+    let common = Common {
+        dataset: "mnist".into(),
+        epochs,
+        seed,
+        batch_size: 128,
+        lr: 0.1,
+        weight_decay: 5e-4,
+        adamw: false,
+        train_subset: None,
+        test_subset: None,
+        data: None,
+        out: Some(PathBuf::from("runs/demo-bnn-lenet5-mnist")),
+        overwrite: true,
+        resume: false,
+        quiet: false,
+        no_nesterov: false,
+        max_steps: None,
+        results: "docs/results/demo.md".into(),
+    };
+    let out = common.out.clone().unwrap_or_default();
+    train(TrainArgs {
+        model: "lenet5-bn".into(),
+        quantizer: "fda-noise".into(),
+        common,
+    })?;
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?;
+    v["test_top1"].as_f64().context("demo summary without test_top1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(subcommand)]
+        c: BnnCommand,
+    }
+
+    fn parse(a: &[&str]) -> std::result::Result<BnnCommand, clap::Error> {
+        W::try_parse_from(std::iter::once("bnn").chain(a.iter().copied())).map(|w| w.c)
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cv-bnn-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// CIFAR-10 in the official binary layout: `<label u8><3072 bytes CHW>` records.
+    fn write_cifar10(root: &Path, per_file: usize) {
+        let dir = root.join("cifar10/cifar-10-batches-bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = |i: usize| {
+            let mut r = vec![(i % 10) as u8];
+            r.extend((0..3072).map(|j| ((i * 31 + j * 7) % 251) as u8));
+            r
+        };
+        for f in [
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+            "test_batch.bin",
+        ] {
+            let bytes: Vec<u8> = (0..per_file).flat_map(record).collect();
+            std::fs::write(dir.join(f), bytes).unwrap();
+        }
+    }
+
+    /// ImageNet-style `imagenet/{train,val}/<class>/*.png`.
+    fn write_imagenet(root: &Path, classes: usize, per_class: usize) {
+        for split in ["train", "val"] {
+            for c in 0..classes {
+                let dir = root.join(format!("imagenet/{split}/n0000000{c}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for i in 0..per_class {
+                    let img = image::RgbImage::from_fn(64 + 8 * i as u32, 48, |x, y| {
+                        image::Rgb([(x * 3) as u8, (y * 5) as u8, (c * 90) as u8])
+                    });
+                    img.save(dir.join(format!("img{i}.png"))).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn preset_flags_parse_and_unknown_names_list_the_valid_ones() {
+        assert!(matches!(
+            parse(&["preset", "--list"]).unwrap(),
+            BnnCommand::Preset(PresetArgs { list: true, .. })
+        ));
+        assert!(parse(&["preset"]).is_err(), "a preset name (or --list) is required");
+        assert!(parse(&["preset", "fda-cifar10-resnet20", "--epochs", "x"]).is_err());
+        let e = format!("{:#}", find_preset("fda-cifar10-resnet21").unwrap_err());
+        assert!(e.contains("valid presets: fda-cifar10-resnet20"), "{e}");
+        let BnnCommand::Preset(a) = parse(&["preset", "fda-cifar10-resnet20", "--epochs", "3", "--lr", "0.05"]).unwrap() else {
+            panic!("not a preset command")
+        };
+        let c = preset_common(find_preset("fda-cifar10-resnet20").unwrap(), &a);
+        assert_eq!(
+            (c.epochs, c.lr, c.batch_size, c.weight_decay, c.no_nesterov),
+            (3, 0.05, 128, 1e-4, true)
+        );
+        // every preset names a model, quantizer and dataset the runners accept
+        for p in BNN_PRESETS {
+            BinaryConfig::from_method(p.quantizer).unwrap();
+            if p.model.starts_with("bimlp") {
+                BiMlpConfig::by_name(p.model).unwrap();
+            } else {
+                assert!(MODEL_NAMES.iter().any(|(n, _)| *n == p.model), "{}", p.name);
+            }
+            nn_core::data::registry::info(p.dataset).unwrap();
+        }
+    }
+
+    #[test]
+    fn train_flags_are_checked() {
+        assert!(parse(&["train", "--quantizer", "fda", "--epochs", "1"]).is_ok());
+        assert!(parse(&["train", "--batch-size", "-3"]).is_err());
+        let c = |a: &[&str]| match parse(a).unwrap() {
+            BnnCommand::Train(t) => t,
+            _ => panic!(),
+        };
+        let e = format!("{:#}", train(c(&["train", "--model", "resnet21"])).unwrap_err());
+        assert!(e.contains("unknown model `resnet21`") && e.contains("resnet20"), "{e}");
+        let e = format!(
+            "{:#}",
+            train(c(&["train", "--quantizer", "fdaa", "--dataset", "mnist", "--train-subset", "20"])).unwrap_err()
+        );
+        assert!(e.contains("fdaa"), "{e}");
+        let e = format!("{:#}", train(c(&["train", "--epochs", "0"])).unwrap_err());
+        assert!(e.contains("--epochs"), "{e}");
+    }
+
+    /// Every paper preset runs one optimizer step on generated files in the official layouts.
+    #[test]
+    fn every_preset_runs_one_step_on_generated_files() {
+        let root = temp_dir("presets");
+        write_cifar10(&root, 4);
+        write_imagenet(&root, 2, 2);
+        for p in BNN_PRESETS {
+            let out = root.join(format!("runs/{}", p.name));
+            let a = PresetArgs {
+                name: Some(p.name.into()),
+                list: false,
+                epochs: None,
+                batch_size: Some(2),
+                lr: None,
+                seed: 0,
+                data: Some(root.clone()),
+                out: Some(out.clone()),
+                max_steps: Some(1),
+                train_subset: None,
+                test_subset: None,
+                overwrite: true,
+                resume: false,
+                quiet: true,
+            };
+            preset(a).unwrap_or_else(|e| panic!("preset {}: {e:#}", p.name));
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+            assert_eq!(v["epochs"].as_u64(), Some(p.epochs as u64), "{}", p.name);
+            assert_eq!(v["completed"].as_bool(), Some(false), "{}: a 1-step run is not complete", p.name);
+            assert_eq!(
+                v["method"].as_str(),
+                Some(BinaryConfig::from_method(p.quantizer).unwrap().method().as_str())
+            );
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

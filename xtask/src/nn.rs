@@ -383,7 +383,30 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     println!("{}", nn_core::data::registry::report_table(None));
     summary("lenet5-bn", "mnist")?;
     let args = TrainArgs::parse_from_preset("mnist-lenet5", a.epochs, a.seed, a.out.clone());
-    train(args)
+    train(args)?;
+    let mut rows = vec![("nn-core", "LeNet-5-BN, full precision", top1_of(&a.out)?)];
+    println!("\n== compact-vision demo: bnn-core (binary LeNet-5-BN, FDA + noise adaptation) ==\n");
+    rows.push((
+        "bnn-core",
+        "LeNet-5-BN, binary conv/FC (FDA)",
+        crate::bnn::demo_row(a.epochs, a.seed)?,
+    ));
+    println!(
+        "\n== demo summary: MNIST test top-1 after {} epoch(s), seed {} ==\n",
+        a.epochs, a.seed
+    );
+    println!("| crate | model | test top-1 % |\n|---|---|---|");
+    for (krate, what, acc) in rows {
+        println!("| {krate} | {what} | {acc:.2} |");
+    }
+    Ok(())
+}
+
+/// The final test top-1 of a finished run directory.
+pub fn top1_of(run: &std::path::Path) -> Result<f64> {
+    let p = run.join("summary.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+    v["test_top1"].as_f64().with_context(|| format!("{} has no test_top1", p.display()))
 }
 
 impl TrainArgs {
