@@ -18,6 +18,9 @@ pub struct ResNetConfig {
     pub widths: [usize; 4],
     /// A 3x3 stride-1 stem without max-pool, for 32x32 inputs.
     pub small_input_stem: bool,
+    /// Optional inner width of each block (after its first conv), in block order; channel
+    /// pruning builds smaller models with this.
+    pub block_mid_widths: Option<Vec<usize>>,
 }
 
 impl ResNetConfig {
@@ -27,6 +30,7 @@ impl ResNetConfig {
             blocks: [2, 2, 2, 2],
             widths: [64, 128, 256, 512],
             small_input_stem: false,
+            block_mid_widths: None,
         }
     }
     pub fn resnet34() -> Self {
@@ -35,6 +39,7 @@ impl ResNetConfig {
             blocks: [3, 4, 6, 3],
             widths: [64, 128, 256, 512],
             small_input_stem: false,
+            block_mid_widths: None,
         }
     }
 }
@@ -55,6 +60,13 @@ pub struct ResNet {
 impl ResNet {
     pub fn new(vp: &VarPath, cfg: &ModelConfig, rc: &ResNetConfig, f: &dyn LayerFactory) -> Result<Self> {
         let w0 = rc.widths[0];
+        let total_blocks: usize = rc.blocks.iter().sum();
+        if let Some(m) = &rc.block_mid_widths {
+            if m.len() != total_blocks {
+                candle_core::bail!("block_mid_widths has {} entries, the network has {} blocks", m.len(), total_blocks);
+            }
+        }
+        let mut k = 0;
         let stem = if rc.small_input_stem {
             Conv2dConfig::new(cfg.in_channels, w0, 3)
         } else {
@@ -70,16 +82,18 @@ impl ResNet {
             let mut blocks = Vec::new();
             for b in 0..n {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let mid = rc.block_mid_widths.as_ref().map_or(cout, |m| m[k]);
                 blocks.push(BasicBlock::new(
                     &vp.pp(format!("layer{}.{b}", s + 1)),
                     cin,
-                    cout,
+                    mid,
                     cout,
                     stride,
                     Shortcut::B,
                     f,
                 )?);
                 cin = cout;
+                k += 1;
             }
             stages.push(blocks);
         }

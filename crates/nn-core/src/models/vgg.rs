@@ -21,13 +21,22 @@ pub struct VggSmall {
 impl VggSmall {
     pub fn new(vp: &VarPath, cfg: &ModelConfig, width_mult: f64, f: &dyn LayerFactory) -> Result<Self> {
         let w = |c: usize| ((c as f64 * width_mult).round() as usize).max(1);
+        Self::with_widths(vp, cfg, [w(128), w(128), w(256), w(256), w(512), w(512)], f)
+    }
+
+    /// VGG-small with explicit output channels per conv (channel pruning builds smaller
+    /// models with this).
+    pub fn with_widths(vp: &VarPath, cfg: &ModelConfig, widths: [usize; 6], f: &dyn LayerFactory) -> Result<Self> {
+        if widths.contains(&0) {
+            candle_core::bail!("VGG-small widths must be >= 1, got {widths:?}");
+        }
         let plan = [
-            (w(128), false),
-            (w(128), true),
-            (w(256), false),
-            (w(256), true),
-            (w(512), false),
-            (w(512), true),
+            (widths[0], false),
+            (widths[1], true),
+            (widths[2], false),
+            (widths[3], true),
+            (widths[4], false),
+            (widths[5], true),
         ];
         let mut blocks = Vec::new();
         let mut cin = cfg.in_channels;
