@@ -14,6 +14,9 @@
 //!   the masked model computes; save/load with the architecture beside the weights.
 //! - [`criteria`]: the L1-norm and random baselines and rate-based selection.
 //!
+//! - [`manidp`]: ManiDP gates through a layer factory, its losses, threshold schedule and
+//!   per-instance MAC accounting.
+//!
 //! SCOP (knockoff features as a scientific control, NeurIPS 2020) and ManiDP
 //! (manifold-regularized dynamic pruning, CVPR 2021) build on this core (issue 6).
 //!
@@ -45,6 +48,7 @@
 pub mod arch;
 pub mod criteria;
 pub mod graph;
+pub mod manidp;
 pub mod prune;
 
 pub use arch::{Arch, PRUNABLE_MODELS};

@@ -1,0 +1,104 @@
+//! ManiDP: losses on hand-computed cases, gates through the layer factory, per-instance MACs
+//! and the batch-of-one sparse inference path.
+
+use nn_core::candle_core::{Device, Tensor};
+use nn_core::models::ModelConfig;
+use nn_core::{Model, VarStore};
+use pruning::manidp::{complexity_weights, instance_macs, kept_ratio, similarity_loss, threshold_for, ManiDpConfig, ManiDpFactory};
+use pruning::{count, Arch};
+
+#[test]
+fn complexity_weights_push_only_easy_instances() {
+    // t * Lbar = 0.5: loss 0.1 is easy, 0.5 and 1.0 are not
+    let w = complexity_weights(&[0.1, 0.5, 1.0], 1.0, 0.5, 1.0);
+    assert_eq!(w.len(), 3);
+    assert!((w[0] - 0.8).abs() < 1e-6 && w[1] == 0.0 && w[2] == 0.0, "{w:?}");
+    let w = complexity_weights(&[0.1], 1.0, 0.5, 2.0);
+    assert!((w[0] - 0.64).abs() < 1e-6);
+}
+
+#[test]
+fn similarity_loss_hand_case() {
+    let dev = Device::Cpu;
+    let a = Tensor::new(&[[1f32, 0.], [0., 2.]], &dev).unwrap();
+    let b = Tensor::new(&[[3f32, 0.], [1., 0.]], &dev).unwrap();
+    // G(a) = I, G(b) = all ones: two off-diagonal differences of 1, over B^2 = 4
+    let l = similarity_loss(&a, &b).unwrap().to_scalar::<f32>().unwrap();
+    assert!((l - 0.5).abs() < 1e-6, "{l}");
+    assert!(similarity_loss(&a, &a).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-7);
+}
+
+#[test]
+fn threshold_schedule() {
+    assert!((kept_ratio(9, 10, 0.65) - 0.65).abs() < 1e-12);
+    assert!(kept_ratio(0, 10, 0.65) > 0.97);
+    assert!(kept_ratio(3, 10, 0.65) > kept_ratio(4, 10, 0.65));
+    assert_eq!(threshold_for(&[0.1, 0.5, 0.3, 0.9], 0.5), 0.5);
+    assert_eq!(threshold_for(&[0.1, 0.5, 0.3, 0.9], 0.6), 0.3);
+}
+
+fn gated_resnet20() -> (VarStore, Box<dyn Model>, ManiDpFactory, ModelConfig) {
+    let cfg = ModelConfig::new(3, 10, 16);
+    let vs = VarStore::new(3, &Device::Cpu);
+    let f = ManiDpFactory::new(ManiDpConfig::default());
+    let m = Arch::from_name("resnet20").unwrap().build(&cfg, &vs.root(), &f).unwrap();
+    (vs, m, f, cfg)
+}
+
+#[test]
+fn every_parameter_of_the_gated_network_gets_a_gradient() {
+    let (vs, m, f, _) = gated_resnet20();
+    assert_eq!(f.state.lock().unwrap().gates.len(), 18, "two gates per block");
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu).unwrap();
+    nn_core::testing::check_all_params_get_gradients(m.as_ref(), &vs, &x).unwrap();
+}
+
+#[test]
+fn per_instance_macs_and_sparse_batch_of_one_inference() {
+    let (vs, m, f, cfg) = gated_resnet20();
+    let _ = &vs;
+    // close about half the channels of every gate
+    let x = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu).unwrap();
+    m.forward_t(&x, false).unwrap();
+    {
+        let mut s = f.state.lock().unwrap();
+        for g in s.gates.iter_mut() {
+            let v: Vec<f64> = g
+                .last
+                .as_ref()
+                .unwrap()
+                .gate
+                .mean(0)
+                .unwrap()
+                .to_dtype(nn_core::candle_core::DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            g.threshold = threshold_for(&v, 0.5);
+        }
+    }
+    let (_, dense) = count(m.as_ref(), &cfg, &Device::Cpu).unwrap();
+    let dense_logits = m.forward_t(&x, false).unwrap();
+    let macs = instance_macs(&f.state, dense).unwrap();
+    // the same count by hand from the gates' open channels
+    let s = f.state.lock().unwrap();
+    for (i, &mi) in macs.iter().enumerate() {
+        let mut saved = 0u64;
+        for g in &s.gates {
+            let r = g.last.as_ref().unwrap();
+            let a_in = g.input_gate.map_or(g.in_channels, |ig| s.gates[ig].last.as_ref().unwrap().open[i]);
+            saved += (9 * r.out_hw * (g.in_channels * g.out_channels - a_in * r.open[i])) as u64;
+        }
+        assert_eq!(mi, dense - saved);
+        assert!(mi < dense * 8 / 10, "about half the channels are closed: {mi} vs {dense}");
+    }
+    drop(s);
+    // batch of one: the sparse path (only open filters over open inputs) gives the same logits
+    for i in 0..3 {
+        let xi = x.narrow(0, i, 1).unwrap();
+        let yi = m.forward_t(&xi, false).unwrap();
+        let want = dense_logits.narrow(0, i, 1).unwrap();
+        let d = (yi - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "instance {i}: sparse inference differs by {d}");
+    }
+}
