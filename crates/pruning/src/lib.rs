@@ -17,6 +17,9 @@
 //! - [`manidp`]: ManiDP gates through a layer factory, its losses, threshold schedule and
 //!   per-instance MAC accounting.
 //!
+//! - [`scop`]: SCOP selection layers through a layer factory, the knockoff generator, the
+//!   selection phase with the network frozen and the importance scores.
+//!
 //! SCOP (knockoff features as a scientific control, NeurIPS 2020) and ManiDP
 //! (manifold-regularized dynamic pruning, CVPR 2021) build on this core (issue 6).
 //!
@@ -50,6 +53,7 @@ pub mod criteria;
 pub mod graph;
 pub mod manidp;
 pub mod prune;
+pub mod scop;
 
 pub use arch::{Arch, PRUNABLE_MODELS};
 pub use graph::{ChannelGraph, ChannelGroup, GraphBuilder};

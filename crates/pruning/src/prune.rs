@@ -132,9 +132,13 @@ pub fn prune_model(arch: &Arch, cfg: &ModelConfig, vs: &VarStore, sel: &Selectio
     let kept = kept_channels(&graph, sel)?;
     let sizes: Vec<usize> = kept.iter().map(|k| k.len()).collect();
     let new_arch = arch.resized(&graph, &sizes)?;
-    let tensors = prune_tensors(&graph, &vs.tensors(), &kept)?;
+    let mut tensors = prune_tensors(&graph, &vs.tensors(), &kept)?;
     let new_vs = VarStore::new(vs.seed(), vs.device());
     let model = new_arch.build(cfg, &new_vs.root(), factory)?;
+    // training-only extras of the source model (ManiDP gates, SCOP selection scales) are not
+    // part of the pruned model; everything the pruned model has must come from the source
+    let names: std::collections::HashSet<String> = new_vs.all().into_iter().map(|v| v.name).collect();
+    tensors.retain(|k, _| names.contains(k));
     new_vs
         .load_tensors(&tensors, true)
         .context("loading the pruned weights into the rebuilt model")?;
