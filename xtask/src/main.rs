@@ -4,6 +4,7 @@
 
 mod bnn;
 mod nn;
+mod prune;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,12 @@ enum Command {
         #[command(subcommand)]
         which: bnn::BnnCommand,
     },
+    /// Structural pruning (pruning crate): SCOP, ManiDP, L1-norm and random, fine-tuning,
+    /// speed of the physically pruned models.
+    Prune {
+        #[command(subcommand)]
+        which: prune::PruneCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,5 +80,6 @@ fn main() -> Result<()> {
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
+        Command::Prune { which } => prune::run(which),
     }
 }

@@ -384,12 +384,20 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     summary("lenet5-bn", "mnist")?;
     let args = TrainArgs::parse_from_preset("mnist-lenet5", a.epochs, a.seed, a.out.clone());
     train(args)?;
-    let mut rows = vec![("nn-core", "LeNet-5-BN, full precision", top1_of(&a.out)?)];
+    let mut rows: Vec<(&str, String, f64)> = vec![("nn-core", "LeNet-5-BN, full precision".into(), top1_of(&a.out)?)];
     println!("\n== compact-vision demo: bnn-core (binary LeNet-5-BN, FDA + noise adaptation) ==\n");
     rows.push((
         "bnn-core",
-        "LeNet-5-BN, binary conv/FC (FDA)",
+        "LeNet-5-BN, binary conv/FC (FDA)".into(),
         crate::bnn::demo_row(a.epochs, a.seed)?,
+    ));
+    println!("\n== compact-vision demo: pruning (ResNet-20 on 10k MNIST images, L1-norm, half the inner channels) ==\n");
+    let (dense, pruned, macs_removed) = crate::prune::demo_row(1, a.seed)?;
+    rows.push(("pruning", "ResNet-20 dense (10k-image subset, 1 epoch)".into(), dense));
+    rows.push((
+        "pruning",
+        format!("ResNet-20 pruned ({macs_removed:.0}% MACs removed), 1 fine-tuning epoch"),
+        pruned,
     ));
     println!(
         "\n== demo summary: MNIST test top-1 after {} epoch(s), seed {} ==\n",

@@ -1,0 +1,614 @@
+//! pruning commands: prune a trained nn-core model with SCOP, ManiDP, L1-norm or random
+//! selection at a rate, fine-tune, and report accuracy before/after with parameters and MACs
+//! removed; benchmark physically pruned models against the dense one.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use nn_core::candle_core::{DType, Device, Tensor};
+use nn_core::experiment::{standard_data, DataSpec, StandardData};
+use nn_core::models::ModelConfig;
+use nn_core::train::{evaluate, BatchSource, Callback, Checkpoint, OptimizerConfig, Schedule, TrainConfig, TrainSummary, Trainer};
+use nn_core::{LayerFactory, Model, StandardFactory, VarStore};
+use pruning::manidp::{instance_macs, ManiDpCallback, ManiDpConfig, ManiDpFactory};
+use pruning::scop::{scop_scores, train_selection, GaussianKnockoffs, ScopConfig, ScopFactory};
+use pruning::{count, criteria, prune_model, Arch};
+use std::path::{Path, PathBuf};
+
+const RESULTS: &str = "docs/results/pruning.md";
+const METHODS: &[&str] = &["l1", "random", "scop", "manidp"];
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PruneCommand {
+    /// Prune a trained model (a `cargo xtask train` run directory) with one method, fine-tune,
+    /// write runs/<name>/summary.json and a section of docs/results/pruning.md.
+    Run(RunArgs),
+    /// Every method x every seed from the same trained model, then the mean +- std table.
+    Grid(GridArgs),
+    /// Inference speed of physically pruned models vs the dense model (batch 128), next to
+    /// the MAC reduction, measured in the same run.
+    Bench(BenchArgs),
+}
+
+/// Options shared by `run` and `grid`.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Run directory of the trained dense model (config.json + checkpoint.safetensors).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Fraction of each block's inner channels to remove (SCOP, L1, random); 0.5 removes about
+    /// half of a CIFAR ResNet's MACs.
+    #[arg(long, default_value_t = 0.5)]
+    pub rate: f64,
+    /// Fine-tuning epochs after pruning (ManiDP: epochs of gated training).
+    #[arg(long, default_value_t = 10)]
+    pub finetune_epochs: usize,
+    /// Fine-tuning learning rate (SGD Nesterov, cosine).
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// SCOP: epochs of the selection phase (network frozen).
+    #[arg(long, default_value_t = 1)]
+    pub scop_epochs: usize,
+    /// SCOP: principal directions of the Gaussian knockoff model.
+    #[arg(long, default_value_t = 64)]
+    pub knockoff_rank: usize,
+    /// ManiDP: target fraction of channels a gate keeps open (0.6 removes about half the MACs).
+    #[arg(long, default_value_t = 0.6)]
+    pub target_kept: f64,
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    #[arg(long)]
+    pub test_subset: Option<usize>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long)]
+    pub quiet: bool,
+    /// Markdown page (relative to the workspace root) that receives the results.
+    #[arg(long, default_value = RESULTS)]
+    pub results: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// l1, random, scop or manidp.
+    #[arg(long)]
+    pub method: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GridArgs {
+    #[arg(long, value_delimiter = ',', default_value = "l1,random,scop,manidp")]
+    pub methods: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Prefix of the run directories (runs/<prefix>-<method>-s<seed>).
+    #[arg(long, default_value = "prune")]
+    pub prefix: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "resnet56")]
+    pub model: String,
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
+    pub rates: Vec<f64>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+}
+
+pub fn run(cmd: PruneCommand) -> Result<()> {
+    match cmd {
+        PruneCommand::Run(a) => run_one(&a).map(|_| ()),
+        PruneCommand::Grid(a) => grid(&a),
+        PruneCommand::Bench(a) => bench(&a),
+    }
+}
+
+/// What a pruning run reports (also the extra fields of its summary.json).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PruneReport {
+    pub method: String,
+    pub model: String,
+    pub seed: u64,
+    pub base_top1: f64,
+    /// Accuracy right after pruning, before fine-tuning (static methods).
+    pub pruned_top1: Option<f64>,
+    pub final_top1: f64,
+    pub dense_params: usize,
+    pub dense_macs: u64,
+    pub params: usize,
+    /// MACs per image (ManiDP: mean over the test set of the per-instance MACs).
+    pub macs: f64,
+    pub macs_removed_pct: f64,
+    pub params_removed_pct: f64,
+    pub finetune_epochs: usize,
+    pub wall_s: f64,
+}
+
+fn base_config(base: &Path) -> Result<TrainConfig> {
+    let p = base.join(nn_core::train::trainer::CONFIG_FILE);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("reading {} (is --base a `cargo xtask train` run?)", p.display()))?,
+    )
+    .with_context(|| format!("parsing {}", p.display()))
+}
+
+fn load_data(c: &Common, dataset: &str, seed: u64) -> Result<StandardData> {
+    if !(0.0..1.0).contains(&c.rate) {
+        bail!("--rate must be in [0, 1), got {}", c.rate);
+    }
+    if !(0.0..=1.0).contains(&c.target_kept) || c.target_kept == 0.0 {
+        bail!("--target-kept must be in (0, 1], got {}", c.target_kept);
+    }
+    if c.batch_size < 2 {
+        bail!("--batch-size must be >= 2");
+    }
+    let mut spec = DataSpec::new(dataset, c.batch_size, seed);
+    spec.data_dir = c.data.clone();
+    spec.train_subset = c.train_subset;
+    spec.test_subset = c.test_subset;
+    standard_data(&spec)
+}
+
+/// Builds `arch` through `factory` and loads the trained weights of `base` (the factory's
+/// extra parameters, such as gates or selection scales, keep their initial values).
+fn load_base(arch: &Arch, cfg: &ModelConfig, base: &Path, factory: &dyn LayerFactory, seed: u64) -> Result<(VarStore, Box<dyn Model>)> {
+    let vs = VarStore::new(seed, &Device::Cpu);
+    let model = arch.build(cfg, &vs.root(), factory)?;
+    let ck = Checkpoint::load(&base.join(nn_core::train::trainer::CHECKPOINT_FILE))?;
+    let missing: Vec<String> = {
+        let dense = VarStore::new(0, &Device::Cpu);
+        arch.build(cfg, &dense.root(), &StandardFactory)?;
+        dense
+            .all()
+            .into_iter()
+            .map(|v| v.name)
+            .filter(|n| !ck.model.contains_key(n))
+            .collect()
+    };
+    if !missing.is_empty() {
+        bail!(
+            "{} does not hold a trained {}: missing {}",
+            base.display(),
+            arch.base_name(),
+            missing.join(", ")
+        );
+    }
+    vs.load_tensors(&ck.model, false)?;
+    Ok((vs, model))
+}
+
+fn finetune_config(c: &Common, model: &str, dataset: &str, epochs: usize, seed: u64, out: &Path) -> TrainConfig {
+    let mut cfg = TrainConfig::new(model, dataset, epochs, out);
+    cfg.batch_size = c.batch_size;
+    cfg.seed = seed;
+    let mut o = OptimizerConfig::sgd(c.lr, 5e-4);
+    if let OptimizerConfig::Sgd { nesterov, .. } = &mut o {
+        *nesterov = true;
+    }
+    cfg.optimizer = o;
+    cfg.schedule = Schedule::cosine(0.0);
+    cfg.overwrite = c.overwrite;
+    cfg.quiet = c.quiet;
+    cfg.command = nn_core::report::command_line();
+    cfg
+}
+
+/// The first `n` (augmented, normalised) training images.
+fn training_images(src: &dyn BatchSource, n: usize) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    let mut have = 0;
+    for b in src.batches(0, 0) {
+        let (x, _) = b?;
+        have += x.dim(0)?;
+        parts.push(x);
+        if have >= n {
+            break;
+        }
+    }
+    let x = Tensor::cat(&parts, 0)?;
+    Ok(x.narrow(0, 0, n.min(x.dim(0)?))?)
+}
+
+pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
+    let c = &a.common;
+    if !METHODS.contains(&a.method.as_str()) {
+        bail!("unknown pruning method `{}`; valid methods: {}", a.method, METHODS.join(", "));
+    }
+    let t0 = std::time::Instant::now();
+    let base_cfg = base_config(&c.base)?;
+    let arch = Arch::from_name(&base_cfg.model)?;
+    let d = load_data(c, &base_cfg.dataset, a.seed)?;
+    let mc = d.model_config;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "runs/prune-{}-{}-{}-s{}",
+            base_cfg.model, base_cfg.dataset, a.method, a.seed
+        ))
+    });
+    let graph = arch.graph(&mc);
+    let (dense_params, dense_macs) = {
+        let vs = VarStore::new(0, &Device::Cpu);
+        count(arch.build(&mc, &vs.root(), &StandardFactory)?.as_ref(), &mc, &Device::Cpu)?
+    };
+    eprintln!(
+        "pruning {} on {} with {} (rate {}), base {}",
+        base_cfg.model,
+        base_cfg.dataset,
+        a.method,
+        c.rate,
+        c.base.display()
+    );
+    let report = if a.method == "manidp" {
+        let mcfg = ManiDpConfig {
+            target_kept: c.target_kept,
+            ..ManiDpConfig::default()
+        };
+        let f = ManiDpFactory::new(mcfg.clone());
+        let (vs, model) = load_base(&arch, &mc, &c.base, &f, a.seed)?;
+        let base_top1 = evaluate(model.as_ref(), &d.test)?.top1;
+        // dense convolutions plus the gates' own MACs; instances save what their gates close
+        let (_, gated_dense_macs) = count(model.as_ref(), &mc, &Device::Cpu)?;
+        let mut cb = ManiDpCallback::new(mcfg, f.state.clone());
+        let cfg = finetune_config(c, model.name(), &base_cfg.dataset, c.finetune_epochs, a.seed, &out);
+        let mut trainer = Trainer::new(cfg, model.as_ref(), &vs)?;
+        trainer.add_callback(Box::new(&mut cb) as Box<dyn Callback + '_>);
+        let summary = trainer.fit(&d.train, Some(&d.test))?;
+        drop(trainer);
+        // mean per-instance MACs over the test set
+        let (mut sum, mut n) = (0f64, 0usize);
+        for b in d.test.batches(0, 0) {
+            let (x, _) = b?;
+            model.forward_t(&x, false)?;
+            for m in instance_macs(&f.state, gated_dense_macs)? {
+                sum += m as f64;
+                n += 1;
+            }
+        }
+        let macs = sum / n.max(1) as f64;
+        let gate_params = vs.num_params() - dense_params;
+        finish(
+            a,
+            &out,
+            &summary,
+            PruneReport {
+                method: a.method.clone(),
+                model: base_cfg.model.clone(),
+                seed: a.seed,
+                base_top1,
+                pruned_top1: None,
+                final_top1: summary.test_top1.unwrap_or(0.0),
+                dense_params,
+                dense_macs,
+                params: dense_params + gate_params,
+                macs,
+                macs_removed_pct: 100.0 * (1.0 - macs / dense_macs as f64),
+                params_removed_pct: -100.0 * gate_params as f64 / dense_params as f64,
+                finetune_epochs: c.finetune_epochs,
+                wall_s: t0.elapsed().as_secs_f64(),
+            },
+        )?
+    } else {
+        let scop = ScopFactory::default();
+        let factory: &dyn LayerFactory = if a.method == "scop" { &scop } else { &StandardFactory };
+        let (vs, model) = load_base(&arch, &mc, &c.base, factory, a.seed)?;
+        let base_top1 = evaluate(model.as_ref(), &d.test)?.top1;
+        let scores = match a.method.as_str() {
+            "l1" => criteria::l1_scores(&graph, &vs)?,
+            "random" => criteria::random_scores(&graph, a.seed),
+            _ => {
+                let images = training_images(&d.train, 2048)?;
+                let gen = GaussianKnockoffs::fit(&images.to_dtype(DType::F32)?, c.knockoff_rank, a.seed)?;
+                let loss = train_selection(
+                    model.as_ref(),
+                    &vs,
+                    &scop,
+                    &d.train,
+                    &gen,
+                    &ScopConfig {
+                        epochs: c.scop_epochs,
+                        lr: 0.004,
+                        seed: a.seed,
+                    },
+                )?;
+                eprintln!("SCOP selection phase: {} epoch(s), final task loss {loss:.4}", c.scop_epochs);
+                scop_scores(&graph, &vs)?
+            }
+        };
+        let sel = criteria::select_lowest(&graph, &scores, c.rate, |g| criteria::is_block_inner(&graph, g));
+        let pruned = prune_model(&arch, &mc, &vs, &sel, &StandardFactory)?;
+        drop(model);
+        let pruned_top1 = evaluate(pruned.model.as_ref(), &d.test)?.top1;
+        let (params, macs) = count(pruned.model.as_ref(), &mc, &Device::Cpu)?;
+        eprintln!(
+            "pruned {} units: params {dense_params} -> {params}, MACs {dense_macs} -> {macs}; top-1 {base_top1:.2} -> {pruned_top1:.2} before fine-tuning",
+            sel.count()
+        );
+        let cfg = finetune_config(c, &base_cfg.model, &base_cfg.dataset, c.finetune_epochs, a.seed, &out);
+        let summary = Trainer::new(cfg, pruned.model.as_ref(), &pruned.vs)?.fit(&d.train, Some(&d.test))?;
+        pruned.save(out.join("pruned"))?;
+        finish(
+            a,
+            &out,
+            &summary,
+            PruneReport {
+                method: a.method.clone(),
+                model: base_cfg.model.clone(),
+                seed: a.seed,
+                base_top1,
+                pruned_top1: Some(pruned_top1),
+                final_top1: summary.test_top1.unwrap_or(0.0),
+                dense_params,
+                dense_macs,
+                params,
+                macs: macs as f64,
+                macs_removed_pct: 100.0 * (1.0 - macs as f64 / dense_macs as f64),
+                params_removed_pct: 100.0 * (1.0 - params as f64 / dense_params as f64),
+                finetune_epochs: c.finetune_epochs,
+                wall_s: t0.elapsed().as_secs_f64(),
+            },
+        )?
+    };
+    Ok(report)
+}
+
+fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<PruneReport> {
+    let mut v = serde_json::to_value(s)?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("method".into(), r.method.clone().into());
+        m.insert("pruning".into(), serde_json::to_value(&r)?);
+        m.insert("macs".into(), (r.macs.round() as u64).into());
+        m.insert("params".into(), r.params.into());
+        m.insert("wall_s".into(), r.wall_s.into());
+    }
+    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&v)?)?;
+    let name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let body = format!(
+        "## {name}\n\n{} of {} ({}), seed {}, rate {}: top-1 {:.2} (dense) -> {} (pruned, before fine-tuning) -> **{:.2}** after {} fine-tuning epoch(s); parameters {} -> {} ({:+.1}% removed), MACs/image {} -> {:.0} ({:.1}% removed); wall {:.0} s.\n\n```\n{}\n```\n",
+        r.method,
+        r.model,
+        s.dataset,
+        r.seed,
+        a.common.rate,
+        r.base_top1,
+        r.pruned_top1.map_or("n/a (dynamic)".to_string(), |v| format!("{v:.2}")),
+        r.final_top1,
+        r.finetune_epochs,
+        r.dense_params,
+        r.params,
+        r.params_removed_pct,
+        r.dense_macs,
+        r.macs,
+        r.macs_removed_pct,
+        r.wall_s,
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(&a.common.results, "pruning results", &name, &body)?;
+    eprintln!("summary: {}/summary.json; table: {}", out.display(), a.common.results);
+    Ok(r)
+}
+
+fn grid(a: &GridArgs) -> Result<()> {
+    let base_cfg = base_config(&a.common.base)?;
+    let mut rows = Vec::new();
+    for m in &a.methods {
+        let mut reps = Vec::new();
+        for &seed in &a.seeds {
+            let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, base_cfg.model, m));
+            let done = std::fs::read(out.join("summary.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| serde_json::from_value::<PruneReport>(v["pruning"].clone()).ok())
+                .filter(|r| r.finetune_epochs == a.common.finetune_epochs);
+            let r = match done {
+                Some(r) => r,
+                None => {
+                    let mut c = a.common.clone();
+                    c.overwrite = true;
+                    run_one(&RunArgs {
+                        method: m.clone(),
+                        seed,
+                        out: Some(out),
+                        common: c,
+                    })?
+                }
+            };
+            reps.push(r);
+        }
+        rows.push((m.clone(), reps));
+    }
+    let stats = |v: &[f64]| {
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let sd = if v.len() > 1 {
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        (mean, sd)
+    };
+    let c = &a.common;
+    let mut t = format!(
+        "## Pruning {} on {} at about half the MACs\n\nBase model: `{}` ({} epochs). Static methods remove a fraction {} of every block's inner channels, then fine-tune {} epoch(s) (SGD Nesterov lr {} cosine, wd 5e-4, batch {}); ManiDP trains its gates for the same {} epoch(s) with target kept ratio {}. Seeds {:?}; mean +- sample std.\n\n| method | dense top-1 | after pruning | after fine-tuning | accuracy change | MACs removed | params removed | mean wall s |\n|---|---|---|---|---|---|---|---|\n",
+        base_cfg.model,
+        base_cfg.dataset,
+        c.base.display(),
+        base_cfg.epochs,
+        c.rate,
+        c.finetune_epochs,
+        c.lr,
+        c.batch_size,
+        c.finetune_epochs,
+        c.target_kept,
+        a.seeds
+    );
+    for (m, reps) in &rows {
+        let f = |g: &dyn Fn(&PruneReport) -> f64| stats(&reps.iter().map(g).collect::<Vec<_>>());
+        let (b, _) = f(&|r| r.base_top1);
+        let (fin, fsd) = f(&|r| r.final_top1);
+        let after = if reps.iter().all(|r| r.pruned_top1.is_some()) {
+            let (p, psd) = f(&|r| r.pruned_top1.unwrap_or(0.0));
+            format!("{p:.2} +- {psd:.2}")
+        } else {
+            "dynamic".into()
+        };
+        let (mr, _) = f(&|r| r.macs_removed_pct);
+        let (pr, _) = f(&|r| r.params_removed_pct);
+        let (w, _) = f(&|r| r.wall_s);
+        t += &format!(
+            "| {m} | {b:.2} | {after} | {fin:.2} +- {fsd:.2} | {:+.2} | {mr:.1}% | {pr:.1}% | {w:.0} |\n",
+            fin - b
+        );
+    }
+    t += &format!("\n```\n{}\n```\n", nn_core::report::command_line());
+    nn_core::report::write_section(&c.results, "pruning results", &format!("{}-grid-{}", a.prefix, base_cfg.model), &t)?;
+    println!("{t}");
+    Ok(())
+}
+
+fn bench(a: &BenchArgs) -> Result<()> {
+    let arch = Arch::from_name(&a.model)?;
+    let mc = ModelConfig::new(3, 10, 32);
+    let dev = Device::Cpu;
+    let vs = VarStore::new(0, &dev);
+    let dense = arch.build(&mc, &vs.root(), &StandardFactory)?;
+    let (_, dense_macs) = count(dense.as_ref(), &mc, &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (a.batch_size, 3, 32, 32), &dev)?;
+    let time = |m: &dyn Model| -> Result<f64> {
+        m.forward_t(&x, false)?;
+        let mut ts = Vec::new();
+        for _ in 0..a.iters {
+            let t = std::time::Instant::now();
+            m.forward_t(&x, false)?;
+            ts.push(t.elapsed().as_secs_f64());
+        }
+        ts.sort_by(f64::total_cmp);
+        Ok(ts[ts.len() / 2])
+    };
+    let graph = arch.graph(&mc);
+    let scores = criteria::l1_scores(&graph, &vs)?;
+    let mut rows = Vec::new();
+    for &rate in &a.rates {
+        let sel = criteria::select_lowest(&graph, &scores, rate, |g| criteria::is_block_inner(&graph, g));
+        let p = prune_model(&arch, &mc, &vs, &sel, &StandardFactory)?;
+        let (_, macs) = count(p.model.as_ref(), &mc, &dev)?;
+        // interleave dense and pruned timings
+        let (td, tp) = (time(dense.as_ref())?, time(p.model.as_ref())?);
+        let (td2, tp2) = (time(dense.as_ref())?, time(p.model.as_ref())?);
+        let (td, tp) = (td.min(td2), tp.min(tp2));
+        let mac_ratio = dense_macs as f64 / macs as f64;
+        let speedup = td / tp;
+        rows.push(format!(
+            "| {rate} | {:.1}% | {:.2}x | {:.1} | {:.1} | {speedup:.2}x | {:.2} |",
+            100.0 * (1.0 - macs as f64 / dense_macs as f64),
+            mac_ratio,
+            td * 1e3,
+            tp * 1e3,
+            speedup / mac_ratio
+        ));
+    }
+    let body = format!(
+        "## Inference speed of physically pruned {} (batch {}, 32x32, {} threads)\n\nBlock-inner channels removed by L1 norm at each rate; median of {} forward passes, dense and pruned interleaved in the same run. Target: speedup >= 0.8 x the MAC ratio.\n\n| rate | MACs removed | MAC ratio | dense ms | pruned ms | speedup | speedup / MAC ratio |\n|---|---|---|---|---|---|---|\n{}\n\n```\n{}\n```\n",
+        a.model,
+        a.batch_size,
+        rayon::current_num_threads(),
+        a.iters,
+        rows.join("\n"),
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(RESULTS, "pruning results", &format!("bench-{}", a.model), &body)?;
+    println!("{body}");
+    Ok(())
+}
+
+/// The pruning row of `cargo xtask demo`: ResNet-20 on a 10,000-image MNIST subset, L1-norm
+/// pruning of half of every block's inner channels, one fine-tuning epoch. Returns (dense
+/// top-1, pruned and fine-tuned top-1, MACs removed %).
+pub fn demo_row(epochs: usize, seed: u64) -> Result<(f64, f64, f64)> {
+    let base = PathBuf::from("runs/demo-prune-base");
+    let mut spec = DataSpec::new("mnist", 128, seed);
+    spec.train_subset = Some(10_000);
+    let d = standard_data(&spec)?;
+    let vs = VarStore::new(seed, &Device::Cpu);
+    let model = Arch::from_name("resnet20")?.build(&d.model_config, &vs.root(), &StandardFactory)?;
+    let mut cfg = TrainConfig::new("resnet20", "mnist", epochs, &base);
+    cfg.seed = seed;
+    let mut o = OptimizerConfig::sgd(0.1, 5e-4);
+    if let OptimizerConfig::Sgd { nesterov, .. } = &mut o {
+        *nesterov = true;
+    }
+    cfg.optimizer = o;
+    cfg.schedule = Schedule::cosine(0.0);
+    cfg.overwrite = true;
+    cfg.command = nn_core::report::command_line();
+    Trainer::new(cfg, model.as_ref(), &vs)?.fit(&d.train, Some(&d.test))?;
+    let r = run_one(&RunArgs {
+        method: "l1".into(),
+        seed,
+        out: Some(PathBuf::from("runs/demo-prune-l1")),
+        common: Common {
+            base,
+            rate: 0.5,
+            finetune_epochs: 1,
+            lr: 0.05,
+            batch_size: 128,
+            scop_epochs: 1,
+            knockoff_rank: 64,
+            target_kept: 0.6,
+            train_subset: Some(10_000),
+            test_subset: None,
+            data: None,
+            overwrite: true,
+            quiet: false,
+            results: "docs/results/demo.md".into(),
+        },
+    })?;
+    Ok((r.base_top1, r.final_top1, r.macs_removed_pct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(subcommand)]
+        c: PruneCommand,
+    }
+
+    #[test]
+    fn invalid_flags_are_named() {
+        let parse = |a: &[&str]| W::try_parse_from(std::iter::once("prune").chain(a.iter().copied())).map(|w| w.c);
+        assert!(parse(&["run", "--method", "l1"]).is_err(), "--base is required");
+        let PruneCommand::Run(mut a) = parse(&["run", "--method", "l2", "--base", "/nonexistent"]).unwrap() else {
+            panic!("not a run")
+        };
+        let e = format!("{:#}", run_one(&a).unwrap_err());
+        assert!(e.contains("unknown pruning method `l2`") && e.contains("scop"), "{e}");
+        a.method = "l1".into();
+        let e = format!("{:#}", run_one(&a).unwrap_err());
+        assert!(e.contains("/nonexistent") && e.contains("config.json"), "{e}");
+        a.common.rate = 1.5;
+        let dir = std::env::temp_dir().join(format!("cv-prune-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = TrainConfig::new("resnet20", "mnist", 1, &dir);
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        a.common.base = dir.clone();
+        let e = format!("{:#}", run_one(&a).unwrap_err());
+        assert!(e.contains("--rate"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
