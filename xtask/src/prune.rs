@@ -519,12 +519,14 @@ fn bench(a: &BenchArgs) -> Result<()> {
             speedup / mac_ratio
         ));
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let body = format!(
-        "## Inference speed of physically pruned {} (batch {}, 32x32, {} threads)\n\nBlock-inner channels removed by L1 norm at each rate; median of {} forward passes, dense and pruned interleaved in the same run. Target: speedup >= 0.8 x the MAC ratio.\n\n| rate | MACs removed | MAC ratio | dense ms | pruned ms | speedup | speedup / MAC ratio |\n|---|---|---|---|---|---|---|\n{}\n\n```\n{}\n```\n",
+        "## Inference speed of physically pruned {} (batch {}, 32x32, {} threads)\n\nBlock-inner channels removed by L1 norm at each rate; median of {} forward passes, dense and pruned interleaved in the same run (load average at the end: {}). Target: speedup >= 0.8 x the MAC ratio.\n\n| rate | MACs removed | MAC ratio | dense ms | pruned ms | speedup | speedup / MAC ratio |\n|---|---|---|---|---|---|---|\n{}\n\n```\n{}\n```\n",
         a.model,
         a.batch_size,
         rayon::current_num_threads(),
         a.iters,
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         rows.join("\n"),
         nn_core::report::command_line()
     );
