@@ -187,7 +187,8 @@ pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
             let s: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
             if i == j {
                 let v = a[i * n + i] - s;
-                if !(v > 0.0) {
+                // a pivot lost to rounding (relative to the diagonal) means a singular matrix
+                if !(v > 1e-10 * a[i * n + i].abs()) {
                     bail!("cholesky: matrix is not positive definite (pivot {i} = {v}); increase the ridge");
                 }
                 l[i * n + i] = v.sqrt();
