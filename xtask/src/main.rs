@@ -4,6 +4,7 @@
 
 mod bnn;
 mod nn;
+mod sfda;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,8 @@ enum Command {
         #[command(subcommand)]
         which: bnn::BnnCommand,
     },
+    /// Source-free domain adaptation (domain-adapt): source-only, SHOT-IM and SFDA-DE.
+    Sfda(sfda::SfdaArgs),
 }
 
 fn main() -> Result<()> {
@@ -73,5 +76,6 @@ fn main() -> Result<()> {
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
+        Command::Sfda(a) => sfda::run(a),
     }
 }
