@@ -81,6 +81,9 @@ pub struct SfdaArgs {
     /// Learning rate of source training and both adaptations (SGD, momentum 0.9, SHOT decay).
     #[arg(long, default_value_t = 0.01)]
     pub lr: f64,
+    /// Learning rate of the adaptations only (default: --lr).
+    #[arg(long)]
+    pub adapt_lr: Option<f64>,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Prefix of the run directories.
@@ -185,7 +188,7 @@ pub fn run(a: SfdaArgs) -> Result<()> {
         let shot = ShotImConfig {
             epochs: a.shot_epochs,
             batch_size: a.batch_size,
-            lr: a.lr,
+            lr: a.adapt_lr.unwrap_or(a.lr),
             seed,
             ..Default::default()
         };
@@ -200,7 +203,7 @@ pub fn run(a: SfdaArgs) -> Result<()> {
             loops: a.loops,
             steps_per_loop,
             samples_per_class: a.samples_per_class,
-            lr: a.lr,
+            lr: a.adapt_lr.unwrap_or(a.lr),
             kmeans: KMeansConfig {
                 distance_threshold: a.distance_threshold,
                 min_class_size: a.min_class_size,
@@ -216,7 +219,7 @@ pub fn run(a: SfdaArgs) -> Result<()> {
         };
         sizes = format!(
             "source {} ({} train images, {source_epochs} epochs, batch {}, label smoothing 0.1), target {tname} ({} unlabelled train images for adaptation, {} test images), {} {}x{} input, bottleneck {}; \
-             SHOT-IM {} epochs x batch {} ({shot_images} images); SFDA-DE {} loops x {steps_per_loop} steps x {} classes x {} samples ({} images), D_0 {}, N_0 {}, {covariance:?} covariance, gamma {}; SGD lr {} (SHOT decay), momentum 0.9, wd 5e-4",
+             SHOT-IM {} epochs x batch {} ({shot_images} images); SFDA-DE {} loops x {steps_per_loop} steps x {} classes x {} samples ({} images), D_0 {}, N_0 {}, {covariance:?} covariance, gamma {}; SGD lr {} (source) / {} (adaptation) with SHOT's decay, momentum 0.9, wd 5e-4",
             a.source,
             src.len(),
             a.batch_size,
@@ -235,7 +238,8 @@ pub fn run(a: SfdaArgs) -> Result<()> {
             a.distance_threshold,
             a.min_class_size,
             a.cov_scale,
-            a.lr
+            a.lr,
+            a.adapt_lr.unwrap_or(a.lr)
         );
         // ---- source model (trained once per seed and setting, then reused)
         let sdir = PathBuf::from(format!("runs/{}-{}-source-s{seed}", a.prefix, a.source));
