@@ -69,6 +69,9 @@ pub struct ShotImConfig {
     /// Weight of the diversity term (SHOT: 1).
     pub diversity_weight: f64,
     pub seed: u64,
+    /// Stop after this many steps (smoke runs of the large presets).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
 }
 
 impl Default for ShotImConfig {
@@ -80,6 +83,7 @@ impl Default for ShotImConfig {
             weight_decay: 5e-4,
             diversity_weight: 1.0,
             seed: 0,
+            max_steps: None,
         }
     }
 }
@@ -110,14 +114,20 @@ pub fn adapt_shot_im(
     let model = source.duplicate()?;
     let mut opt = optimizer(&model, cfg.lr, cfg.weight_decay)?;
     let per_epoch = target.len() / cfg.batch_size;
-    let total = per_epoch * cfg.epochs;
+    let total = cfg.max_steps.unwrap_or(usize::MAX).min(per_epoch * cfg.epochs);
     let t0 = Instant::now();
     let mut step = 0;
     let mut rounds = Vec::new();
     for epoch in 0..cfg.epochs {
+        if step >= total {
+            break;
+        }
         let order = epoch_order(target.len(), cfg.seed ^ 0x5107, epoch as u64);
-        let mut sum = 0.0;
+        let (mut sum, mut done) = (0.0, 0);
         for b in 0..per_epoch {
+            if step >= total {
+                break;
+            }
             let x = target.gather(&order[b * cfg.batch_size..(b + 1) * cfg.batch_size])?;
             opt.set_lr(cfg.lr * shot_lr_factor(step, total));
             let logits = model.head(&model.features(&x, true)?)?;
@@ -129,11 +139,12 @@ pub fn adapt_shot_im(
             opt.step(&loss.backward()?)?;
             sum += l;
             step += 1;
+            done += 1;
         }
         let st = RoundStats {
             round: epoch,
-            steps: per_epoch,
-            mean_loss: sum / per_epoch as f64,
+            steps: done,
+            mean_loss: sum / done.max(1) as f64,
             selected: 0,
             kept_classes: 0,
             kmeans_iters: 0,
@@ -257,10 +268,10 @@ pub fn adapt_sfda_de(
         let mut members = Vec::new();
         let mut gaussians = Vec::new();
         for c in 0..k {
-            if !clustering.kept_classes[c] {
-                continue;
-            }
             let m = clustering.members(c);
+            if !clustering.kept_classes[c] || m.len() < 2 {
+                continue; // a covariance needs two samples
+            }
             let mut rows = Vec::with_capacity(m.len() * dim);
             for &i in &m {
                 rows.extend_from_slice(&feats[i * dim..(i + 1) * dim]);
@@ -273,12 +284,11 @@ pub fn adapt_sfda_de(
             .filter(|&i| clustering.selected[i] && clustering.labels[i] == argmax[i])
             .count() as f64
             / selected.max(1) as f64;
-        if gaussians.len() < 2 {
+        if gaussians.is_empty() {
             bail!(
-                "SFDA-DE loop {round}: only {} class(es) have >= {} target samples within cosine distance {} of their centre; \
+                "SFDA-DE loop {round}: no class has >= {} target samples within cosine distance {} of its centre; \
                  raise kmeans.distance_threshold or lower kmeans.min_class_size",
-                gaussians.len(),
-                cfg.kmeans.min_class_size,
+                cfg.kmeans.min_class_size.max(2),
                 cfg.kmeans.distance_threshold
             );
         }

@@ -38,7 +38,7 @@ impl Default for KernelConfig {
     }
 }
 
-/// The CDD and its two parts (scalar tensors; gradients reach both feature sets).
+/// The CDD and its two parts (f64 scalar tensors; gradients reach both feature sets).
 #[derive(Debug, Clone)]
 pub struct CddLoss {
     /// `intra - inter`.
@@ -120,10 +120,12 @@ pub fn cdd(source: &Tensor, source_labels: &[usize], target: &Tensor, target_lab
             }
         }
     }
-    let dtype = source.dtype();
+    // Computed in f64 whatever the feature dtype (squared distances of large f32 features
+    // would overflow); gradients flow back through the conversion.
+    let dtype = DType::F64;
     let dev = source.device();
-    let p = Tensor::from_vec(p, (n, 2 * m), dev)?.to_dtype(dtype)?;
-    let z = Tensor::cat(&[source, target], 0)?;
+    let p = Tensor::from_vec(p, (n, 2 * m), dev)?;
+    let z = Tensor::cat(&[source.to_dtype(dtype)?, target.to_dtype(dtype)?], 0)?;
     let kmat = kernel_matrix(&z, k)?;
     let b = p.t()?.matmul(&kmat.matmul(&p)?)?; // [2M, 2M] block means
     let eye = Tensor::eye(m, dtype, dev)?;

@@ -9,7 +9,8 @@
 //!   `mu_k^s = |mu_k^t| * w_k / |w_k|`, with `mu_k^t = mean_{i in T_k} f_i`;
 //! - covariance: the spread of the target class, `Sigma_k^s = gamma * Sigma_k^t` with
 //!   `Sigma_k^t = 1/(|T_k| - 1) sum_{i in T_k} (f_i - mu_k^t)(f_i - mu_k^t)^T` (full) or only its
-//!   diagonal, plus `ridge * I` so the Cholesky factor exists with fewer samples than dimensions.
+//!   diagonal, plus `ridge * (tr Sigma / dim) * I` (relative to the mean variance, so it works at
+//!   any feature scale) so the Cholesky factor exists with fewer samples than dimensions.
 //!
 //! Surrogate source features are `mu_k^s + L_k z`, `z ~ N(0, I)`, `L_k L_k^T = Sigma_k^s`.
 
@@ -41,7 +42,7 @@ pub struct EstimatorConfig {
     pub covariance: Covariance,
     /// `gamma`: scale of the target class covariance.
     pub cov_scale: f64,
-    /// Added to the diagonal of the covariance.
+    /// Added to the diagonal of the covariance, relative to its mean variance.
     pub ridge: f64,
 }
 
@@ -119,7 +120,10 @@ impl ClassGaussian {
                         c[a * dim + b] = v;
                         c[b * dim + a] = v;
                     }
-                    c[a * dim + a] += cfg.ridge;
+                }
+                let ridge = cfg.ridge * (0..dim).map(|a| c[a * dim + a]).sum::<f64>() / dim as f64;
+                for a in 0..dim {
+                    c[a * dim + a] += ridge;
                 }
                 let l = cholesky(&c, dim)?;
                 (c, l)
@@ -129,7 +133,9 @@ impl ClassGaussian {
                 for r in rows.chunks_exact(dim) {
                     v.iter_mut().zip(r).zip(&tmean).for_each(|((v, x), m)| *v += (*x as f64 - m).powi(2));
                 }
-                v.iter_mut().for_each(|x| *x = *x * cfg.cov_scale / (n - 1) as f64 + cfg.ridge);
+                v.iter_mut().for_each(|x| *x *= cfg.cov_scale / (n - 1) as f64);
+                let ridge = cfg.ridge * v.iter().sum::<f64>() / dim as f64;
+                v.iter_mut().for_each(|x| *x += ridge);
                 let sd = v.iter().map(|x| x.sqrt()).collect();
                 (v, sd)
             }

@@ -42,6 +42,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Presets
+//! [`presets`] defines the paper's object-recognition protocols (Office-31, Office-Home with
+//! ResNet-50 and VisDA with ResNet-101, [`backbones`]) on class-folder data; `cargo xtask sfda
+//! --preset office31 --domains-dir DIR --source amazon --target webcam` runs them.
+//!
 //! ## Why each dependency is here
 //! - `nn-core`: backbones, layers (linear, BatchNorm, differentiable softmax), the SGD
 //!   optimizer, cross-entropy with label smoothing, seeded RNG streams, IDX reading and the
@@ -52,11 +57,13 @@
 //! - `anyhow`: errors that say which input or step is wrong.
 
 pub mod adapt;
+pub mod backbones;
 pub mod cdd;
 pub mod data;
 pub mod estimate;
 pub mod kmeans;
 pub mod model;
+pub mod presets;
 pub mod source;
 
 pub use adapt::{adapt_sfda_de, adapt_shot_im, information_maximization, AdaptReport, RoundStats, SfdaDeConfig, ShotImConfig};

@@ -17,7 +17,8 @@ pub const CLASSIFIER: &str = "classifier";
 /// What a [`SourceModel`] is built from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
-    /// An nn-core backbone name (`lenet5`, `lenet5-bn`, `resnet18`, ...); its pooled features
+    /// An nn-core backbone name (`lenet5`, `lenet5-bn`, `resnet18`, ...) or `resnet50` /
+    /// `resnet101` ([`crate::backbones`]); its pooled features
     /// feed the bottleneck, its own head is not used.
     pub arch: String,
     pub in_channels: usize,
@@ -61,8 +62,11 @@ impl SourceModel {
         let root = vs.root();
         // The backbone's own head is never called; one output keeps it tiny.
         let cfg = ModelConfig::new(spec.in_channels, 1, spec.image_size);
-        let backbone = create_model(&spec.arch, &cfg, &root.pp("backbone"), &StandardFactory)
-            .with_context(|| format!("building backbone `{}`", spec.arch))?;
+        let bvp = root.pp("backbone");
+        let backbone: Box<dyn Model> = match spec.arch.as_str() {
+            "resnet50" | "resnet101" => Box::new(crate::backbones::BottleneckResNet::new(&spec.arch, &bvp, &cfg, &StandardFactory)?),
+            _ => create_model(&spec.arch, &cfg, &bvp, &StandardFactory).with_context(|| format!("building backbone `{}`", spec.arch))?,
+        };
         let nf = backbone.num_features();
         let bottleneck = Linear::new(&root.pp("bottleneck"), nf, spec.bottleneck_dim, true)?;
         let bottleneck_bn = BatchNorm::new(&root.pp("bottleneck_bn"), spec.bottleneck_dim)?;

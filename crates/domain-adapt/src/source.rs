@@ -22,6 +22,9 @@ pub struct SourceTrainConfig {
     pub seed: u64,
     /// Print one line per epoch.
     pub verbose: bool,
+    /// Stop after this many steps (smoke runs of the large presets).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
 }
 
 impl Default for SourceTrainConfig {
@@ -34,6 +37,7 @@ impl Default for SourceTrainConfig {
             label_smoothing: 0.1,
             seed: 0,
             verbose: false,
+            max_steps: None,
         }
     }
 }
@@ -79,13 +83,19 @@ pub fn train_source(model: &SourceModel, data: &LabeledImages, cfg: &SourceTrain
     }
     let mut opt = OptimizerConfig::sgd(cfg.lr, cfg.weight_decay).build(model.var_store().trainable())?;
     let per_epoch = data.len() / cfg.batch_size;
-    let total = per_epoch * cfg.epochs;
+    let total = cfg.max_steps.unwrap_or(usize::MAX).min(per_epoch * cfg.epochs);
     let t0 = Instant::now();
     let (mut step, mut last) = (0, f64::NAN);
     for epoch in 0..cfg.epochs {
+        if step >= total {
+            break;
+        }
         let order = epoch_order(data.len(), cfg.seed, epoch as u64);
-        let mut sum = 0.0;
+        let (mut sum, mut done) = (0.0, 0);
         for b in 0..per_epoch {
+            if step >= total {
+                break;
+            }
             let idx = &order[b * cfg.batch_size..(b + 1) * cfg.batch_size];
             let it = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &Device::Cpu)?;
             let x = data.images.index_select(&it, 0)?;
@@ -99,8 +109,9 @@ pub fn train_source(model: &SourceModel, data: &LabeledImages, cfg: &SourceTrain
             opt.step(&loss.backward()?)?;
             sum += l;
             step += 1;
+            done += 1;
         }
-        last = sum / per_epoch as f64;
+        last = sum / done.max(1) as f64;
         if cfg.verbose {
             eprintln!("  source epoch {}/{}: loss {last:.4} ({:.0} s)", epoch + 1, cfg.epochs, t0.elapsed().as_secs_f64());
         }
