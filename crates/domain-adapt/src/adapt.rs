@@ -109,7 +109,10 @@ pub fn adapt_shot_im(
     mut observer: Option<Observer<'_>>,
 ) -> Result<(SourceModel, AdaptReport)> {
     if cfg.epochs == 0 || cfg.batch_size < 2 || target.len() < cfg.batch_size {
-        bail!("SHOT-IM needs epochs >= 1 and 2 <= batch size <= {} target images, got {cfg:?}", target.len());
+        bail!(
+            "SHOT-IM needs epochs >= 1 and 2 <= batch size <= {} target images, got {cfg:?}",
+            target.len()
+        );
     }
     let model = source.duplicate()?;
     let mut opt = optimizer(&model, cfg.lr, cfg.weight_decay)?;
@@ -263,7 +266,12 @@ pub fn adapt_sfda_de(
         let clustering = spherical_kmeans(&feats, dim, &anchors, &cfg.kmeans)?;
         let argmax: Vec<usize> = logits
             .chunks_exact(k)
-            .map(|r| r.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0)
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+                    .0
+            })
             .collect();
         let mut members = Vec::new();
         let mut gaussians = Vec::new();
@@ -276,7 +284,13 @@ pub fn adapt_sfda_de(
             for &i in &m {
                 rows.extend_from_slice(&feats[i * dim..(i + 1) * dim]);
             }
-            gaussians.push(ClassGaussian::estimate(c, &rows, dim, &anchors[c * dim..(c + 1) * dim], &cfg.estimator)?);
+            gaussians.push(ClassGaussian::estimate(
+                c,
+                &rows,
+                dim,
+                &anchors[c * dim..(c + 1) * dim],
+                &cfg.estimator,
+            )?);
             members.push(m);
         }
         let selected = clustering.num_selected();

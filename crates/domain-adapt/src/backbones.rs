@@ -82,7 +82,11 @@ impl BottleneckResNet {
             o => candle_core::bail!("unknown bottleneck ResNet `{o}` (resnet50, resnet101)"),
         };
         let stem = (
-            f.conv2d(&vp.pp("conv1"), Conv2dConfig::new(cfg.in_channels, 64, 7).stride(2).padding(3).bias(false), LayerRole::Stem)?,
+            f.conv2d(
+                &vp.pp("conv1"),
+                Conv2dConfig::new(cfg.in_channels, 64, 7).stride(2).padding(3).bias(false),
+                LayerRole::Stem,
+            )?,
             f.norm(&vp.pp("bn1"), 64, LayerRole::Stem)?,
             f.activation(&vp.pp("act1"), Activation::Relu, 64, LayerRole::Stem)?,
         );

@@ -61,7 +61,11 @@ fn sq_dists(z: &Tensor) -> Result<Tensor> {
 /// Multi-kernel Gaussian kernel matrix of `z`'s rows.
 fn kernel_matrix(z: &Tensor, k: &KernelConfig) -> Result<Tensor> {
     if k.num_kernels == 0 || !(k.kernel_mul > 0.0) {
-        bail!("kernel: need num_kernels >= 1 and kernel_mul > 0, got {} and {}", k.num_kernels, k.kernel_mul);
+        bail!(
+            "kernel: need num_kernels >= 1 and kernel_mul > 0, got {} and {}",
+            k.num_kernels,
+            k.kernel_mul
+        );
     }
     let n = z.dims()[0];
     let d2 = sq_dists(z)?;
@@ -91,10 +95,18 @@ fn kernel_matrix(z: &Tensor, k: &KernelConfig) -> Result<Tensor> {
 pub fn cdd(source: &Tensor, source_labels: &[usize], target: &Tensor, target_labels: &[usize], k: &KernelConfig) -> Result<CddLoss> {
     let (ns, nt) = (source.dims()[0], target.dims()[0]);
     if source.rank() != 2 || target.rank() != 2 || source.dims()[1] != target.dims()[1] {
-        bail!("cdd: features must be [N, D] with the same D, got {:?} and {:?}", source.dims(), target.dims());
+        bail!(
+            "cdd: features must be [N, D] with the same D, got {:?} and {:?}",
+            source.dims(),
+            target.dims()
+        );
     }
     if source_labels.len() != ns || target_labels.len() != nt {
-        bail!("cdd: {ns} source rows with {} labels, {nt} target rows with {} labels", source_labels.len(), target_labels.len());
+        bail!(
+            "cdd: {ns} source rows with {} labels, {nt} target rows with {} labels",
+            source_labels.len(),
+            target_labels.len()
+        );
     }
     let mut classes: Vec<usize> = source_labels.iter().copied().filter(|c| target_labels.contains(c)).collect();
     classes.sort_unstable();
@@ -132,7 +144,7 @@ pub fn cdd(source: &Tensor, source_labels: &[usize], target: &Tensor, target_lab
     let ss = b.narrow(0, 0, m)?.narrow(1, 0, m)?.mul(&eye)?.sum(1)?; // [M]
     let tt = b.narrow(0, m, m)?.narrow(1, m, m)?.mul(&eye)?.sum(1)?; // [M]
     let st = b.narrow(0, 0, m)?.narrow(1, m, m)?; // [M, M]: (source c1, target c2)
-    // D(c1, c2) = SS(c1) + TT(c2) - 2 ST(c1, c2)   (CAN Eq. 5)
+                                                  // D(c1, c2) = SS(c1) + TT(c2) - 2 ST(c1, c2)   (CAN Eq. 5)
     let dmat = ss.unsqueeze(1)?.broadcast_add(&tt.unsqueeze(0)?)?.sub(&(st * 2.0)?)?;
     let trace = dmat.mul(&eye)?.sum_all()?;
     let intra = (&trace / m as f64)?;

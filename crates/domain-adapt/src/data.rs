@@ -73,7 +73,9 @@ impl LabeledImages {
             bail!("{}: cannot convert {}-channel images to {channels} channels", ds.name, ds.channels);
         }
         let (h, w) = (ds.height, ds.width);
-        let pipe = Pipeline::new().resize(size, size).normalize(&vec![0.5; channels], &vec![0.5; channels]);
+        let pipe = Pipeline::new()
+            .resize(size, size)
+            .normalize(&vec![0.5; channels], &vec![0.5; channels]);
         let mut rng = nn_core::rng::seeded(0);
         let mut out = Vec::with_capacity(ds.len() * channels * size * size);
         let plane = h * w;

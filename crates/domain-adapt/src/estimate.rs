@@ -78,14 +78,22 @@ impl ClassGaussian {
     /// Estimates class `class` from its target features (`rows` of `dim`) and its anchor.
     pub fn estimate(class: usize, rows: &[f32], dim: usize, anchor: &[f32], cfg: &EstimatorConfig) -> Result<Self> {
         if dim == 0 || rows.len() % dim != 0 || anchor.len() != dim {
-            bail!("estimate: {} feature values and an anchor of {} for dim {dim}", rows.len(), anchor.len());
+            bail!(
+                "estimate: {} feature values and an anchor of {} for dim {dim}",
+                rows.len(),
+                anchor.len()
+            );
         }
         let n = rows.len() / dim;
         if n < 2 {
             bail!("estimate: class {class} has {n} target sample(s); a covariance needs at least 2");
         }
         if !(cfg.cov_scale >= 0.0 && cfg.ridge >= 0.0) {
-            bail!("estimate: cov_scale and ridge must be >= 0, got {} and {}", cfg.cov_scale, cfg.ridge);
+            bail!(
+                "estimate: cov_scale and ridge must be >= 0, got {} and {}",
+                cfg.cov_scale,
+                cfg.ridge
+            );
         }
         let anchor_norm = anchor.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
         if anchor_norm == 0.0 || !anchor_norm.is_finite() {
@@ -131,7 +139,10 @@ impl ClassGaussian {
             Covariance::Diagonal => {
                 let mut v = vec![0f64; dim];
                 for r in rows.chunks_exact(dim) {
-                    v.iter_mut().zip(r).zip(&tmean).for_each(|((v, x), m)| *v += (*x as f64 - m).powi(2));
+                    v.iter_mut()
+                        .zip(r)
+                        .zip(&tmean)
+                        .for_each(|((v, x), m)| *v += (*x as f64 - m).powi(2));
                 }
                 v.iter_mut().for_each(|x| *x *= cfg.cov_scale / (n - 1) as f64);
                 let ridge = cfg.ridge * v.iter().sum::<f64>() / dim as f64;

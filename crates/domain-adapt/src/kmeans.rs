@@ -61,7 +61,9 @@ pub struct Clustering {
 impl Clustering {
     /// Indices of the selected samples of class `k`.
     pub fn members(&self, k: usize) -> Vec<usize> {
-        (0..self.labels.len()).filter(|&i| self.selected[i] && self.labels[i] == k).collect()
+        (0..self.labels.len())
+            .filter(|&i| self.selected[i] && self.labels[i] == k)
+            .collect()
     }
 
     /// Number of selected samples.
@@ -97,7 +99,10 @@ pub fn spherical_kmeans(features: &[f32], dim: usize, anchors: &[f32], cfg: &KMe
         bail!("spherical_kmeans: features or anchors contain NaN or infinity");
     }
     if !(0.0..=1.0).contains(&cfg.distance_threshold) {
-        bail!("spherical_kmeans: distance_threshold must be in [0, 1] (cosine distance), got {}", cfg.distance_threshold);
+        bail!(
+            "spherical_kmeans: distance_threshold must be in [0, 1] (cosine distance), got {}",
+            cfg.distance_threshold
+        );
     }
     let rows: Vec<Vec<f32>> = features.chunks_exact(dim).map(unit).collect();
     let mut centers: Vec<Vec<f32>> = anchors.chunks_exact(dim).map(unit).collect();

@@ -119,7 +119,11 @@ impl SourceModel {
 
     /// The parameters adaptation may change: everything except the classifier.
     pub fn feature_params(&self) -> Vec<NamedVar> {
-        self.vs.trainable().into_iter().filter(|v| !v.name.starts_with(CLASSIFIER)).collect()
+        self.vs
+            .trainable()
+            .into_iter()
+            .filter(|v| !v.name.starts_with(CLASSIFIER))
+            .collect()
     }
 
     /// Parameters actually used by the forward pass (the backbone's unused head excluded).
@@ -167,7 +171,8 @@ impl SourceModel {
     /// Loads a model saved by [`SourceModel::save`] with the same spec.
     pub fn load(spec: &ModelSpec, path: impl AsRef<Path>) -> Result<Self> {
         let m = Self::new(spec, 0)?;
-        m.vs.load(path.as_ref()).with_context(|| format!("loading the source model {}", path.as_ref().display()))?;
+        m.vs.load(path.as_ref())
+            .with_context(|| format!("loading the source model {}", path.as_ref().display()))?;
         Ok(m)
     }
 }

@@ -39,13 +39,20 @@ pub const PRESETS: &[&str] = &["office31", "office-home", "visda"];
 
 /// The preset `name` (see [`PRESETS`]).
 pub fn preset(name: &str) -> Result<Preset> {
-    let (arch, classes, domains, src_epochs, shot_epochs, classes_per_step, samples_per_class): (_, _, &'static [&'static str], _, _, _, _) =
-        match name {
-            "office31" => ("resnet50", 31, &["amazon", "dslr", "webcam"], 100, 15, 3, 10),
-            "office-home" => ("resnet50", 65, &["Art", "Clipart", "Product", "Real_World"], 50, 15, 3, 10),
-            "visda" => ("resnet101", 12, &["train", "validation"], 10, 2, 12, 3),
-            o => bail!("unknown preset `{o}`; valid presets: {}", PRESETS.join(", ")),
-        };
+    let (arch, classes, domains, src_epochs, shot_epochs, classes_per_step, samples_per_class): (
+        _,
+        _,
+        &'static [&'static str],
+        _,
+        _,
+        _,
+        _,
+    ) = match name {
+        "office31" => ("resnet50", 31, &["amazon", "dslr", "webcam"], 100, 15, 3, 10),
+        "office-home" => ("resnet50", 65, &["Art", "Clipart", "Product", "Real_World"], 50, 15, 3, 10),
+        "visda" => ("resnet101", 12, &["train", "validation"], 10, 2, 12, 3),
+        o => bail!("unknown preset `{o}`; valid presets: {}", PRESETS.join(", ")),
+    };
     Ok(Preset {
         name: PRESETS.iter().find(|p| **p == name).expect("listed"),
         spec: ModelSpec {
@@ -83,7 +90,11 @@ impl Preset {
     /// has the preset's number of classes. `max_per_class` keeps the first files of each class.
     pub fn load_domain(&self, domains_dir: &Path, domain: &str, max_per_class: Option<usize>) -> Result<LabeledImages> {
         if !self.domains.contains(&domain) {
-            bail!("preset {}: unknown domain `{domain}`; its domains are {}", self.name, self.domains.join(", "));
+            bail!(
+                "preset {}: unknown domain `{domain}`; its domains are {}",
+                self.name,
+                self.domains.join(", ")
+            );
         }
         let dir = domains_dir.join(domain);
         let opts = ImageFolderOptions {

@@ -71,7 +71,12 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 /// Trains every parameter of `model` on the labelled source images.
 pub fn train_source(model: &SourceModel, data: &LabeledImages, cfg: &SourceTrainConfig) -> Result<SourceTrainReport> {
     if data.num_classes != model.spec().num_classes {
-        bail!("source data {} has {} classes, the model {}", data.name, data.num_classes, model.spec().num_classes);
+        bail!(
+            "source data {} has {} classes, the model {}",
+            data.name,
+            data.num_classes,
+            model.spec().num_classes
+        );
     }
     if cfg.epochs == 0 || cfg.batch_size < 2 || data.len() < cfg.batch_size {
         bail!(
@@ -113,7 +118,12 @@ pub fn train_source(model: &SourceModel, data: &LabeledImages, cfg: &SourceTrain
         }
         last = sum / done.max(1) as f64;
         if cfg.verbose {
-            eprintln!("  source epoch {}/{}: loss {last:.4} ({:.0} s)", epoch + 1, cfg.epochs, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "  source epoch {}/{}: loss {last:.4} ({:.0} s)",
+                epoch + 1,
+                cfg.epochs,
+                t0.elapsed().as_secs_f64()
+            );
         }
     }
     let wall = t0.elapsed().as_secs_f64();

@@ -54,7 +54,9 @@ fn trained_source() -> SourceModel {
 fn snapshot(m: &SourceModel, prefix: &str) -> Vec<f32> {
     let mut all: Vec<_> = m.var_store().all().into_iter().filter(|v| v.name.starts_with(prefix)).collect();
     all.sort_by(|a, b| a.name.cmp(&b.name));
-    all.iter().flat_map(|v| v.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    all.iter()
+        .flat_map(|v| v.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 #[test]
@@ -89,7 +91,11 @@ fn sfda_de_and_shot_im_adapt_a_copy_with_the_classifier_frozen() {
     assert_eq!(seen_rounds, 2);
     assert_eq!(report.steps, 6);
     assert_eq!(snapshot(&source, ""), before, "the source model must not change");
-    assert_eq!(snapshot(&adapted, "classifier"), snapshot(&source, "classifier"), "classifier frozen");
+    assert_eq!(
+        snapshot(&adapted, "classifier"),
+        snapshot(&source, "classifier"),
+        "classifier frozen"
+    );
     assert_ne!(snapshot(&adapted, "backbone"), snapshot(&source, "backbone"), "features adapted");
 
     let (adapted, report) = adapt_shot_im(
@@ -127,7 +133,18 @@ fn information_maximization_by_hand() {
 fn bad_configurations_are_refused_with_the_reason() {
     let source = SourceModel::new(&spec(), 0).unwrap();
     let target = domain(2, false, 0, 3).without_labels().unwrap();
-    let e = adapt_sfda_de(&source, &target, &SfdaDeConfig { loops: 0, ..Default::default() }, None).err().unwrap().to_string();
+    let e = adapt_sfda_de(
+        &source,
+        &target,
+        &SfdaDeConfig {
+            loops: 0,
+            ..Default::default()
+        },
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("loops >= 1"), "{e}");
     // an untrained model with an impossible threshold keeps no class
     let cfg = SfdaDeConfig {
@@ -139,7 +156,10 @@ fn bad_configurations_are_refused_with_the_reason() {
     };
     let e = adapt_sfda_de(&source, &target, &cfg, None).err().unwrap().to_string();
     assert!(e.contains("distance_threshold"), "{e}");
-    let e = adapt_shot_im(&source, &target, &ShotImConfig::default(), None).err().unwrap().to_string();
+    let e = adapt_shot_im(&source, &target, &ShotImConfig::default(), None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("batch size"), "{e}");
     let e = TargetImages::new(Tensor::zeros((3, 16), candle_core::DType::F32, &Device::Cpu).unwrap())
         .err()

@@ -51,7 +51,12 @@ fn multi_kernel_and_multiple_samples_by_hand() {
     let got = val(&mmd2(&t(&[0.0, 2.0], 2), &t(&[1.0], 1), &k).unwrap());
     assert!((got - (xx + yy - 2.0 * xy)).abs() < 1e-12, "{got}");
     // identical sets: zero discrepancy
-    let z = val(&mmd2(&t(&[0.5, 1.0, -2.0, 3.0], 2), &t(&[0.5, 1.0, -2.0, 3.0], 2), &KernelConfig::default()).unwrap());
+    let z = val(&mmd2(
+        &t(&[0.5, 1.0, -2.0, 3.0], 2),
+        &t(&[0.5, 1.0, -2.0, 3.0], 2),
+        &KernelConfig::default(),
+    )
+    .unwrap());
     assert!(z.abs() < 1e-12, "{z}");
 }
 
@@ -102,10 +107,16 @@ fn gradients_match_finite_differences() {
 #[test]
 fn bad_inputs_are_named() {
     let k = KernelConfig::default();
-    let e = cdd(&t(&[0.0, 1.0], 2), &[0, 0], &t(&[1.0, 2.0], 2), &[1, 1], &k).unwrap_err().to_string();
+    let e = cdd(&t(&[0.0, 1.0], 2), &[0, 0], &t(&[1.0, 2.0], 2), &[1, 1], &k)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no class has both"), "{e}");
-    let e = cdd(&t(&[0.0, 1.0], 2), &[0], &t(&[1.0, 2.0], 2), &[0, 0], &k).unwrap_err().to_string();
+    let e = cdd(&t(&[0.0, 1.0], 2), &[0], &t(&[1.0, 2.0], 2), &[0, 0], &k)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("labels"), "{e}");
-    let e = cdd(&t(&[0.0, 1.0], 1), &[0], &t(&[1.0, 2.0, 3.0], 1), &[0], &k).unwrap_err().to_string();
+    let e = cdd(&t(&[0.0, 1.0], 1), &[0], &t(&[1.0, 2.0, 3.0], 1), &[0], &k)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("same D"), "{e}");
 }

@@ -46,7 +46,11 @@ fn mean_takes_the_anchor_direction_and_the_target_length() {
     let g = ClassGaussian::estimate(3, &rows, 3, &[2.0, 0.0, 0.0], &EstimatorConfig::default()).unwrap();
     let tnorm = g.target_mean.iter().map(|v| v * v).sum::<f64>().sqrt();
     assert!((tnorm - 5.0).abs() < 0.1, "{tnorm}");
-    assert!((g.mean[0] - tnorm).abs() < 1e-9 && g.mean[1].abs() < 1e-12 && g.mean[2].abs() < 1e-12, "{:?}", g.mean);
+    assert!(
+        (g.mean[0] - tnorm).abs() < 1e-9 && g.mean[1].abs() < 1e-12 && g.mean[2].abs() < 1e-12,
+        "{:?}",
+        g.mean
+    );
     assert_eq!(g.class, 3);
 }
 
@@ -67,7 +71,17 @@ fn diagonal_option_scale_and_sampling() {
     let full = ClassGaussian::estimate(0, &rows, 3, &[1.0, 0.0, 0.0], &EstimatorConfig::default()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let s = full.sample(20000, &mut rng);
-    let back = ClassGaussian::estimate(0, &s, 3, &[1.0, 0.0, 0.0], &EstimatorConfig { ridge: 0.0, ..Default::default() }).unwrap();
+    let back = ClassGaussian::estimate(
+        0,
+        &s,
+        3,
+        &[1.0, 0.0, 0.0],
+        &EstimatorConfig {
+            ridge: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for a in 0..3 {
         assert!((back.target_mean[a] - full.mean[a]).abs() < 0.05);
         for b in 0..3 {
@@ -79,9 +93,13 @@ fn diagonal_option_scale_and_sampling() {
 #[test]
 fn bad_inputs_are_named() {
     let cfg = EstimatorConfig::default();
-    let e = ClassGaussian::estimate(4, &[1.0, 2.0], 2, &[1.0, 0.0], &cfg).unwrap_err().to_string();
+    let e = ClassGaussian::estimate(4, &[1.0, 2.0], 2, &[1.0, 0.0], &cfg)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("class 4 has 1 target sample"), "{e}");
-    let e = ClassGaussian::estimate(0, &[1.0, 2.0, 3.0, 4.0], 2, &[0.0, 0.0], &cfg).unwrap_err().to_string();
+    let e = ClassGaussian::estimate(0, &[1.0, 2.0, 3.0, 4.0], 2, &[0.0, 0.0], &cfg)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("anchor"), "{e}");
     // rank-deficient covariance without a ridge cannot be factorised
     let e = ClassGaussian::estimate(0, &[1.0, 1.0, 2.0, 2.0], 2, &[1.0, 0.0], &EstimatorConfig { ridge: 0.0, ..cfg })
