@@ -398,7 +398,7 @@ fn paper_anchor(source: &str, target: &str) -> Option<(f64, f64, f64)> {
 }
 
 fn table(a: &SfdaArgs, tname: &str, rows: &[Row], sizes: &str, wall: f64) -> String {
-    let mut out = format!("## {} -> {tname}: source-only, SHOT-IM, SFDA-DE\n\n", a.source);
+    let mut out = format!("## {} -> {tname}: {}\n\n", a.source, a.methods.join(", "));
     out += "Target test top-1 % (mean +- std over seeds; every adaptation starts from the same source model of its seed).\n\n";
     out += "| method | target top-1 % | per seed | adaptation wall s (mean) |\n|---|---|---|---|\n";
     let mut means = std::collections::HashMap::new();
