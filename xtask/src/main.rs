@@ -5,6 +5,7 @@
 mod bnn;
 mod nn;
 mod prune;
+mod sfda;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +62,8 @@ enum Command {
         #[command(subcommand)]
         which: prune::PruneCommand,
     },
+    /// Source-free domain adaptation (domain-adapt): source-only, SHOT-IM and SFDA-DE.
+    Sfda(sfda::SfdaArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,5 +84,6 @@ fn main() -> Result<()> {
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
         Command::Prune { which } => prune::run(which),
+        Command::Sfda(a) => sfda::run(a),
     }
 }

@@ -399,6 +399,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         format!("ResNet-20 pruned ({macs_removed:.0}% MACs removed), 1 fine-tuning epoch"),
         pruned,
     ));
+    crate::sfda::demo(a.seed)?;
     println!(
         "\n== demo summary: MNIST test top-1 after {} epoch(s), seed {} ==\n",
         a.epochs, a.seed
