@@ -26,6 +26,7 @@
 pub mod bimlp;
 pub mod binary;
 pub mod counts;
+pub mod deploy;
 pub mod factory;
 pub mod lns;
 pub mod quantizer;
