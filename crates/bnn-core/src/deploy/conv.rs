@@ -208,55 +208,36 @@ impl PackedConv {
 
     /// The exact integer convolution `conv(sign(x), sign(W))` with zero padding, `[pixels, cout]`.
     pub fn forward_i32(&self, x: &Nhwc, kernel: Kernel) -> Result<(Vec<i32>, usize, usize), String> {
-        let mut out = Vec::new();
-        let (oh, ow) = self.run(
-            x,
-            kernel,
-            |dots, _, tile| {
-                tile.extend_from_slice(dots);
-            },
-            &mut out,
-        )?;
+        let (oh, ow) = self.geom.check(x)?;
+        let mut out = vec![0i32; x.n * oh * ow * self.geom.cout];
+        self.run(x, kernel, &mut out, |dots, tile| tile.copy_from_slice(dots))?;
         Ok((out, oh, ow))
     }
 
     /// `dot * scale + bias` per output channel, NHWC.
     pub fn forward(&self, x: &Nhwc, kernel: Kernel) -> Result<Nhwc, String> {
+        let (oh, ow) = self.geom.check(x)?;
         let cout = self.geom.cout;
-        let mut out = Vec::new();
-        let (oh, ow) = self.run(
-            x,
-            kernel,
-            |dots, _, tile| {
-                for (i, &d) in dots.iter().enumerate() {
-                    let o = i % cout;
-                    tile.push(d as f32 * self.scale[o] + self.bias[o]);
+        let mut out = Nhwc::zeros(x.n, oh, ow, cout);
+        self.run(x, kernel, &mut out.data, |dots, tile| {
+            for (d, y) in dots.chunks_exact(cout).zip(tile.chunks_exact_mut(cout)) {
+                for (((y, &d), &s), &b) in y.iter_mut().zip(d).zip(&self.scale).zip(&self.bias) {
+                    *y = d as f32 * s + b;
                 }
-            },
-            &mut out,
-        )?;
-        Ok(Nhwc {
-            n: x.n,
-            h: oh,
-            w: ow,
-            c: cout,
-            data: out,
-        })
+            }
+        })?;
+        Ok(out)
     }
 
-    /// Packs, gathers and multiplies per tile of output pixels; `emit(dots, first_pixel, out)`
-    /// appends the tile's `[rows, cout]` exact dot products (padding-corrected) in its output
-    /// form. Tiles are concatenated in pixel order.
-    fn run<T: Send>(
-        &self,
-        x: &Nhwc,
-        kernel: Kernel,
-        emit: impl Fn(&[i32], usize, &mut Vec<T>) + Sync,
-        out: &mut Vec<T>,
-    ) -> Result<(usize, usize), String> {
+    /// Packs, gathers and multiplies per tile of [`ROW_TILE`] output pixels; `emit(dots, out)`
+    /// turns the tile's `[rows, cout]` exact dot products (padding-corrected) into its slice of
+    /// the `[pixels, cout]` output.
+    fn run<T: Send>(&self, x: &Nhwc, kernel: Kernel, out: &mut [T], emit: impl Fn(&[i32], &mut [T]) + Sync) -> Result<(), String> {
         let g = self.geom;
         let (oh, ow) = g.check(x)?;
         let (h, w, cin, cout) = (x.h, x.w, g.cin, g.cout);
+        let m = x.n * oh * ow;
+        assert_eq!(out.len(), m * cout, "binary conv: output buffer size");
         // 1. one packed bit field of C bits per input pixel
         let cw = words(cin);
         let mut px = vec![0u64; x.pixels() * cw];
@@ -275,16 +256,22 @@ impl PackedConv {
         let k = g.k();
         let wpr = words(k);
         let taps = g.kh * g.kw;
-        let m = x.n * oh * ow;
-        let tiles: Vec<Vec<T>> = (0..m.div_ceil(ROW_TILE))
-            .into_par_iter()
-            .map(|t| {
+        let scratch = || {
+            (
+                vec![0u64; ROW_TILE * wpr],
+                vec![0u32; ROW_TILE * cout],
+                vec![0i32; ROW_TILE * cout],
+                Vec::new(),
+            )
+        };
+        out.par_chunks_mut(ROW_TILE * cout)
+            .enumerate()
+            .for_each_init(scratch, |(cols, pc, dots, padded), (t, tile)| {
                 let p0 = t * ROW_TILE;
-                let rows = ROW_TILE.min(m - p0);
-                let mut cols = vec![0u64; rows * wpr];
-                let mut pc = vec![0u32; rows * cout];
-                let mut dots = vec![0i32; rows * cout];
-                let mut padded: Vec<(usize, usize)> = Vec::new(); // (row, tap)
+                let rows = tile.len() / cout;
+                let cols = &mut cols[..rows * wpr];
+                cols.fill(0);
+                padded.clear();
                 for r in 0..rows {
                     let p = p0 + r;
                     let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
@@ -303,26 +290,19 @@ impl PackedConv {
                         }
                     }
                 }
-                xor_popcount_block(kernel, &cols, rows, &self.weights.data, cout, wpr, &mut pc, cout);
-                for (d, &c) in dots.iter_mut().zip(&pc) {
+                let (pc, dots) = (&mut pc[..rows * cout], &mut dots[..rows * cout]);
+                xor_popcount_block(kernel, cols, rows, &self.weights.data, cout, wpr, pc, cout);
+                for (d, &c) in dots.iter_mut().zip(pc.iter()) {
                     *d = k as i32 - 2 * c as i32;
                 }
-                for &(r, tap) in &padded {
+                for &(r, tap) in padded.iter() {
                     for o in 0..cout {
                         dots[r * cout + o] -= self.tap_sums[o * taps + tap];
                     }
                 }
-                let mut v = Vec::with_capacity(rows * cout);
-                emit(&dots, p0, &mut v);
-                v
-            })
-            .collect();
-        out.clear();
-        out.reserve(m * cout);
-        for t in tiles {
-            out.extend(t);
-        }
-        Ok((oh, ow))
+                emit(dots, tile);
+            });
+        Ok(())
     }
 }
 
@@ -364,31 +344,33 @@ impl FloatConv {
         let g = self.geom;
         let (oh, ow) = g.check(x)?;
         let (h, w, cin, cout) = (x.h, x.w, g.cin, g.cout);
+        let k = g.k();
         let mut out = Nhwc::zeros(x.n, oh, ow, cout);
-        out.data.par_chunks_mut(cout * 64).enumerate().for_each(|(t, chunk)| {
-            for (r, y) in chunk.chunks_mut(cout).enumerate() {
-                let p = t * 64 + r;
-                let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
-                y.copy_from_slice(&self.bias);
-                for ky in 0..g.kh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
+        out.data.par_chunks_mut(cout * 64).enumerate().for_each_init(
+            || vec![0f32; k],
+            |patch, (t, chunk)| {
+                for (r, y) in chunk.chunks_mut(cout).enumerate() {
+                    let p = t * 64 + r;
+                    let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
+                    // the receptive field in (kh, kw, c) order, zeros where padded
+                    for ky in 0..g.kh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        for kx in 0..g.kw {
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            let dst = &mut patch[(ky * g.kw + kx) * cin..][..cin];
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                dst.fill(0.0);
+                            } else {
+                                dst.copy_from_slice(&x.data[((b * h + iy as usize) * w + ix as usize) * cin..][..cin]);
+                            }
+                        }
                     }
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        if ix < 0 || ix >= w as isize {
-                            continue;
-                        }
-                        let xin = &x.data[((b * h + iy as usize) * w + ix as usize) * cin..][..cin];
-                        for (o, yo) in y.iter_mut().enumerate() {
-                            let wr = &self.weight[((o * g.kh + ky) * g.kw + kx) * cin..][..cin];
-                            *yo += xin.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
-                        }
+                    for ((yo, wr), &bias) in y.iter_mut().zip(self.weight.chunks_exact(k)).zip(&self.bias) {
+                        *yo = bias + patch.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
                     }
                 }
-            }
-        });
+            },
+        );
         Ok(out)
     }
 }
