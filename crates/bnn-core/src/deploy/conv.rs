@@ -25,7 +25,7 @@
 //! [`crate::deploy::export`]).
 
 use crate::deploy::gemm::{xor_popcount_block, Kernel, ROW_TILE};
-use crate::deploy::pack::{sign_bit, words, BitWriter, PackedMatrix};
+use crate::deploy::pack::{pack_into, words, BitWriter, PackedMatrix};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -243,13 +243,7 @@ impl PackedConv {
         let mut px = vec![0u64; x.pixels() * cw];
         px.par_chunks_mut(cw * 256).zip(x.data.par_chunks(cin * 256)).for_each(|(pw, xv)| {
             for (p, v) in pw.chunks_mut(cw).zip(xv.chunks(cin)) {
-                for (wi, chunk) in p.iter_mut().zip(v.chunks(64)) {
-                    let mut bits = 0u64;
-                    for (j, &f) in chunk.iter().enumerate() {
-                        bits |= sign_bit(f) << j;
-                    }
-                    *wi = bits;
-                }
+                pack_into(v, p);
             }
         });
         // 2. per tile: im2col rows, xor-popcount against all weights, correction, emit

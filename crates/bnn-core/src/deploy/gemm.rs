@@ -14,8 +14,10 @@
 //!   `vpshufb` (`_mm256_shuffle_epi8`) on the low and high nibble of each byte, byte counts
 //!   accumulated for up to 31 steps (each step adds at most 8 per byte, 31 * 8 < 256) and then
 //!   widened with `vpsadbw`; a 2 x 2 register tile of output entries; the words that do not fill
-//!   a 256-bit vector go through `popcnt`.
-//! - [`Kernel::Popcnt`]: the 64-bit `popcnt` instruction, a 2 x 4 register tile.
+//!   a 256-bit vector go through `popcnt`. Below 8 words per row it uses the `popcnt` loops.
+//! - [`Kernel::Popcnt`]: the 64-bit `popcnt` instruction; rows of up to 12 words (`K <= 768`,
+//!   every convolution of ResNet-20) use a loop specialised to the word count, fully unrolled,
+//!   with the row of `A` in registers; longer rows a 2 x 4 register tile.
 //! - [`Kernel::Portable`]: the same tile with `u64::count_ones` compiled for the baseline
 //!   target (a software popcount on x86-64 without `popcnt`); any architecture.
 //!
@@ -208,20 +210,63 @@ fn drive_scalar(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut 
     }
 }
 
+/// Rows of exactly `W` words (the small `K` of convolutions: `W = words(9 C)`, 3 to 9 for
+/// ResNet-20): each row of `A` is held in an array and dotted with every row of `B`, the word
+/// loop fully unrolled.
+#[inline(always)]
+fn drive_fixed<const W: usize>(a: &[u64], m: usize, b: &[u64], n: usize, out: &mut [u32], ldo: usize) {
+    for (i, ar) in a.chunks_exact(W).take(m).enumerate() {
+        let ar: &[u64; W] = ar.try_into().expect("W words");
+        let o = &mut out[i * ldo..i * ldo + n];
+        for (oj, br) in o.iter_mut().zip(b.chunks_exact(W)) {
+            let br: &[u64; W] = br.try_into().expect("W words");
+            let mut acc = 0u32;
+            for w in 0..W {
+                acc += (ar[w] ^ br[w]).count_ones();
+            }
+            *oj = acc;
+        }
+    }
+}
+
+/// Dispatches to [`drive_fixed`] for `wpr <= 12`, else to the tiled loop.
+#[inline(always)]
+fn drive_any(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
+    match wpr {
+        1 => drive_fixed::<1>(a, m, b, n, out, ldo),
+        2 => drive_fixed::<2>(a, m, b, n, out, ldo),
+        3 => drive_fixed::<3>(a, m, b, n, out, ldo),
+        4 => drive_fixed::<4>(a, m, b, n, out, ldo),
+        5 => drive_fixed::<5>(a, m, b, n, out, ldo),
+        6 => drive_fixed::<6>(a, m, b, n, out, ldo),
+        7 => drive_fixed::<7>(a, m, b, n, out, ldo),
+        8 => drive_fixed::<8>(a, m, b, n, out, ldo),
+        9 => drive_fixed::<9>(a, m, b, n, out, ldo),
+        10 => drive_fixed::<10>(a, m, b, n, out, ldo),
+        11 => drive_fixed::<11>(a, m, b, n, out, ldo),
+        12 => drive_fixed::<12>(a, m, b, n, out, ldo),
+        _ => drive_scalar(a, m, b, n, wpr, out, ldo),
+    }
+}
+
 fn block_scalar(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
-    drive_scalar(a, m, b, n, wpr, out, ldo)
+    drive_any(a, m, b, n, wpr, out, ldo)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
 fn block_popcnt(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
-    drive_scalar(a, m, b, n, wpr, out, ldo)
+    drive_any(a, m, b, n, wpr, out, ldo)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 fn block_avx2(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
     use std::arch::x86_64::*;
+    if wpr < 8 {
+        // under two vectors per dot product the table lookups do not pay off
+        return drive_any(a, m, b, n, wpr, out, ldo);
+    }
     const T: usize = 2; // 2 x 2 tile
     let vecs = wpr / 4;
     let tail = vecs * 4;

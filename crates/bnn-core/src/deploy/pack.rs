@@ -8,6 +8,8 @@
 //! popcount of an `xor` and a dot product over `K` true elements is exactly
 //! `K - 2 * popcount(a xor b)`.
 
+use rayon::prelude::*;
+
 /// Number of `u64` words that hold `k` bits.
 #[inline]
 pub fn words(k: usize) -> usize {
@@ -41,8 +43,12 @@ impl PackedMatrix {
         );
         let wpr = words(k);
         let mut data = vec![0u64; rows * wpr];
-        for (r, row) in x.chunks_exact(k.max(1)).enumerate().take(rows) {
-            pack_into(row, &mut data[r * wpr..(r + 1) * wpr]);
+        if k > 0 {
+            data.par_chunks_mut(wpr * 64).zip(x.par_chunks(k * 64)).for_each(|(d, xs)| {
+                for (dr, xr) in d.chunks_mut(wpr).zip(xs.chunks(k)) {
+                    pack_into(xr, dr);
+                }
+            });
         }
         Self { rows, k, data }
     }
@@ -88,12 +94,45 @@ impl PackedMatrix {
     }
 }
 
-/// Packs the signs of `x` into `out` (`words(x.len())` words; unused bits cleared).
+/// Packs the signs of `x` into `out` (`words(x.len())` words; unused bits cleared). With AVX2,
+/// eight values at a time: `vcmpps` with "not greater or equal, unordered" (true for `x < 0`
+/// and NaN, false for `-0.0`) and `vmovmskps`.
 pub fn pack_into(x: &[f32], out: &mut [u64]) {
-    debug_assert_eq!(out.len(), words(x.len()));
+    assert_eq!(out.len(), words(x.len()), "pack_into: {} words for {} values", out.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available.
+        unsafe { pack_avx2(x, out) };
+        return;
+    }
+    pack_scalar(x, out)
+}
+
+fn pack_scalar(x: &[f32], out: &mut [u64]) {
     for (w, chunk) in out.iter_mut().zip(x.chunks(64)) {
         let mut bits = 0u64;
         for (j, &v) in chunk.iter().enumerate() {
+            bits |= sign_bit(v) << j;
+        }
+        *w = bits;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_avx2(x: &[f32], out: &mut [u64]) {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_ps();
+    for (w, chunk) in out.iter_mut().zip(x.chunks(64)) {
+        let groups = chunk.len() / 8;
+        let mut bits = 0u64;
+        for g in 0..groups {
+            // SAFETY: g * 8 + 8 <= chunk.len().
+            let v = _mm256_loadu_ps(chunk.as_ptr().add(g * 8));
+            let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NGE_UQ>(v, zero)) as u32 as u64;
+            bits |= m << (g * 8);
+        }
+        for (j, &v) in chunk.iter().enumerate().skip(groups * 8) {
             bits |= sign_bit(v) << j;
         }
         *w = bits;
@@ -175,6 +214,22 @@ mod tests {
         assert_eq!(p.row(1)[1] >> 6, 0);
         assert!(PackedMatrix::from_words(1, 70, vec![0, 1 << 10]).is_err());
         assert!(PackedMatrix::from_words(1, 70, vec![0]).is_err());
+    }
+
+    #[test]
+    fn simd_and_scalar_packing_agree() {
+        let mut x: Vec<f32> = (0..213).map(|i| ((i * 7919 % 23) as f32) - 11.0).collect();
+        x[3] = -0.0;
+        x[70] = f32::NAN;
+        x[71] = 0.0;
+        x[72] = f32::NEG_INFINITY;
+        let mut a = vec![0u64; words(x.len())];
+        let mut b = a.clone();
+        pack_into(&x, &mut a);
+        pack_scalar(&x, &mut b);
+        assert_eq!(a, b);
+        assert_eq!((a[0] >> 3) & 1, 0, "-0.0 is +1");
+        assert_eq!((a[1] >> 6) & 0b111, 0b101, "NaN -1, 0.0 +1, -inf -1");
     }
 
     #[test]
