@@ -13,7 +13,7 @@
 //! - [`Kernel::Avx2`]: 256-bit `xor`, popcount by a 16-entry nibble table looked up with
 //!   `vpshufb` (`_mm256_shuffle_epi8`) on the low and high nibble of each byte, byte counts
 //!   accumulated for up to 31 steps (each step adds at most 8 per byte, 31 * 8 < 256) and then
-//!   widened with `vpsadbw`; a 2 x 2 register tile of output entries; the words that do not fill
+//!   widened with `vpsadbw`; one row of `A` against four rows of `B`; the words that do not fill
 //!   a 256-bit vector go through `popcnt`. Below 8 words per row it uses the `popcnt` loops.
 //! - [`Kernel::Popcnt`]: the 64-bit `popcnt` instruction; rows of up to 12 words (`K <= 768`,
 //!   every convolution of ResNet-20) use a loop specialised to the word count, fully unrolled,
@@ -267,7 +267,6 @@ fn block_avx2(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u
         // under two vectors per dot product the table lookups do not pay off
         return drive_any(a, m, b, n, wpr, out, ldo);
     }
-    const T: usize = 2; // 2 x 2 tile
     let vecs = wpr / 4;
     let tail = vecs * 4;
     let lut = _mm256_setr_epi8(
@@ -275,61 +274,57 @@ fn block_avx2(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u
     );
     let low = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
-    let popcnt8 = |x: __m256i| -> __m256i {
+    // byte-wise popcount of x, added to acc
+    let pc8 = |acc: __m256i, x: __m256i| -> __m256i {
         let lo = _mm256_and_si256(x, low);
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low);
-        _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi))
+        _mm256_add_epi8(acc, _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi)))
     };
     let hsum = |v: __m256i| -> u32 {
-        let mut l = [0u64; 4];
-        // SAFETY: l is 32 bytes; unaligned store.
-        unsafe { _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, v) };
-        (l[0] + l[1] + l[2] + l[3]) as u32
+        let s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        (_mm_cvtsi128_si64(s) + _mm_extract_epi64::<1>(s)) as u32
     };
-    let scalar_tail = |ar: &[u64], br: &[u64]| -> u32 { ar[tail..].iter().zip(&br[tail..]).map(|(x, y)| (x ^ y).count_ones()).sum() };
-    let load = |s: &[u64], v: usize| -> __m256i {
-        debug_assert!(v * 4 + 4 <= s.len());
-        // SAFETY: callers pass v < vecs, so 4 words from v * 4 are in bounds.
-        unsafe { _mm256_loadu_si256(s.as_ptr().add(v * 4) as *const __m256i) }
-    };
-    let mut i = 0;
-    while i < m {
-        let mr = T.min(m - i);
+    let tail_pc = |ar: &[u64], br: &[u64]| -> u32 { ar[tail..].iter().zip(&br[tail..]).map(|(x, y)| (x ^ y).count_ones()).sum() };
+    const NB: usize = 4; // 1 x 4 tile: one row of A against four rows of B
+    for i in 0..m {
+        let ar = &a[i * wpr..(i + 1) * wpr];
+        let ap = ar.as_ptr() as *const __m256i;
         let mut j = 0;
-        while j < n {
-            let nr = T.min(n - j);
-            let ar: [&[u64]; T] = std::array::from_fn(|r| &a[(i + r.min(mr - 1)) * wpr..(i + r.min(mr - 1) + 1) * wpr]);
-            let br: [&[u64]; T] = std::array::from_fn(|c| &b[(j + c.min(nr - 1)) * wpr..(j + c.min(nr - 1) + 1) * wpr]);
-            let mut acc64 = [[zero; T]; T];
+        while j + NB <= n {
+            let br: [&[u64]; NB] = std::array::from_fn(|c| &b[(j + c) * wpr..(j + c + 1) * wpr]);
+            let bp: [*const __m256i; NB] = std::array::from_fn(|c| br[c].as_ptr() as *const __m256i);
+            let (mut s0, mut s1, mut s2, mut s3) = (zero, zero, zero, zero);
             let mut v = 0;
             while v < vecs {
-                let steps = 31.min(vecs - v);
-                let mut acc8 = [[zero; T]; T];
-                for s in v..v + steps {
-                    let a0 = load(ar[0], s);
-                    let a1 = load(ar[1], s);
-                    let b0 = load(br[0], s);
-                    let b1 = load(br[1], s);
-                    acc8[0][0] = _mm256_add_epi8(acc8[0][0], popcnt8(_mm256_xor_si256(a0, b0)));
-                    acc8[0][1] = _mm256_add_epi8(acc8[0][1], popcnt8(_mm256_xor_si256(a0, b1)));
-                    acc8[1][0] = _mm256_add_epi8(acc8[1][0], popcnt8(_mm256_xor_si256(a1, b0)));
-                    acc8[1][1] = _mm256_add_epi8(acc8[1][1], popcnt8(_mm256_xor_si256(a1, b1)));
-                }
-                for r in 0..T {
-                    for c in 0..T {
-                        acc64[r][c] = _mm256_add_epi64(acc64[r][c], _mm256_sad_epu8(acc8[r][c], zero));
+                let end = (v + 31).min(vecs);
+                let (mut c0, mut c1, mut c2, mut c3) = (zero, zero, zero, zero);
+                while v < end {
+                    // SAFETY: v < vecs, so the 4 words at 4 v are inside each row.
+                    unsafe {
+                        let x = _mm256_loadu_si256(ap.add(v));
+                        c0 = pc8(c0, _mm256_xor_si256(x, _mm256_loadu_si256(bp[0].add(v))));
+                        c1 = pc8(c1, _mm256_xor_si256(x, _mm256_loadu_si256(bp[1].add(v))));
+                        c2 = pc8(c2, _mm256_xor_si256(x, _mm256_loadu_si256(bp[2].add(v))));
+                        c3 = pc8(c3, _mm256_xor_si256(x, _mm256_loadu_si256(bp[3].add(v))));
                     }
+                    v += 1;
                 }
-                v += steps;
+                s0 = _mm256_add_epi64(s0, _mm256_sad_epu8(c0, zero));
+                s1 = _mm256_add_epi64(s1, _mm256_sad_epu8(c1, zero));
+                s2 = _mm256_add_epi64(s2, _mm256_sad_epu8(c2, zero));
+                s3 = _mm256_add_epi64(s3, _mm256_sad_epu8(c3, zero));
             }
-            for r in 0..mr {
-                for c in 0..nr {
-                    out[(i + r) * ldo + j + c] = hsum(acc64[r][c]) + scalar_tail(ar[r], br[c]);
-                }
-            }
-            j += nr;
+            let o = &mut out[i * ldo + j..i * ldo + j + NB];
+            o[0] = hsum(s0) + tail_pc(ar, br[0]);
+            o[1] = hsum(s1) + tail_pc(ar, br[1]);
+            o[2] = hsum(s2) + tail_pc(ar, br[2]);
+            o[3] = hsum(s3) + tail_pc(ar, br[3]);
+            j += NB;
         }
-        i += mr;
+        for jj in j..n {
+            let br = &b[jj * wpr..(jj + 1) * wpr];
+            out[i * ldo + jj] = ar.iter().zip(br).map(|(x, y)| (x ^ y).count_ones()).sum();
+        }
     }
 }
 
