@@ -133,7 +133,7 @@ pub fn bench_gemm(a: BenchGemmArgs) -> Result<()> {
         let bt = Tensor::from_vec(bv.clone(), (c.n, c.k), &dev)?;
         let pb = PackedMatrix::from_f32(&bv, c.n, c.k);
         for &t in &a.threads {
-            let r = with_threads(t, || -> Result<(f64, Vec<f64>, f64)> {
+            let r = with_threads(t, || -> Result<(f64, Vec<f64>, f64, (f64, f64))> {
                 let pa = PackedMatrix::from_f32(&av, c.m, c.k);
                 let mut out = vec![0i32; c.m * c.n];
                 let mut tc = Vec::new();
