@@ -210,29 +210,37 @@ impl PackedConv {
     pub fn forward_i32(&self, x: &Nhwc, kernel: Kernel) -> Result<(Vec<i32>, usize, usize), String> {
         let (oh, ow) = self.geom.check(x)?;
         let mut out = vec![0i32; x.n * oh * ow * self.geom.cout];
-        self.run(x, kernel, &mut out, |dots, tile| tile.copy_from_slice(dots))?;
+        self.run(x, kernel, &mut out, |_, dots, tile| tile.copy_from_slice(dots))?;
         Ok((out, oh, ow))
     }
 
     /// `dot * scale + bias` per output channel, NHWC.
     pub fn forward(&self, x: &Nhwc, kernel: Kernel) -> Result<Nhwc, String> {
+        self.forward_with(x, kernel, |_, _| {})
+    }
+
+    /// [`PackedConv::forward`] followed by `epilogue(first_pixel, tile)` on each tile of
+    /// `[rows, cout]` outputs while it is in cache (the model fuses activations and the residual
+    /// sum here).
+    pub fn forward_with(&self, x: &Nhwc, kernel: Kernel, epilogue: impl Fn(usize, &mut [f32]) + Sync) -> Result<Nhwc, String> {
         let (oh, ow) = self.geom.check(x)?;
         let cout = self.geom.cout;
         let mut out = Nhwc::zeros(x.n, oh, ow, cout);
-        self.run(x, kernel, &mut out.data, |dots, tile| {
+        self.run(x, kernel, &mut out.data, |p0, dots, tile| {
             for (d, y) in dots.chunks_exact(cout).zip(tile.chunks_exact_mut(cout)) {
                 for (((y, &d), &s), &b) in y.iter_mut().zip(d).zip(&self.scale).zip(&self.bias) {
                     *y = d as f32 * s + b;
                 }
             }
+            epilogue(p0, tile);
         })?;
         Ok(out)
     }
 
-    /// Packs, gathers and multiplies per tile of [`ROW_TILE`] output pixels; `emit(dots, out)`
+    /// Packs, gathers and multiplies per tile of [`ROW_TILE`] output pixels; `emit(p0, dots, out)`
     /// turns the tile's `[rows, cout]` exact dot products (padding-corrected) into its slice of
     /// the `[pixels, cout]` output.
-    fn run<T: Send>(&self, x: &Nhwc, kernel: Kernel, out: &mut [T], emit: impl Fn(&[i32], &mut [T]) + Sync) -> Result<(), String> {
+    fn run<T: Send>(&self, x: &Nhwc, kernel: Kernel, out: &mut [T], emit: impl Fn(usize, &[i32], &mut [T]) + Sync) -> Result<(), String> {
         let g = self.geom;
         let (oh, ow) = g.check(x)?;
         let (h, w, cin, cout) = (x.h, x.w, g.cin, g.cout);
@@ -294,7 +302,7 @@ impl PackedConv {
                         dots[r * cout + o] -= self.tap_sums[o * taps + tap];
                     }
                 }
-                emit(dots, tile);
+                emit(p0, dots, tile);
             });
         Ok(())
     }

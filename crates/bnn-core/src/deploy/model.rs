@@ -39,6 +39,24 @@ impl Activation {
         }
     }
 
+    /// Applies in place to a channels-last slice with `c` channels, on the calling thread.
+    pub fn apply_seq(&self, x: &mut [f32], c: usize) {
+        match self {
+            Activation::Identity => {}
+            Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Hardtanh => x.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0)),
+            Activation::Prelu(a) => {
+                for px in x.chunks_mut(c) {
+                    for (v, &s) in px.iter_mut().zip(a) {
+                        if *v < 0.0 {
+                            *v *= s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies in place to a channels-last buffer with `c` channels.
     pub fn apply(&self, x: &mut [f32], c: usize) {
         match self {
@@ -166,49 +184,60 @@ impl PackedResNet {
 }
 
 impl PackedBlock {
+    /// The block, with `act1` fused into `conv1`'s output tiles and the shortcut sum and `act2`
+    /// into `conv2`'s.
     pub fn forward(&self, x: &Nhwc, kernel: Kernel) -> Result<Nhwc, String> {
-        let mut y = self.conv1.forward(x, kernel)?;
-        self.act1.apply(&mut y.data, y.c);
-        let mut y = self.conv2.forward(&y, kernel)?;
-        match &self.shortcut {
-            ShortcutOp::Identity => {
-                if (x.h, x.w, x.c) != (y.h, y.w, y.c) {
-                    return Err(format!(
-                        "identity shortcut: input {:?} vs output {:?}",
-                        (x.h, x.w, x.c),
-                        (y.h, y.w, y.c)
-                    ));
-                }
-                y.data.par_iter_mut().zip(&x.data).for_each(|(a, b)| *a += b);
+        let c1 = self.conv1.geom.cout;
+        let y = self.conv1.forward_with(x, kernel, |_, tile| self.act1.apply_seq(tile, c1))?;
+        let (oh, ow) = self.conv2.geom.output_hw(y.h, y.w)?;
+        let c = self.conv2.geom.cout;
+        let projected = match &self.shortcut {
+            ShortcutOp::Float(f) => Some(f.forward(x)?),
+            ShortcutOp::Binary(b) => Some(b.forward(x, kernel)?),
+            _ => None,
+        };
+        let (sh, sw, sc) = match &self.shortcut {
+            ShortcutOp::Identity => (x.h, x.w, x.c),
+            ShortcutOp::Pad { stride, before, after } => (x.h.div_ceil(*stride), x.w.div_ceil(*stride), x.c + before + after),
+            _ => {
+                let p = projected.as_ref().expect("projection");
+                (p.h, p.w, p.c)
             }
-            ShortcutOp::Pad { stride, before, after } => {
-                let (sh, sw) = (x.h.div_ceil(*stride), x.w.div_ceil(*stride));
-                if (sh, sw, x.c + before + after) != (y.h, y.w, y.c) {
-                    return Err(format!(
-                        "option-A shortcut: {:?} does not match the block output {:?}",
-                        (sh, sw, x.c + before + after),
-                        (y.h, y.w, y.c)
-                    ));
-                }
-                let (c, yc) = (x.c, y.c);
-                y.data.par_chunks_mut(yc).enumerate().for_each(|(p, out)| {
-                    let (b, oy, ox) = (p / (sh * sw), (p / sw) % sh, p % sw);
-                    let q = (b * x.h + oy * stride) * x.w + ox * stride;
-                    for (o, v) in out[*before..*before + c].iter_mut().zip(&x.data[q * c..(q + 1) * c]) {
-                        *o += v;
-                    }
-                });
-            }
-            ShortcutOp::Float(f) => {
-                let s = f.forward(x)?;
-                y.data.par_iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
-            }
-            ShortcutOp::Binary(c) => {
-                let s = c.forward(x, kernel)?;
-                y.data.par_iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
-            }
+        };
+        if (sh, sw, sc) != (oh, ow, c) {
+            return Err(format!(
+                "shortcut gives {:?} but the block output is {:?}",
+                (sh, sw, sc),
+                (oh, ow, c)
+            ));
         }
-        self.act2.apply(&mut y.data, y.c);
-        Ok(y)
+        let add = |p0: usize, tile: &mut [f32]| {
+            match &self.shortcut {
+                ShortcutOp::Identity => {
+                    for (a, b) in tile.iter_mut().zip(&x.data[p0 * c..]) {
+                        *a += b;
+                    }
+                }
+                ShortcutOp::Pad { stride, before, .. } => {
+                    let cin = x.c;
+                    for (r, out) in tile.chunks_exact_mut(c).enumerate() {
+                        let p = p0 + r;
+                        let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
+                        let q = (b * x.h + oy * stride) * x.w + ox * stride;
+                        for (o, v) in out[*before..*before + cin].iter_mut().zip(&x.data[q * cin..(q + 1) * cin]) {
+                            *o += v;
+                        }
+                    }
+                }
+                ShortcutOp::Float(_) | ShortcutOp::Binary(_) => {
+                    let s = projected.as_ref().expect("projection");
+                    for (a, b) in tile.iter_mut().zip(&s.data[p0 * c..]) {
+                        *a += b;
+                    }
+                }
+            }
+            self.act2.apply_seq(tile, c);
+        };
+        self.conv2.forward_with(&y, kernel, add)
     }
 }
