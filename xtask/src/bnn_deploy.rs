@@ -378,6 +378,10 @@ pub struct InferArgs {
     /// Skip the comparison with candle.
     #[arg(long)]
     pub no_reference: bool,
+    /// Also run candle on the inputs scaled by (1 + 1e-6) and count the images whose candle
+    /// prediction changes: how sensitive the float reference itself is to rounding-level changes.
+    #[arg(long)]
+    pub sensitivity: bool,
     /// Binary GEMM kernel: portable, popcnt, avx2 (default: the fastest available).
     #[arg(long)]
     pub kernel: Option<String>,
@@ -439,6 +443,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let (mut n, mut correct, mut correct_ref, mut agree, mut within) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let (mut max_rel, mut max_abs) = (0f64, 0f64);
     let (mut t_engine, mut t_candle) = (0f64, 0f64);
+    let mut perturbed_changes = 0usize;
     let mut it = test.epoch(0);
     while let Some(hb) = it.next_host() {
         let hb = hb?;
@@ -458,6 +463,18 @@ pub fn infer(a: InferArgs) -> Result<()> {
             let t0 = Instant::now();
             let y: Vec<f32> = cm.forward_t(&x, false)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             t_candle += ms(t0);
+            if a.sensitivity {
+                let y2: Vec<f32> = cm
+                    .forward_t(&(&x * (1.0 + 1e-6))?, false)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for i in 0..b {
+                    if argmax(&y2[i * k..(i + 1) * k]) != argmax(&y[i * k..(i + 1) * k]) {
+                        perturbed_changes += 1;
+                    }
+                }
+            }
             for i in 0..b {
                 let (p, q) = (&logits[i * k..(i + 1) * k], &y[i * k..(i + 1) * k]);
                 let am = argmax(q);
@@ -498,6 +515,12 @@ pub fn infer(a: InferArgs) -> Result<()> {
             r.display(),
             100.0 * correct_ref as f64 / n as f64,
             n as f64 / (t_candle / 1e3)
+        );
+    }
+    if a.sensitivity && reference.is_some() {
+        body += &format!(
+            "\nSensitivity of the float reference: candle run on the same images scaled by (1 + 1e-6) changes its own prediction on \
+             **{perturbed_changes} / {n} images** (a change of the size of f32 rounding flips binarised activations that sit at 0).\n"
         );
     }
     body += &format!("\n```\n{}\n```\n", nn_core::report::command_line());
