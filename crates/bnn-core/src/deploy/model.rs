@@ -48,9 +48,8 @@ impl Activation {
             Activation::Prelu(a) => {
                 for px in x.chunks_mut(c) {
                     for (v, &s) in px.iter_mut().zip(a) {
-                        if *v < 0.0 {
-                            *v *= s;
-                        }
+                        // branch-free (signs are random): the same value as relu(v) + s (v - relu(v))
+                        *v = v.max(0.0) + s * v.min(0.0);
                     }
                 }
             }
@@ -66,9 +65,8 @@ impl Activation {
             Activation::Prelu(a) => x.par_chunks_mut(c * 256).for_each(|chunk| {
                 for px in chunk.chunks_mut(c) {
                     for (v, &s) in px.iter_mut().zip(a) {
-                        if *v < 0.0 {
-                            *v *= s;
-                        }
+                        // branch-free (signs are random): the same value as relu(v) + s (v - relu(v))
+                        *v = v.max(0.0) + s * v.min(0.0);
                     }
                 }
             }),
