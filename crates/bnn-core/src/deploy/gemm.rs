@@ -63,9 +63,11 @@ impl Kernel {
     }
 
     /// The kernel used by default: `BNN_KERNEL` (`portable`, `popcnt`, `avx2`) when set and
-    /// available, otherwise `popcnt` where available (measured faster than the AVX2 nibble table
-    /// on the small `K` of ResNet-20 and on par at large `K`, see docs/results/bnn-deploy.md),
-    /// otherwise portable.
+    /// available, otherwise `popcnt` where available, otherwise portable. On this project's
+    /// machine (AMD Zen 3, four scalar ALUs that each run `popcnt`) `popcnt` was as fast or
+    /// faster than the AVX2 nibble table up to `K = 1024`, which covers every convolution of
+    /// ResNet-20; AVX2 won only at `K = 4096` (`cargo xtask bnn bench-gemm`,
+    /// docs/results/bnn-deploy.md).
     pub fn best() -> Kernel {
         if let Ok(s) = std::env::var("BNN_KERNEL") {
             if let Some(k) = Kernel::parse(&s).filter(|k| k.is_available()) {
