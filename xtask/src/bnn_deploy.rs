@@ -71,6 +71,9 @@ pub struct BenchGemmArgs {
     pub no_resnet: bool,
 }
 
+/// Medians of candle, of each binary kernel and of packing A, then the fastest candle and binary runs (ms).
+type GemmTimes = (f64, Vec<f64>, f64, (f64, f64));
+
 struct GemmCase {
     name: String,
     m: usize,
@@ -133,7 +136,7 @@ pub fn bench_gemm(a: BenchGemmArgs) -> Result<()> {
         let bt = Tensor::from_vec(bv.clone(), (c.n, c.k), &dev)?;
         let pb = PackedMatrix::from_f32(&bv, c.n, c.k);
         for &t in &a.threads {
-            let r = with_threads(t, || -> Result<(f64, Vec<f64>, f64, (f64, f64))> {
+            let r = with_threads(t, || -> Result<GemmTimes> {
                 let pa = PackedMatrix::from_f32(&av, c.m, c.k);
                 let mut out = vec![0i32; c.m * c.n];
                 let mut tc = Vec::new();

@@ -18,6 +18,7 @@ pub fn words(k: usize) -> usize {
 
 /// The bit of one value: 1 for `-1` (`x < 0` or NaN), 0 for `+1` (`x >= 0`).
 #[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(x >= 0)` is deliberate: NaN packs as -1
 pub fn sign_bit(x: f32) -> u64 {
     (!(x >= 0.0)) as u64
 }
