@@ -24,6 +24,17 @@ pub enum BnnCommand {
     /// Experiment A: every quantizer x every seed on the same budget (finished runs are
     /// skipped, so the grid resumes), then the mean +- std table in docs/results/bnn-core.md.
     ExpA(ExpAArgs),
+    /// Binary GEMM (bit-packed XNOR-popcount) vs candle f32 matmul, 1 and 2 threads.
+    BenchGemm(crate::bnn_deploy::BenchGemmArgs),
+    /// Export a trained binary ResNet run to the packed inference engine's file format.
+    Export(crate::bnn_deploy::ExportArgs),
+    /// Run a packed model file on a test set, checking it against the candle model.
+    Infer(crate::bnn_deploy::InferArgs),
+    /// End-to-end images/s and peak memory: packed engine vs candle binary vs float.
+    BenchDeploy(crate::bnn_deploy::BenchDeployArgs),
+    /// Internal: peak memory of one forward pass (used by bench-deploy).
+    #[command(hide = true)]
+    MemProbe(crate::bnn_deploy::MemProbeArgs),
     /// Run a paper-protocol preset (`cargo xtask bnn preset --list` names them); flags given
     /// here override the preset's values.
     Preset(PresetArgs),
@@ -286,6 +297,11 @@ pub fn run(cmd: BnnCommand) -> Result<()> {
         BnnCommand::Bimlp(a) => bimlp(a),
         BnnCommand::ExpA(a) => exp_a(a),
         BnnCommand::Preset(a) => preset(a),
+        BnnCommand::BenchGemm(a) => crate::bnn_deploy::bench_gemm(a),
+        BnnCommand::Export(a) => crate::bnn_deploy::export_cmd(a),
+        BnnCommand::Infer(a) => crate::bnn_deploy::infer(a),
+        BnnCommand::BenchDeploy(a) => crate::bnn_deploy::bench_deploy(a),
+        BnnCommand::MemProbe(a) => crate::bnn_deploy::mem_probe(a),
     }
 }
 

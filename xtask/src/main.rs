@@ -3,6 +3,7 @@
 //! a debug build.
 
 mod bnn;
+mod bnn_deploy;
 mod nn;
 mod prune;
 mod sfda;

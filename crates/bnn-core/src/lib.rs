@@ -14,6 +14,10 @@
 //! - [`lns`]: LNS's mapping network, the noise-corrected loss and its callback.
 //! - [`bimlp`]: BiMLP, the binary vision MLP on the Wave-MLP layout.
 //! - [`counts`]: float/binary parameters, FLOPs, BOPs, OPs = FLOPs + BOPs/64, packed size.
+//! - [`deploy`]: the binary inference engine: bit packing, binary GEMM
+//!   `K - 2 popcount(a xor b)` (AVX2 / `popcnt` / portable), exact binary conv2d with the
+//!   zero-padding correction, export of trained binary ResNets with scales and BatchNorm folded,
+//!   and a checksummed model file.
 //!
 //! ## Why each dependency is here
 //! - `nn-core`: layers, kernels (convolution, pooling, ReLU), the layer factory, backbones, the
@@ -22,10 +26,12 @@
 //! - `rayon`: parallel loops of the quantizers' CPU kernels.
 //! - `serde`, `serde_json`: serialisable configurations and callback state in checkpoints.
 //! - `anyhow`: the error type of nn-core's `Callback` trait.
+//! - `safetensors`, `sha2`: the deploy model file (tensors, metadata) and its checksum.
 
 pub mod bimlp;
 pub mod binary;
 pub mod counts;
+pub mod deploy;
 pub mod factory;
 pub mod lns;
 pub mod quantizer;
