@@ -148,14 +148,14 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &[u32], mask: &[bool]) -> R
     if n == 0 {
         return zero_like(logits);
     }
-    let mut w = vec![0f32; b * c];
+    let mut w = vec![0f64; b * c];
     for r in 0..b {
         if mask[r] {
             let y = labels[r] as usize;
             if y >= c {
                 candle_core::bail!("label {y} is not below {c}");
             }
-            w[r * c + y] = 1.0 / n as f32;
+            w[r * c + y] = 1.0 / n as f64;
         }
     }
     let w = Tensor::from_vec(w, (b, c), logits.device())?.to_dtype(logits.dtype())?;
@@ -212,18 +212,18 @@ pub fn fedpu_loss(
     }
     // weight matrix W so that r = sum_rows(W * psi): +1/n_U on unlabeled rows of positive
     // classes, -pi_y / n_{P_y} on the labeled row's own class
-    let mut w = vec![0f32; b * c];
+    let mut w = vec![0f64; b * c];
     for r in 0..b {
         if !labeled[r] {
             for i in 0..c {
                 if is_pos[i] {
-                    w[r * c + i] = 1.0 / n_u as f32;
+                    w[r * c + i] = 1.0 / n_u as f64;
                 }
             }
         } else {
             let y = labels[r] as usize;
             if is_pos[y] {
-                w[r * c + y] = -(priors[y] / n_p[y] as f64) as f32;
+                w[r * c + y] = -(priors[y] / n_p[y] as f64);
             }
         }
     }
@@ -232,14 +232,14 @@ pub fn fedpu_loss(
     let psi = p.affine(-1.0, 1.0 + cfg.eps)?.log()?.neg()?;
     let r = psi.mul(&w)?.sum(0)?; // [C]
     let rv = r.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let m: Vec<f32> = rv
+    let m: Vec<f64> = rv
         .iter()
         .map(|&ri| match cfg.nnpu {
-            Some(nn) if ri < -nn.beta => -nn.gamma as f32,
+            Some(nn) if ri < -nn.beta => -nn.gamma,
             _ => 1.0,
         })
         .collect();
-    let pu_value: f64 = rv.iter().zip(&m).map(|(ri, mi)| ri * *mi as f64).sum::<f64>() * cfg.weight;
+    let pu_value: f64 = rv.iter().zip(&m).map(|(ri, mi)| ri * mi).sum::<f64>() * cfg.weight;
     let m = Tensor::from_vec(m, c, logits.device())?.to_dtype(logits.dtype())?;
     let pu = r.mul(&m)?.sum_all()?.affine(cfg.weight, 0.0)?;
     let ce_v = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
