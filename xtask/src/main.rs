@@ -3,6 +3,7 @@
 //! a debug build.
 
 mod bnn;
+mod fedpu;
 mod nn;
 
 use anyhow::Result;
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         which: bnn::BnnCommand,
     },
+    /// Federated learning with positive and unlabeled data (fed-pu): runs, the FedPU grid, the scale benchmark.
+    Fedpu {
+        #[command(subcommand)]
+        which: fedpu::FedPuCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,5 +79,6 @@ fn main() -> Result<()> {
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
+        Command::Fedpu { which } => fedpu::run(which),
     }
 }
