@@ -518,7 +518,10 @@ fn bench_one(a: BenchOneArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let exe = std::env::current_exe()?;
+    // /proc/self/exe runs this very binary even if the shared target directory's xtask has
+    // been rebuilt from another worktree since this process started
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() { proc_exe } else { std::env::current_exe()? };
     let mut rows = Vec::new();
     for &n in &a.scales {
         let mut cmd = std::process::Command::new(&exe);
