@@ -384,12 +384,13 @@ fn grid(a: GridArgs) -> Result<()> {
     }
     let c = &a.common;
     let s0 = &summaries[0];
+    let labeled: Vec<String> = summaries.iter().take(a.seeds.len()).map(|s| s["labeled_images"].to_string()).collect();
     let mut body = format!(
-        "## {}\n\n{} {} on {}: {} clients ({} per round), IID split of {} training images, positive classes per client {:?} \
-         (assigned cyclically as in the official code), {:.0}% of each positive class labeled per client ({} labeled images in all), \
+        "## {}\n\n{} {} on {}: {} clients ({} per round), IID split of {} training images (class-balanced subset), positive classes per client {:?} \
+         (assigned cyclically as in the official code), {:.0}% of each positive class labeled per client ({} labeled images in all for seeds {:?}), \
          {} rounds x {} local epoch(s), SGD lr {} momentum {}, batch {}, {}; test top-1 on {} test images after the last round. \
-         Seeds {:?}; mean +- sample std over seeds.\n\n\
-         | method | test top-1 % (mean +- std) | per seed | wall s (all seeds) |\n|---|---|---|---|\n",
+         Mean +- sample std over the seeds.\n\n\
+         | method | test top-1 % (mean +- std) | per seed | wall s (sum over seeds) |\n|---|---|---|---|\n",
         a.prefix,
         c.model,
         c.strategy,
@@ -399,19 +400,15 @@ fn grid(a: GridArgs) -> Result<()> {
         s0["train_images"],
         &OFFICIAL_CLASSES_PER_CLIENT,
         c.labeled * 100.0,
-        s0["labeled_images"],
+        labeled.join("/"),
+        a.seeds,
         c.rounds,
         c.local_epochs,
         c.lr,
         c.momentum,
         c.batch_size,
-        if c.strategy == "fedprox" {
-            format!("mu {}", c.mu)
-        } else {
-            "no proximal term".into()
-        },
+        if c.strategy == "fedprox" { format!("mu {}", c.mu) } else { "no proximal term".into() },
         s0["test_images"],
-        a.seeds,
     );
     for (m, mean, sd, accs, wall) in &rows {
         let per: Vec<String> = accs.iter().map(|x| format!("{x:.2}")).collect();
@@ -429,10 +426,11 @@ fn grid(a: GridArgs) -> Result<()> {
         body.push_str(&format!("FedPU - fully supervised upper bound: {:+.2} points.\n", f - s));
     }
     body.push_str(&format!(
-        "\nParams {}, MACs/image {}. Grid wall time {:.0} s (runs reused from earlier invocations count with their own wall time). \
-         Per-run `summary.json` (with per-round history) in `runs/{}-<method>-s<seed>/`.\n\n```\n{}\n```\n",
+        "\nParams {}, MACs/image {}. Wall time of all runs {:.0} s (each run's own `wall_s`, also when this invocation reused \
+         finished runs; this invocation took {:.0} s). Per-run `summary.json` (with per-round history) in `runs/{}-<method>-s<seed>/`.\n\n```\n{}\n```\n",
         s0["params"],
         s0["macs"],
+        rows.iter().map(|r| r.4).sum::<f64>(),
         t0.elapsed().as_secs_f64(),
         a.prefix,
         nn_core::report::command_line()
