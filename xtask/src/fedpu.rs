@@ -384,7 +384,11 @@ fn grid(a: GridArgs) -> Result<()> {
     }
     let c = &a.common;
     let s0 = &summaries[0];
-    let labeled: Vec<String> = summaries.iter().take(a.seeds.len()).map(|s| s["labeled_images"].to_string()).collect();
+    let labeled: Vec<String> = summaries
+        .iter()
+        .take(a.seeds.len())
+        .map(|s| s["labeled_images"].to_string())
+        .collect();
     let mut body = format!(
         "## {}\n\n{} {} on {}: {} clients ({} per round), IID split of {} training images (class-balanced subset), positive classes per client {:?} \
          (assigned cyclically as in the official code), {:.0}% of each positive class labeled per client ({} labeled images in all for seeds {:?}), \
