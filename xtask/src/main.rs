@@ -4,6 +4,7 @@
 
 mod bnn;
 mod bnn_deploy;
+mod fedpu;
 mod nn;
 mod prune;
 mod sfda;
@@ -65,6 +66,11 @@ enum Command {
     },
     /// Source-free domain adaptation (domain-adapt): source-only, SHOT-IM and SFDA-DE.
     Sfda(sfda::SfdaArgs),
+    /// Federated learning with positive and unlabeled data (fed-pu): runs, the FedPU grid, the scale benchmark.
+    Fedpu {
+        #[command(subcommand)]
+        which: fedpu::FedPuCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -86,5 +92,6 @@ fn main() -> Result<()> {
         Command::Bnn { which } => bnn::run(which),
         Command::Prune { which } => prune::run(which),
         Command::Sfda(a) => sfda::run(a),
+        Command::Fedpu { which } => fedpu::run(which),
     }
 }

@@ -400,6 +400,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         pruned,
     ));
     crate::sfda::demo(a.seed)?;
+    crate::fedpu::demo()?;
     println!(
         "\n== demo summary: MNIST test top-1 after {} epoch(s), seed {} ==\n",
         a.epochs, a.seed
