@@ -2,6 +2,7 @@
 //! The cargo alias builds it with `--release`: the kernels are far too slow to train with in
 //! a debug build.
 
+mod adder;
 mod bnn;
 mod nn;
 
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         which: bnn::BnnCommand,
     },
+    /// AdderNet and PKKD (adder-nets): benchmark, training runs, CNN/ANN/PKKD comparison.
+    Adder {
+        #[command(subcommand)]
+        which: adder::AdderCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,5 +79,6 @@ fn main() -> Result<()> {
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
+        Command::Adder { which } => adder::run(which),
     }
 }

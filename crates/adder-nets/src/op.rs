@@ -299,12 +299,150 @@ unsafe fn bwd_x_tile(cout_g: usize, wt: *const f32, gy: *const f32, col: *const 
     acc
 }
 
+/// AVX2 versions of the two tiles (explicit intrinsics: the portable loops above are the
+/// reference and the fallback, these keep all accumulators in registers).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{KR, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// [`super::fwd_tile`] with 4 x 16 accumulators in 8 registers.
+    ///
+    /// # Safety
+    /// As [`super::fwd_tile`], and the CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fwd_tile(k: usize, wp: *const f32, col: *const f32, ld: usize, p0: usize) -> [[f32; NR]; MR] {
+        const _: () = assert!(MR == 4 && NR == 16);
+        let sign = _mm256_set1_ps(-0.0);
+        let z = _mm256_setzero_ps();
+        let (mut a00, mut a01, mut a10, mut a11, mut a20, mut a21, mut a30, mut a31) = (z, z, z, z, z, z, z, z);
+        let mut c = col.add(p0);
+        let mut w = wp;
+        for _ in 0..k {
+            let x0 = _mm256_loadu_ps(c);
+            let x1 = _mm256_loadu_ps(c.add(8));
+            let w0 = _mm256_broadcast_ss(&*w);
+            let w1 = _mm256_broadcast_ss(&*w.add(1));
+            let w2 = _mm256_broadcast_ss(&*w.add(2));
+            let w3 = _mm256_broadcast_ss(&*w.add(3));
+            a00 = _mm256_add_ps(a00, _mm256_andnot_ps(sign, _mm256_sub_ps(x0, w0)));
+            a01 = _mm256_add_ps(a01, _mm256_andnot_ps(sign, _mm256_sub_ps(x1, w0)));
+            a10 = _mm256_add_ps(a10, _mm256_andnot_ps(sign, _mm256_sub_ps(x0, w1)));
+            a11 = _mm256_add_ps(a11, _mm256_andnot_ps(sign, _mm256_sub_ps(x1, w1)));
+            a20 = _mm256_add_ps(a20, _mm256_andnot_ps(sign, _mm256_sub_ps(x0, w2)));
+            a21 = _mm256_add_ps(a21, _mm256_andnot_ps(sign, _mm256_sub_ps(x1, w2)));
+            a30 = _mm256_add_ps(a30, _mm256_andnot_ps(sign, _mm256_sub_ps(x0, w3)));
+            a31 = _mm256_add_ps(a31, _mm256_andnot_ps(sign, _mm256_sub_ps(x1, w3)));
+            c = c.add(ld);
+            w = w.add(MR);
+        }
+        let mut out = [[0.0f32; NR]; MR];
+        for (row, (lo, hi)) in out.iter_mut().zip([(a00, a01), (a10, a11), (a20, a21), (a30, a31)]) {
+            _mm256_storeu_ps(row.as_mut_ptr(), lo);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8), hi);
+        }
+        out
+    }
+
+    /// [`super::bwd_x_tile`] with the 3 x 16 input tile and accumulators in 12 registers.
+    ///
+    /// # Safety
+    /// As [`super::bwd_x_tile`], and the CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bwd_x_tile(cout_g: usize, wt: *const f32, gy: *const f32, col: *const f32, ld: usize, p0: usize) -> [[f32; NR]; KR] {
+        const _: () = assert!(KR == 3 && NR == 16);
+        let one = _mm256_set1_ps(1.0);
+        let mone = _mm256_set1_ps(-1.0);
+        let x00 = _mm256_loadu_ps(col.add(p0));
+        let x01 = _mm256_loadu_ps(col.add(p0 + 8));
+        let x10 = _mm256_loadu_ps(col.add(ld + p0));
+        let x11 = _mm256_loadu_ps(col.add(ld + p0 + 8));
+        let x20 = _mm256_loadu_ps(col.add(2 * ld + p0));
+        let x21 = _mm256_loadu_ps(col.add(2 * ld + p0 + 8));
+        let z = _mm256_setzero_ps();
+        let (mut a00, mut a01, mut a10, mut a11, mut a20, mut a21) = (z, z, z, z, z, z);
+        let mut g = gy.add(p0);
+        let mut w = wt;
+        // HT(w - x) = min(max(w - x, -1), 1)
+        let ht = |w: __m256, x: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(w, x), mone), one);
+        for _ in 0..cout_g {
+            let g0 = _mm256_loadu_ps(g);
+            let g1 = _mm256_loadu_ps(g.add(8));
+            let w0 = _mm256_broadcast_ss(&*w);
+            let w1 = _mm256_broadcast_ss(&*w.add(1));
+            let w2 = _mm256_broadcast_ss(&*w.add(2));
+            a00 = _mm256_fmadd_ps(g0, ht(w0, x00), a00);
+            a01 = _mm256_fmadd_ps(g1, ht(w0, x01), a01);
+            a10 = _mm256_fmadd_ps(g0, ht(w1, x10), a10);
+            a11 = _mm256_fmadd_ps(g1, ht(w1, x11), a11);
+            a20 = _mm256_fmadd_ps(g0, ht(w2, x20), a20);
+            a21 = _mm256_fmadd_ps(g1, ht(w2, x21), a21);
+            g = g.add(ld);
+            w = w.add(KR);
+        }
+        let mut out = [[0.0f32; NR]; KR];
+        for (row, (lo, hi)) in out.iter_mut().zip([(a00, a01), (a10, a11), (a20, a21)]) {
+            _mm256_storeu_ps(row.as_mut_ptr(), lo);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8), hi);
+        }
+        out
+    }
+}
+
+/// Whether the AVX2 tiles can run.
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dispatches the forward tile.
+///
+/// # Safety
+/// As [`fwd_tile`].
+#[inline(always)]
+unsafe fn fwd_tile_best(avx: bool, k: usize, wp: *const f32, col: *const f32, ld: usize, p0: usize) -> [[f32; NR]; MR] {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        return avx2::fwd_tile(k, wp, col, ld, p0);
+    }
+    let _ = avx;
+    fwd_tile(k, wp, col, ld, p0)
+}
+
+/// Dispatches the input-gradient tile.
+///
+/// # Safety
+/// As [`bwd_x_tile`].
+#[inline(always)]
+unsafe fn bwd_x_tile_best(avx: bool, cout_g: usize, wt: *const f32, gy: *const f32, col: *const f32, ld: usize, p0: usize) -> [[f32; NR]; KR] {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        return avx2::bwd_x_tile(cout_g, wt, gy, col, ld, p0);
+    }
+    let _ = avx;
+    bwd_x_tile(cout_g, wt, gy, col, ld, p0)
+}
+
+/// `ADDER_PORTABLE=1` forces the portable tiles (for testing them on AVX2 machines).
+fn portable() -> bool {
+    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *P.get_or_init(|| std::env::var("ADDER_PORTABLE").is_ok_and(|v| v == "1"))
+}
+
 /// Forward pass for a chunk of images `out[nb, Cout, OH, OW]` starting at image `b0`.
 fn fwd_chunk(g: &AdderGeom, x: &[f32], packed: &[Vec<f32>], b0: usize, out: &mut [f32]) {
     let (k, l, lp, cin_g, cout_g) = (g.k(), g.l(), g.lp(), g.cin_g(), g.cout_g());
     let hw = g.h * g.w;
     let mut col = vec![0.0f32; k * lp];
     let nb = out.len() / (g.cout * l);
+    let avx = has_avx2() && !portable();
     for b in 0..nb {
         for (grp, wp) in packed.iter().enumerate() {
             let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
@@ -315,7 +453,7 @@ fn fwd_chunk(g: &AdderGeom, x: &[f32], packed: &[Vec<f32>], b0: usize, out: &mut
                     let nr = NR.min(l - p0);
                     for tile in 0..cout_g.div_ceil(MR) {
                         // SAFETY: col is k x lp, wp holds every tile's k x MR floats.
-                        let acc = unsafe { fwd_tile(k, wp.as_ptr().add(tile * k * MR), col.as_ptr(), lp, p0) };
+                        let acc = unsafe { fwd_tile_best(avx, k, wp.as_ptr().add(tile * k * MR), col.as_ptr(), lp, p0) };
                         for (m, a) in acc.iter().enumerate().take(cout_g - tile * MR) {
                             let o = &mut og[(tile * MR + m) * l + p0..][..nr];
                             for (o, a) in o.iter_mut().zip(a) {
@@ -342,6 +480,7 @@ fn bwd_chunk(g: &AdderGeom, x: &[f32], gy: &[f32], packed: &[Vec<f32>], b0: usiz
     let mut dot = vec![0.0f32; g.cout * k];
     let mut rowsum = vec![0.0f32; g.cout];
     let nb = gx.len() / (g.cin * hw);
+    let avx = has_avx2() && !portable();
     for b in 0..nb {
         for (grp, wt) in packed.iter().enumerate() {
             let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
@@ -357,7 +496,8 @@ fn bwd_chunk(g: &AdderGeom, x: &[f32], gy: &[f32], packed: &[Vec<f32>], b0: usiz
                     for p0 in (0..lp).step_by(NR) {
                         // SAFETY: col and gcol are kp x lp, gyp is cout_g x lp, wt is kp x cout_g.
                         let acc = unsafe {
-                            bwd_x_tile(
+                            bwd_x_tile_best(
+                                avx,
                                 cout_g,
                                 wt.as_ptr().add(k0 * cout_g),
                                 gyp.as_ptr(),
