@@ -421,7 +421,15 @@ unsafe fn fwd_tile_best(avx: bool, k: usize, wp: *const f32, col: *const f32, ld
 /// # Safety
 /// As [`bwd_x_tile`].
 #[inline(always)]
-unsafe fn bwd_x_tile_best(avx: bool, cout_g: usize, wt: *const f32, gy: *const f32, col: *const f32, ld: usize, p0: usize) -> [[f32; NR]; KR] {
+unsafe fn bwd_x_tile_best(
+    avx: bool,
+    cout_g: usize,
+    wt: *const f32,
+    gy: *const f32,
+    col: *const f32,
+    ld: usize,
+    p0: usize,
+) -> [[f32; NR]; KR] {
     #[cfg(target_arch = "x86_64")]
     if avx {
         return avx2::bwd_x_tile(cout_g, wt, gy, col, ld, p0);
