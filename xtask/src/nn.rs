@@ -383,7 +383,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     println!("{}", nn_core::data::registry::report_table(None));
     summary("lenet5-bn", "mnist")?;
     let args = TrainArgs::parse_from_preset("mnist-lenet5", a.epochs, a.seed, a.out.clone());
-    train(args)
+    train(args)?;
+    crate::adder::demo(a.epochs, a.seed)
 }
 
 impl TrainArgs {
