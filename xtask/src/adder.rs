@@ -3,16 +3,16 @@
 //! addition/multiplication/energy counts, and a section of `docs/results/adder-nets.md`), the
 //! CNN vs ANN vs ANN+PKKD comparison over seeds, and the papers' presets.
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
 use adder_nets::pkkd::{PkkdConfig, PkkdLoss, PkkdPair};
 use adder_nets::{AdaptiveLr, AdderConfig, AdderCounts, AdderFactory};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
 use nn_core::candle_core::{Device, Tensor, Var};
 use nn_core::experiment::{standard_data, summary_markdown, DataSpec};
 use nn_core::models::{create_model, MODEL_NAMES};
+use nn_core::ops::Conv2dOpts;
 use nn_core::train::{Callback, OptimizerConfig, Schedule, TrainConfig, TrainSummary, Trainer};
 use nn_core::{Model, StandardFactory, VarStore};
-use nn_core::ops::Conv2dOpts;
 use std::path::PathBuf;
 
 const RESULTS: &str = "docs/results/adder-nets.md";
@@ -368,7 +368,10 @@ struct Resolved {
 fn resolve(c: &Common) -> Result<Resolved> {
     let p = match &c.preset {
         Some(n) => Some(PRESETS.iter().find(|p| p.name == n).with_context(|| {
-            format!("unknown preset `{n}`; valid: {}", PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))
+            format!(
+                "unknown preset `{n}`; valid: {}",
+                PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+            )
         })?),
         None => None,
     };
@@ -475,9 +478,21 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
     }
     let summary = trainer.fit(&d.train, Some(&d.test))?;
     drop(trainer);
-    let v = write_summary(&out, &summary, method, &counts, c, pair.as_ref().map(|p| &p.config), vs.num_params())?;
-    let name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
-    let mut notes = format!(
+    let v = write_summary(
+        &out,
+        &summary,
+        method,
+        &counts,
+        c,
+        pair.as_ref().map(|p| &p.config),
+        vs.num_params(),
+    )?;
+    let name = out
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut notes =
+        format!(
         "Method `{method}`{}. Per image: {} multiplications, {} additions, energy {:.3} uJ (45 nm: add 0.9 pJ, mul 3.7 pJ); {} params{}.",
         if method == "cnn" { String::new() } else { format!(", adaptive-LR eta {}", c.eta) },
         counts.multiplications,
@@ -563,7 +578,11 @@ fn compare(a: CompareArgs) -> Result<()> {
     }
     let stats = |v: &[f64]| {
         let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt() } else { 0.0 };
+        let sd = if v.len() > 1 {
+            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         (m, sd)
     };
     let c = &a.common;
@@ -633,7 +652,14 @@ fn generate_datasets(root: &std::path::Path) -> Result<()> {
         r.extend((0..3072).map(|j| ((i * 31 + j * 7) % 256) as u8));
         r
     };
-    for f in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"] {
+    for f in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
         let bytes: Vec<u8> = (0..8).flat_map(record).collect();
         std::fs::write(cifar.join(f), bytes)?;
     }
