@@ -613,8 +613,9 @@ fn compare(a: CompareArgs) -> Result<()> {
         let (mean, sd) = stats(&accs);
         means.push((m.clone(), mean));
         let v0 = &runs[0];
+        let ms = if accs.len() > 1 { format!("{mean:.2} +- {sd:.2}") } else { format!("{mean:.2} (one seed, no std)") };
         t += &format!(
-            "| {m} | {mean:.2} +- {sd:.2} | {} | {} | {} | {:.3} | {:.0} |\n",
+            "| {m} | {ms} | {} | {} | {} | {:.3} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
             v0["multiplications"],
             v0["additions"],
