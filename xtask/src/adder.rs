@@ -730,6 +730,14 @@ fn check_presets() -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
+    let body = format!(
+        "## Presets: one step on generated files\n\nEach preset's model, dataset pipeline, optimizer and adaptive learning rate, as ANN and as ANN+PKKD, for one \
+         optimizer step at batch 2 on files generated in the official layouts (CIFAR-10 binary batches, ImageNet `train|val/<wnid>/*.JPEG`; \
+         MNIST from the real files).\n\n```\n{}\n```\n\n```\n{}\n```\n",
+        lines.join("\n"),
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(RESULTS, TITLE, "check-presets", &body)?;
     if lines.iter().any(|l| l.contains("FAILED")) {
         bail!("some presets failed");
     }
