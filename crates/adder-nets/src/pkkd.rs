@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 
 /// Laplacian kernel map of ANN responses: `exp(y / sigma)` for `y = -||x - f||_1`.
 pub fn laplacian_kernel_map(y_ann: &Tensor, sigma: f64) -> Result<Tensor> {
-    if !(sigma > 0.0) {
+    if sigma.is_nan() || sigma <= 0.0 {
         candle_core::bail!("laplacian kernel: sigma must be > 0, got {sigma}");
     }
     y_ann.affine(1.0 / sigma, 0.0)?.exp()
@@ -55,7 +55,7 @@ pub fn laplacian_kernel_map(y_ann: &Tensor, sigma: f64) -> Result<Tensor> {
 /// receptive fields and `f_sq` `[C]` the squared norms of the filters. The squared distance is
 /// clamped at 0 against rounding.
 pub fn gaussian_kernel_map(y_cnn: &Tensor, x_sq: &Tensor, f_sq: &Tensor, sigma: f64) -> Result<Tensor> {
-    if !(sigma > 0.0) {
+    if sigma.is_nan() || sigma <= 0.0 {
         candle_core::bail!("gaussian kernel: sigma must be > 0, got {sigma}");
     }
     let c = y_cnn.dims()[1];

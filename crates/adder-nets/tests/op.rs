@@ -44,6 +44,7 @@ impl Case {
     }
     /// Input value under tap (c, i, j) of output pixel (oy, ox) of image b (0 on padding), and
     /// its flat index if not padding.
+    #[allow(clippy::too_many_arguments)]
     fn tap(&self, x: &[f32], b: usize, c: usize, i: usize, j: usize, oy: usize, ox: usize) -> (f64, Option<usize>) {
         let iy = (oy * self.o.stride.0 + i * self.o.dilation.0) as isize - self.o.padding.0 as isize;
         let ix = (ox * self.o.stride.1 + j * self.o.dilation.1) as isize - self.o.padding.1 as isize;
