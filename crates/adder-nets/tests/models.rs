@@ -263,3 +263,26 @@ fn pkkd_rejects_unknown_layers() {
         .to_string();
     assert!(e.contains("layer9.0.conv2"), "{e}");
 }
+
+#[test]
+fn adder_linear_is_the_negative_l1_distance_and_counts_additions() {
+    use candle_nn::ModuleT;
+    let vs = VarStore::new(3, &Device::Cpu);
+    let l = adder_nets::AdderLinear::new(&vs.root().pp("fc"), 3, 2, true, None).unwrap();
+    l.weight
+        .set(&Tensor::new(&[[1.0f32, 0.0, -1.0], [0.5, 0.5, 0.5]], &Device::Cpu).unwrap())
+        .unwrap();
+    l.bias
+        .as_ref()
+        .unwrap()
+        .set(&Tensor::new(&[10.0f32, 0.0], &Device::Cpu).unwrap())
+        .unwrap();
+    let x = Tensor::new(&[[0.0f32, 1.0, 2.0], [1.0, 1.0, 1.0]], &Device::Cpu).unwrap();
+    let (y, s) = nn_core::summary::profile(|| l.forward_t(&x, false)).unwrap();
+    // row 0: -(1 + 1 + 3) + 10 = 5, -(0.5 + 0.5 + 1.5) = -2.5; row 1: -(0 + 1 + 2) + 10 = 7, -1.5
+    assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![5.0, -2.5], vec![7.0, -1.5]]);
+    assert_eq!((s.layers[0].additions, s.layers[0].macs), (12, 0));
+    assert!(l
+        .forward_t(&Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap(), false)
+        .is_err());
+}
