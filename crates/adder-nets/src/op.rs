@@ -34,8 +34,9 @@
 //!
 //! Both gradients come from one fused pass (the columns are built once). Rayon splits the batch
 //! into one contiguous chunk per worker; each worker owns its buffers and a partial `dF`,
-//! reduced at the end. The inner loops are plain fixed-size array loops that LLVM vectorises;
-//! they are compiled a second time with AVX2/FMA enabled and picked at run time.
+//! reduced at the end. The two tiles are written twice: with explicit AVX2/FMA intrinsics
+//! (picked at run time when the CPU has them) and as portable fixed-size array loops (other CPUs;
+//! `ADDER_PORTABLE=1` forces them, so the test suite can check both against the reference).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
