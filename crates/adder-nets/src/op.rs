@@ -36,7 +36,7 @@
 //! into one contiguous chunk per worker; each worker owns its buffers and a partial `dF`,
 //! reduced at the end. The two tiles are written twice: with explicit AVX2/FMA intrinsics
 //! (picked at run time when the CPU has them) and as portable fixed-size array loops (other CPUs;
-//! `ADDER_PORTABLE=1` forces them, so the test suite can check both against the reference).
+//! `ADDER_PORTABLE=1` forces them; the test suite checks that both agree).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -439,10 +439,19 @@ unsafe fn bwd_x_tile_best(
     bwd_x_tile(cout_g, wt, gy, col, ld, p0)
 }
 
-/// `ADDER_PORTABLE=1` forces the portable tiles (for testing them on AVX2 machines).
+static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Forces the portable tiles instead of the AVX2 ones (tests compare the two on AVX2 machines).
+#[doc(hidden)]
+pub fn force_portable(on: bool) {
+    FORCE_PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the portable tiles are forced (`force_portable`, or `ADDER_PORTABLE=1`).
 fn portable() -> bool {
-    static P: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *P.get_or_init(|| std::env::var("ADDER_PORTABLE").is_ok_and(|v| v == "1"))
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    FORCE_PORTABLE.load(std::sync::atomic::Ordering::Relaxed)
+        || *ENV.get_or_init(|| std::env::var("ADDER_PORTABLE").is_ok_and(|v| v == "1"))
 }
 
 /// Forward pass for a chunk of images `out[nb, Cout, OH, OW]` starting at image `b0`.
