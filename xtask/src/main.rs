@@ -2,6 +2,7 @@
 //! The cargo alias builds it with `--release`: the kernels are far too slow to train with in
 //! a debug build.
 
+mod adder;
 mod bnn;
 mod bnn_deploy;
 mod fedpu;
@@ -71,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         which: fedpu::FedPuCommand,
     },
+    /// AdderNet and PKKD (adder-nets): benchmark, training runs, CNN/ANN/PKKD comparison.
+    Adder {
+        #[command(subcommand)]
+        which: adder::AdderCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -93,5 +99,6 @@ fn main() -> Result<()> {
         Command::Prune { which } => prune::run(which),
         Command::Sfda(a) => sfda::run(a),
         Command::Fedpu { which } => fedpu::run(which),
+        Command::Adder { which } => adder::run(which),
     }
 }

@@ -401,6 +401,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     ));
     crate::sfda::demo(a.seed)?;
     crate::fedpu::demo()?;
+    crate::adder::demo(a.epochs, a.seed)?;
     println!(
         "\n== demo summary: MNIST test top-1 after {} epoch(s), seed {} ==\n",
         a.epochs, a.seed
