@@ -2,8 +2,8 @@
 //!
 //! Every body convolution of a backbone gets a **channel gate** computed from the
 //! convolution's input: `m~ = min(ReLU(FC2(ReLU(FC1(GAP(x))))), clamp_max)` (bias-free FC1
-//! squeezing by `squeeze_rate`; FC2 zero-initialised with bias 1, so every gate starts at
-//! exactly 1 and the gated network starts as the trained dense one), and a
+//! squeezing by `squeeze_rate`; FC2 initialised with tiny weights and bias 1, so every gate
+//! starts at ~1 and the gated network starts as the trained dense one), and a
 //! per-instance mask `m = m~ * [m~ >= threshold]`. The mask multiplies the output of the
 //! convolution's BatchNorm (before the ReLU, which commutes with a non-negative scale), so the
 //! gated network is built from the unchanged nn-core backbone through [`ManiDpFactory`].
@@ -300,10 +300,10 @@ impl LayerFactory for ManiDpFactory {
         let hidden = (cout / sq).max(1);
         let g = vp.pp("gate");
         let fc1 = g.param("fc1.weight", &[hidden, cin], Init::KAIMING_RELU_FAN_OUT, ParamKind::Weight)?;
-        // zero FC2 weights with bias 1: every gate starts fully open at 1, so the gated network
-        // starts as the trained dense one (the official code draws FC2 at random, which changes
-        // the network's function before any training)
-        let fc2 = g.param("fc2.weight", &[cout, hidden], Init::ZEROS, ParamKind::Weight)?;
+        // tiny FC2 weights with bias 1: every gate starts open at ~1, so the gated network starts
+        // as (almost exactly) the trained dense one while FC1 still gets gradients (the official
+        // code draws FC2 with Kaiming init, which changes the network's function before training)
+        let fc2 = g.param("fc2.weight", &[cout, hidden], Init::Normal { mean: 0.0, std: 1e-3 }, ParamKind::Weight)?;
         let b2 = g.param("fc2.bias", &[cout], Init::ONES, ParamKind::Bias)?;
         let mut s = self.state.lock().expect("gate state");
         let name = vp.prefix().to_string();
