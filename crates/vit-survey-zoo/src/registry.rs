@@ -1,0 +1,112 @@
+//! The timm-like registry: model names, [`create_model`], and the [`ZooModel`] interface every
+//! architecture implements on top of nn-core's [`Model`].
+
+use candle_core::{Device, Result};
+use nn_core::{Model, VarPath, VarStore};
+
+/// A survey backbone: nn-core's [`Model`] (`forward_features`, `forward_head`,
+/// `forward_stages`) plus analytic counting.
+pub trait ZooModel: Model {
+    /// Multiply-accumulates of one forward pass of one image at [`ZooModel::image_size`]:
+    /// every matrix product (linear layers, Q K^T, A V) and convolution, what papers call FLOPs.
+    fn macs(&self) -> u64;
+    /// The input height = width the model was built for.
+    fn image_size(&self) -> usize;
+}
+
+/// What [`create_model_with`] builds a model for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOptions {
+    pub num_classes: usize,
+    pub image_size: usize,
+    pub in_chans: usize,
+    /// Stochastic-depth rate of the last block (linearly increasing from 0).
+    pub drop_path_rate: f64,
+    /// Initialise every parameter to zero (cheap construction for counting or before loading).
+    pub cheap_init: bool,
+}
+
+impl ModelOptions {
+    pub fn new(num_classes: usize, image_size: usize) -> Self {
+        Self {
+            num_classes,
+            image_size,
+            in_chans: 3,
+            drop_path_rate: 0.0,
+            cheap_init: false,
+        }
+    }
+}
+
+/// A built model and the store holding its parameters.
+pub struct Built {
+    pub vs: VarStore,
+    pub model: Box<dyn ZooModel>,
+}
+
+/// Registered names (timm's where the model exists there), with a description each.
+pub const MODEL_NAMES: &[(&str, &str)] = &[
+    ("vit_tiny_patch16_224", "ViT-Ti/16 (DeiT-Ti): 192 wide, 12 blocks, 3 heads"),
+    ("vit_small_patch16_224", "ViT-S/16 (DeiT-S): 384 wide, 12 blocks, 6 heads"),
+    ("vit_base_patch16_224", "ViT-B/16: 768 wide, 12 blocks, 12 heads"),
+    ("deit_tiny_distilled_patch16_224", "DeiT-Ti with the distillation token and head"),
+    (
+        "vit_tiny_patch4_32",
+        "CIFAR ViT: ViT-Ti width, 6 blocks, 4x4 patches (64 tokens at 32x32)",
+    ),
+    (
+        "deit_tiny_distilled_patch4_32",
+        "CIFAR DeiT: vit_tiny_patch4_32 with a distillation token",
+    ),
+];
+
+/// Names accepted by [`create_model`].
+pub fn model_names() -> Vec<&'static str> {
+    MODEL_NAMES.iter().map(|(n, _)| *n).collect()
+}
+
+/// Builds `name` with seeded random initialisation (seed 0) on the CPU.
+pub fn create_model(name: &str, num_classes: usize, image_size: usize) -> Result<Built> {
+    let vs = VarStore::new(0, &Device::Cpu);
+    let model = create_model_with(name, &ModelOptions::new(num_classes, image_size), &vs.root())?;
+    Ok(Built { vs, model })
+}
+
+/// Builds `name` with parameters under `vp`.
+pub fn create_model_with(name: &str, opts: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>> {
+    if opts.num_classes == 0 || opts.image_size == 0 || opts.in_chans == 0 {
+        candle_core::bail!("{name}: num_classes, image_size and in_chans must be positive, got {opts:?}");
+    }
+    crate::layers::with_cheap_init(opts.cheap_init, || build(name, opts, vp))
+}
+
+fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>> {
+    use crate::vit::{VisionTransformer as Vit, VitConfig};
+    let m: Box<dyn ZooModel> = match name {
+        "vit_tiny_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16), o)?),
+        "vit_small_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16), o)?),
+        "vit_base_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::base(16), o)?),
+        "deit_tiny_distilled_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16).distilled(), o)?),
+        "vit_tiny_patch4_32" => Box::new(Vit::new(
+            name,
+            vp,
+            &VitConfig {
+                depth: 6,
+                ..VitConfig::tiny(4)
+            },
+            o,
+        )?),
+        "deit_tiny_distilled_patch4_32" => Box::new(Vit::new(
+            name,
+            vp,
+            &VitConfig {
+                depth: 6,
+                ..VitConfig::tiny(4)
+            }
+            .distilled(),
+            o,
+        )?),
+        other => candle_core::bail!("unknown model `{other}`; valid models: {}", model_names().join(", ")),
+    };
+    Ok(m)
+}

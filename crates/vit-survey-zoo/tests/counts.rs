@@ -1,0 +1,42 @@
+//! Parameter counts (timm 1.0.31's, 1000 classes at 224x224) and MACs (PyTorch's FLOP counter,
+//! halved) of every registered model. Models are built with zero initialisation and never run.
+
+use candle_core::{Device, Result};
+use nn_core::VarStore;
+use vit_survey_zoo::{create_model_with, ModelOptions};
+
+fn build(name: &str, image_size: usize) -> Result<(usize, u64)> {
+    let vs = VarStore::new(0, &Device::Cpu);
+    let opts = ModelOptions {
+        cheap_init: true,
+        ..ModelOptions::new(1000, image_size)
+    };
+    let m = create_model_with(name, &opts, &vs.root())?;
+    Ok((vs.num_params(), m.macs()))
+}
+
+/// (name, image size, exact parameter count, reference MACs in G or 0 when not pinned)
+const EXPECTED: &[(&str, usize, usize, f64)] = &[
+    ("vit_tiny_patch16_224", 224, 5_717_416, 1.254),
+    ("vit_small_patch16_224", 224, 22_050_664, 0.0),
+    ("vit_base_patch16_224", 224, 86_567_656, 0.0),
+    ("deit_tiny_distilled_patch16_224", 224, 5_910_800, 1.261),
+];
+
+#[test]
+fn parameter_counts_and_macs_match_the_references() -> Result<()> {
+    let mut bad = Vec::new();
+    for &(name, size, params, gmacs) in EXPECTED {
+        let (p, macs) = build(name, size)?;
+        let g = macs as f64 / 1e9;
+        println!("{name:<36} params {p:>11} MACs {g:.4} G");
+        if p != params {
+            bad.push(format!("{name}: {p} parameters, expected {params}"));
+        }
+        if gmacs > 0.0 && (g / gmacs - 1.0).abs() > 0.02 {
+            bad.push(format!("{name}: {g:.4} GMACs, reference {gmacs} G (more than 2% off)"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    Ok(())
+}
