@@ -22,7 +22,9 @@
 //! - `rand`: the seeded stochastic-depth masks.
 
 pub mod layers;
+pub mod pvt;
 pub mod registry;
+pub mod swin;
 pub mod vit;
 pub mod weights;
 

@@ -51,6 +51,11 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("vit_base_patch16_224", "ViT-B/16: 768 wide, 12 blocks, 12 heads"),
     ("deit_tiny_distilled_patch16_224", "DeiT-Ti with the distillation token and head"),
     (
+        "swin_tiny_patch4_window7_224",
+        "Swin-T: C = 96, depths 2-2-6-2, heads 3-6-12-24, 7x7 windows",
+    ),
+    ("pvt_v2_b0", "PVTv2-B0: widths 32-64-160-256, 2 blocks per stage, SR ratios 8-4-2-1"),
+    (
         "vit_tiny_patch4_32",
         "CIFAR ViT: ViT-Ti width, 6 blocks, 4x4 patches (64 tokens at 32x32)",
     ),
@@ -106,6 +111,8 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
             .distilled(),
             o,
         )?),
+        "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
+        "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
         other => candle_core::bail!("unknown model `{other}`; valid models: {}", model_names().join(", ")),
     };
     Ok(m)

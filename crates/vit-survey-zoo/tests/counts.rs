@@ -21,6 +21,8 @@ const EXPECTED: &[(&str, usize, usize, f64)] = &[
     ("vit_small_patch16_224", 224, 22_050_664, 0.0),
     ("vit_base_patch16_224", 224, 86_567_656, 0.0),
     ("deit_tiny_distilled_patch16_224", 224, 5_910_800, 1.261),
+    ("swin_tiny_patch4_window7_224", 224, 28_288_354, 4.491),
+    ("pvt_v2_b0", 224, 3_666_760, 0.566),
 ];
 
 #[test]
