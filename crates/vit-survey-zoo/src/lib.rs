@@ -21,10 +21,13 @@
 //! - `candle-core`: tensors and autograd; `candle-nn`: re-exported types used by nn-core.
 //! - `rand`: the seeded stochastic-depth masks.
 
+pub mod convit;
 pub mod layers;
+pub mod pit;
 pub mod pvt;
 pub mod registry;
 pub mod swin;
+pub mod tnt;
 pub mod vit;
 pub mod weights;
 

@@ -56,6 +56,16 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ),
     ("pvt_v2_b0", "PVTv2-B0: widths 32-64-160-256, 2 blocks per stage, SR ratios 8-4-2-1"),
     (
+        "pit_ti_224",
+        "PiT-Ti: stride-8 patch embedding, pooling stages 64-128-256, depths 2-6-4",
+    ),
+    (
+        "convit_tiny",
+        "ConViT-Ti: 10 gated positional self-attention blocks, then 2 plain ones",
+    ),
+    ("tnt_s_patch16_224", "TNT-S: outer 384 / inner 24, 12 blocks"),
+    ("tnt_b_patch16_224", "TNT-B: outer 640 / inner 40, 12 blocks"),
+    (
         "vit_tiny_patch4_32",
         "CIFAR ViT: ViT-Ti width, 6 blocks, 4x4 patches (64 tokens at 32x32)",
     ),
@@ -113,6 +123,10 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         )?),
         "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
         "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
+        "pit_ti_224" => Box::new(crate::pit::Pit::new(name, vp, &crate::pit::PitConfig::ti(), o)?),
+        "convit_tiny" => Box::new(crate::convit::Convit::new(name, vp, &crate::convit::ConvitConfig::tiny(), o)?),
+        "tnt_s_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::small(), o)?),
+        "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
         other => candle_core::bail!("unknown model `{other}`; valid models: {}", model_names().join(", ")),
     };
     Ok(m)
