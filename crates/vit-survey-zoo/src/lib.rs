@@ -23,6 +23,7 @@
 
 pub mod convit;
 pub mod layers;
+pub mod levit;
 pub mod pit;
 pub mod pvt;
 pub mod registry;

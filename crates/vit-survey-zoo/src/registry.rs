@@ -66,6 +66,10 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("tnt_s_patch16_224", "TNT-S: outer 384 / inner 24, 12 blocks"),
     ("tnt_b_patch16_224", "TNT-B: outer 640 / inner 40, 12 blocks"),
     (
+        "levit_128s",
+        "LeViT-128S: conv stem, attention-bias stages 128-256-384, distilled head",
+    ),
+    (
         "vit_tiny_patch4_32",
         "CIFAR ViT: ViT-Ti width, 6 blocks, 4x4 patches (64 tokens at 32x32)",
     ),
@@ -127,6 +131,7 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "convit_tiny" => Box::new(crate::convit::Convit::new(name, vp, &crate::convit::ConvitConfig::tiny(), o)?),
         "tnt_s_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::small(), o)?),
         "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
+        "levit_128s" => Box::new(crate::levit::Levit::new(name, vp, &crate::levit::LevitConfig::levit_128s(), o)?),
         other => candle_core::bail!("unknown model `{other}`; valid models: {}", model_names().join(", ")),
     };
     Ok(m)
