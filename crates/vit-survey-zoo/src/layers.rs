@@ -483,6 +483,25 @@ mod tests {
     }
 
     #[test]
+    fn drop_path_drops_whole_samples_and_rescales() -> Result<()> {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let dp = DropPath::new(&vs.root().pp("dp"), 0.5);
+        let x = Tensor::ones((64, 3, 2), DType::F32, &Device::Cpu)?;
+        assert_eq!(dp.forward(&x, false)?.sum_all()?.to_scalar::<f32>()?, 384.0);
+        let y = dp.forward(&x, true)?;
+        let per: Vec<f32> = y.sum((1, 2))?.to_vec1()?;
+        assert!(per.iter().all(|&v| v == 0.0 || v == 12.0), "{per:?}");
+        let kept = per.iter().filter(|&&v| v > 0.0).count();
+        assert!((16..=48).contains(&kept), "{kept}");
+        assert_ne!(
+            y.to_vec3::<f32>()?,
+            dp.forward(&x, true)?.to_vec3::<f32>()?,
+            "each call draws a new mask"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn resampled_pos_embed_keeps_prefix_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
         let pe = Tensor::arange(0f64, (1 + 4) as f64 * 2.0, &dev)?.reshape((1, 5, 2))?;
