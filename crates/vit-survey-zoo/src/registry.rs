@@ -70,13 +70,18 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
         "LeViT-128S: conv stem, attention-bias stages 128-256-384, distilled head",
     ),
     (
-        "vit_tiny_patch4_32",
-        "CIFAR ViT: ViT-Ti width, 6 blocks, 4x4 patches (64 tokens at 32x32)",
+        "vit_micro_patch4_32",
+        "CIFAR ViT: 4x4 patches, 128 wide, 6 blocks, 4 heads, MLP ratio 2",
     ),
     (
-        "deit_tiny_distilled_patch4_32",
-        "CIFAR DeiT: vit_tiny_patch4_32 with a distillation token",
+        "deit_micro_distilled_patch4_32",
+        "CIFAR DeiT: vit_micro_patch4_32 with a distillation token",
     ),
+    (
+        "swin_micro_patch2_window4_32",
+        "CIFAR Swin: 2x2 patches, C = 48, depths 2-2-2-2, heads 2-4-8-16, 4x4 windows",
+    ),
+    ("pvt_v2_micro_32", "CIFAR PVTv2: B0 widths, stride-2 stem, SR ratios 4-2-1-1"),
 ];
 
 /// Names accepted by [`create_model`].
@@ -99,6 +104,13 @@ pub fn create_model_with(name: &str, opts: &ModelOptions, vp: &VarPath) -> Resul
     crate::layers::with_cheap_init(opts.cheap_init, || build(name, opts, vp))
 }
 
+fn micro_vit() -> crate::vit::VitConfig {
+    crate::vit::VitConfig {
+        mlp_ratio: 2.0,
+        ..crate::vit::VitConfig::new(4, 128, 6, 4)
+    }
+}
+
 fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>> {
     use crate::vit::{VisionTransformer as Vit, VitConfig};
     let m: Box<dyn ZooModel> = match name {
@@ -106,25 +118,6 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "vit_small_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16), o)?),
         "vit_base_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::base(16), o)?),
         "deit_tiny_distilled_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16).distilled(), o)?),
-        "vit_tiny_patch4_32" => Box::new(Vit::new(
-            name,
-            vp,
-            &VitConfig {
-                depth: 6,
-                ..VitConfig::tiny(4)
-            },
-            o,
-        )?),
-        "deit_tiny_distilled_patch4_32" => Box::new(Vit::new(
-            name,
-            vp,
-            &VitConfig {
-                depth: 6,
-                ..VitConfig::tiny(4)
-            }
-            .distilled(),
-            o,
-        )?),
         "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
         "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
         "pit_ti_224" => Box::new(crate::pit::Pit::new(name, vp, &crate::pit::PitConfig::ti(), o)?),
@@ -132,6 +125,27 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "tnt_s_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::small(), o)?),
         "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
         "levit_128s" => Box::new(crate::levit::Levit::new(name, vp, &crate::levit::LevitConfig::levit_128s(), o)?),
+        "vit_micro_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit(), o)?),
+        "deit_micro_distilled_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit().distilled(), o)?),
+        "swin_micro_patch2_window4_32" => {
+            let cfg = crate::swin::SwinConfig {
+                patch_size: 2,
+                embed_dim: 48,
+                depths: vec![2, 2, 2, 2],
+                num_heads: vec![2, 4, 8, 16],
+                window_size: 4,
+                mlp_ratio: 4.0,
+            };
+            Box::new(crate::swin::SwinTransformer::new(name, vp, &cfg, o)?)
+        }
+        "pvt_v2_micro_32" => {
+            let cfg = crate::pvt::PvtV2Config {
+                stem_stride: 2,
+                sr_ratios: vec![4, 2, 1, 1],
+                ..crate::pvt::PvtV2Config::b0()
+            };
+            Box::new(crate::pvt::PvtV2::new(name, vp, &cfg, o)?)
+        }
         other => candle_core::bail!("unknown model `{other}`; valid models: {}", model_names().join(", ")),
     };
     Ok(m)
