@@ -4,6 +4,7 @@
 
 mod bnn;
 mod nn;
+mod vit;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         which: bnn::BnnCommand,
     },
+    /// Vision transformers of the survey (vit-survey-zoo): list, summary, train, bench.
+    Vit {
+        #[command(subcommand)]
+        which: vit::VitCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -73,5 +79,6 @@ fn main() -> Result<()> {
         Command::Summary { model, dataset } => nn::summary(&model, &dataset),
         Command::List => nn::list(),
         Command::Bnn { which } => bnn::run(which),
+        Command::Vit { which } => vit::run(which),
     }
 }
