@@ -56,6 +56,11 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ),
     ("pvt_v2_b0", "PVTv2-B0: widths 32-64-160-256, 2 blocks per stage, SR ratios 8-4-2-1"),
     (
+        "pvt_tiny",
+        "PVT-Tiny (v1): patch 4, widths 64-128-320-512, depths 2-2-2-2, SR ratios 8-4-2-1",
+    ),
+    ("pvt_small", "PVT-Small (v1): as PVT-Tiny with depths 3-4-6-3"),
+    (
         "pit_ti_224",
         "PiT-Ti: stride-8 patch embedding, pooling stages 64-128-256, depths 2-6-4",
     ),
@@ -120,6 +125,8 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "deit_tiny_distilled_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16).distilled(), o)?),
         "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
         "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
+        "pvt_tiny" => Box::new(crate::pvt::PvtV1::new(name, vp, &crate::pvt::PvtV1Config::tiny(), o)?),
+        "pvt_small" => Box::new(crate::pvt::PvtV1::new(name, vp, &crate::pvt::PvtV1Config::small(), o)?),
         "pit_ti_224" => Box::new(crate::pit::Pit::new(name, vp, &crate::pit::PitConfig::ti(), o)?),
         "convit_tiny" => Box::new(crate::convit::Convit::new(name, vp, &crate::convit::ConvitConfig::tiny(), o)?),
         "tnt_s_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::small(), o)?),

@@ -28,6 +28,9 @@ const EXPECTED: &[(&str, usize, usize, f64)] = &[
     ("tnt_s_patch16_224", 224, 23_768_584, 5.217),
     ("tnt_b_patch16_224", 224, 65_428_680, 0.0),
     ("levit_128s", 224, 7_777_058, 0.305),
+    // PVT v1 from the official repository's code (no timm reference); published 13.2M / 24.5M
+    ("pvt_tiny", 224, 13_229_288, 0.0),
+    ("pvt_small", 224, 24_485_864, 0.0),
 ];
 
 #[test]
