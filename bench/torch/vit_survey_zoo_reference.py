@@ -4,6 +4,9 @@
       writes OUT_DIR/<model>.safetensors (the timm state_dict, random init with seed 0) and
       OUT_DIR/<model>.io.safetensors (a fixed input `input` [2, 3, S, S] and timm's eval
       logits `logits`); the Rust test `timm_parity` (ignored by default) compares against them.
+  python3 bench/torch/vit_survey_zoo_reference.py export-pvt-v1 OUT_DIR PVT_REPO/classification/pvt.py
+      the same for PVT-Tiny (v1) from the official repository's code (whai362/PVT), which
+      timm does not have.
   python3 bench/torch/vit_survey_zoo_reference.py bench [--threads 2] [--batch 8] [model ...]
       forward images/s at 224x224 in eval mode, printed as `model img/s`.
   python3 bench/torch/vit_survey_zoo_reference.py macs [model ...]
@@ -49,6 +52,27 @@ def export(out, names):
         print(n, "exported", tuple(y.shape))
 
 
+def export_pvt_v1(out, path):
+    import importlib.util, os
+    os.makedirs(out, exist_ok=True)
+    spec = importlib.util.spec_from_file_location("pvt_official", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys as _sys
+    _sys.modules["pvt_official"] = mod
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    m = mod.pvt_tiny().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out}/pvt_tiny.safetensors")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = m(x)
+    save_file({"input": x.contiguous(), "logits": y.contiguous()}, f"{out}/pvt_tiny.io.safetensors")
+    print("pvt_tiny exported", tuple(y.shape))
+
+
 def bench(names, threads, batch):
     torch.set_num_threads(threads)
     for n in names:
@@ -78,6 +102,8 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "export":
         export(args[0], args[1:] or DEFAULT)
+    elif cmd == "export-pvt-v1":
+        export_pvt_v1(args[0], args[1])
     elif cmd == "bench":
         threads, batch, rest = 2, 8, []
         it = iter(args)

@@ -11,7 +11,7 @@ use nn_core::VarStore;
 use vit_survey_zoo::convit::{Convit, ConvitConfig};
 use vit_survey_zoo::levit::{Levit, LevitConfig};
 use vit_survey_zoo::pit::{Pit, PitConfig};
-use vit_survey_zoo::pvt::{PvtV2, PvtV2Config};
+use vit_survey_zoo::pvt::{PvtV1, PvtV1Config, PvtV2, PvtV2Config};
 use vit_survey_zoo::swin::{SwinConfig, SwinTransformer};
 use vit_survey_zoo::tnt::{Tnt, TntConfig};
 use vit_survey_zoo::vit::{VisionTransformer, VitConfig};
@@ -78,6 +78,19 @@ fn pvt_v2_gradients() -> Result<()> {
         stem_stride: 2,
     };
     check(16, |vs, o| PvtV2::new("pvt", &vs.root(), &cfg, o))
+}
+
+#[test]
+fn pvt_v1_gradients_with_the_class_token_stage() -> Result<()> {
+    let cfg = PvtV1Config {
+        patch_size: 2,
+        embed_dims: vec![16, 32],
+        num_heads: vec![1, 2],
+        mlp_ratios: vec![2, 2],
+        depths: vec![1, 1],
+        sr_ratios: vec![2, 1],
+    };
+    check(16, |vs, o| PvtV1::new("pvt_v1", &vs.root(), &cfg, o))
 }
 
 #[test]
