@@ -51,6 +51,10 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("vit_base_patch16_224", "ViT-B/16: 768 wide, 12 blocks, 12 heads"),
     ("deit_tiny_distilled_patch16_224", "DeiT-Ti with the distillation token and head"),
     (
+        "cpvt_small_224",
+        "CPVT-S: DeiT-S with a positional encoding generator after block 1 instead of a position embedding",
+    ),
+    (
         "swin_tiny_patch4_window7_224",
         "Swin-T: C = 96, depths 2-2-6-2, heads 3-6-12-24, 7x7 windows",
     ),
@@ -123,6 +127,7 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "vit_small_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16), o)?),
         "vit_base_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::base(16), o)?),
         "deit_tiny_distilled_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16).distilled(), o)?),
+        "cpvt_small_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16).cpvt(), o)?),
         "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
         "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
         "pvt_tiny" => Box::new(crate::pvt::PvtV1::new(name, vp, &crate::pvt::PvtV1Config::tiny(), o)?),

@@ -25,6 +25,10 @@ pub struct VitConfig {
     pub qkv_bias: bool,
     /// DeiT's distillation token and second head.
     pub distilled: bool,
+    /// CPVT (Chu et al. 2021): no learned position embedding; a positional encoding generator
+    /// (PEG, a 3x3 depthwise convolution on the token grid added to the tokens) after the
+    /// first block, so positions are conditioned on the neighbourhood and any grid size works.
+    pub peg: bool,
 }
 
 impl VitConfig {
@@ -37,6 +41,7 @@ impl VitConfig {
             mlp_ratio: 4.0,
             qkv_bias: true,
             distilled: false,
+            peg: false,
         }
     }
     /// ViT-Ti/16 (DeiT-Ti): 192 wide, 12 deep, 3 heads.
@@ -55,6 +60,11 @@ impl VitConfig {
         self.distilled = true;
         self
     }
+    /// CPVT: the PEG replaces the position embedding.
+    pub fn cpvt(mut self) -> Self {
+        self.peg = true;
+        self
+    }
 }
 
 /// A ViT / DeiT.
@@ -64,7 +74,10 @@ pub struct VisionTransformer {
     pub patch_embed: Conv2d,
     pub cls_token: Var,
     pub dist_token: Option<Var>,
-    pub pos_embed: Var,
+    /// Absent in CPVT (replaced by the PEG).
+    pub pos_embed: Option<Var>,
+    /// CPVT's positional encoding generator (`pos_block.proj.0`, depthwise 3x3 with bias).
+    pub pos_block: Option<Conv2d>,
     pub blocks: Vec<Block>,
     pub norm: LayerNorm,
     pub head: Linear,
@@ -98,7 +111,21 @@ impl VisionTransformer {
         } else {
             None
         };
-        let pos_embed = param(vp, "pos_embed", &[1, grid * grid + prefix, d], TRUNC_002, ParamKind::Embedding)?;
+        let (pos_embed, pos_block) = if cfg.peg {
+            let c = Conv2dConfig::new(d, d, 3).groups(d).bias(true);
+            (None, Some(conv2d(&vp.pp("pos_block").pp("proj").pp(0), c)?))
+        } else {
+            (
+                Some(param(
+                    vp,
+                    "pos_embed",
+                    &[1, grid * grid + prefix, d],
+                    TRUNC_002,
+                    ParamKind::Embedding,
+                )?),
+                None,
+            )
+        };
         let blocks = (0..cfg.depth)
             .map(|i| {
                 Block::new(
@@ -126,6 +153,7 @@ impl VisionTransformer {
             cls_token,
             dist_token,
             pos_embed,
+            pos_block,
             blocks,
             norm,
             head,
@@ -151,9 +179,20 @@ impl VisionTransformer {
             parts.push(dt.as_tensor().broadcast_as((b, 1, d))?);
         }
         parts.push(t);
-        let mut x = Tensor::cat(&parts, 1)?.broadcast_add(self.pos_embed.as_tensor())?;
-        for blk in &self.blocks {
+        let mut x = Tensor::cat(&parts, 1)?;
+        if let Some(pe) = &self.pos_embed {
+            x = x.broadcast_add(pe.as_tensor())?;
+        }
+        let g = self.image_size / self.cfg.patch_size;
+        for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(&x, train)?;
+            if let (0, Some(peg)) = (i, &self.pos_block) {
+                // PEG on the patch tokens (class tokens excluded): x + DWConv(x)
+                let p = self.prefix();
+                let grid = crate::layers::tokens_to_map(&x.narrow(1, p, g * g)?, g, g)?;
+                let pos = crate::layers::flatten_tokens(&(conv_forward(peg, &grid)? + &grid)?)?;
+                x = Tensor::cat(&[&x.narrow(1, 0, p)?, &pos], 1)?;
+            }
         }
         self.norm.forward(&x)
     }
@@ -172,7 +211,8 @@ impl VisionTransformer {
     pub fn macs(&self) -> u64 {
         let (pe, oh, ow) = conv_macs(&self.patch_embed, self.image_size, self.image_size);
         let n = oh * ow + self.prefix();
-        pe + self.blocks.iter().map(|b| b.macs(n)).sum::<u64>() + self.head.macs(1) + self.head_dist.as_ref().map_or(0, |h| h.macs(1))
+        let peg = self.pos_block.as_ref().map_or(0, |c| conv_macs(c, oh, ow).0);
+        pe + peg + self.blocks.iter().map(|b| b.macs(n)).sum::<u64>() + self.head.macs(1) + self.head_dist.as_ref().map_or(0, |h| h.macs(1))
     }
 }
 

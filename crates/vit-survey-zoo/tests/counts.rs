@@ -31,6 +31,8 @@ const EXPECTED: &[(&str, usize, usize, f64)] = &[
     // PVT v1 from the official repository's code (no timm reference); published 13.2M / 24.5M
     ("pvt_tiny", 224, 13_229_288, 0.0),
     ("pvt_small", 224, 24_485_864, 0.0),
+    // CPVT-S: DeiT-S less its position embedding plus the PEG (published: 22M)
+    ("cpvt_small_224", 224, 21_978_856, 0.0),
 ];
 
 #[test]

@@ -51,7 +51,8 @@ fn check<M: ZooModel + 'static>(size: usize, build: impl FnOnce(&VarStore, &Mode
 fn vit_and_deit_gradients() -> Result<()> {
     let cfg = VitConfig::new(4, 32, 2, 2);
     check(16, |vs, o| VisionTransformer::new("vit", &vs.root(), &cfg, o))?;
-    check(16, |vs, o| VisionTransformer::new("deit", &vs.root(), &cfg.clone().distilled(), o))
+    check(16, |vs, o| VisionTransformer::new("deit", &vs.root(), &cfg.clone().distilled(), o))?;
+    check(16, |vs, o| VisionTransformer::new("cpvt", &vs.root(), &cfg.clone().cpvt(), o))
 }
 
 #[test]
