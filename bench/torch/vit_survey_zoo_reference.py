@@ -4,9 +4,10 @@
       writes OUT_DIR/<model>.safetensors (the timm state_dict, random init with seed 0) and
       OUT_DIR/<model>.io.safetensors (a fixed input `input` [2, 3, S, S] and timm's eval
       logits `logits`); the Rust test `timm_parity` (ignored by default) compares against them.
-  python3 bench/torch/vit_survey_zoo_reference.py export-pvt-v1 OUT_DIR PVT_REPO/classification/pvt.py
-      the same for PVT-Tiny (v1) from the official repository's code (whai362/PVT), which
-      timm does not have.
+  python3 bench/torch/vit_survey_zoo_reference.py export-official MODEL OUT_DIR FILE.py
+      the same for models timm does not have, from their official repositories' code:
+      pvt_tiny (whai362/PVT classification/pvt.py, 224x224) and cmt_ti
+      (huawei-noah/Efficient-AI-Backbones cmt_pytorch/cmt.py, 160x160).
   python3 bench/torch/vit_survey_zoo_reference.py bench [--threads 2] [--batch 8] [model ...]
       forward images/s at 224x224 in eval mode, printed as `model img/s`.
   python3 bench/torch/vit_survey_zoo_reference.py macs [model ...]
@@ -52,7 +53,7 @@ def export(out, names):
         print(n, "exported", tuple(y.shape))
 
 
-def export_pvt_v1(out, path):
+def export_official(name, out, path):
     import importlib.util, os
     os.makedirs(out, exist_ok=True)
     spec = importlib.util.spec_from_file_location("pvt_official", path)
@@ -61,16 +62,22 @@ def export_pvt_v1(out, path):
     _sys.modules["pvt_official"] = mod
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
-    m = mod.pvt_tiny().eval()
+    size = {"pvt_tiny": 224, "cmt_ti": 160}[name]
+    m = getattr(mod, name)(img_size=size).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out}/pvt_tiny.safetensors")
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        for k, b in m.named_buffers():
+            if k.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+            elif k.endswith("running_mean"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{out}/{name}.safetensors")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = m(x)
-    save_file({"input": x.contiguous(), "logits": y.contiguous()}, f"{out}/pvt_tiny.io.safetensors")
-    print("pvt_tiny exported", tuple(y.shape))
+    save_file({"input": x.contiguous(), "logits": y.contiguous()}, f"{out}/{name}.io.safetensors")
+    print(name, "exported", tuple(y.shape))
 
 
 def bench(names, threads, batch):
@@ -102,8 +109,8 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "export":
         export(args[0], args[1:] or DEFAULT)
-    elif cmd == "export-pvt-v1":
-        export_pvt_v1(args[0], args[1])
+    elif cmd == "export-official":
+        export_official(args[0], args[1], args[2])
     elif cmd == "bench":
         threads, batch, rest = 2, 8, []
         it = iter(args)

@@ -17,7 +17,8 @@
 //!   embedding, spatial-reduction attention, convolutional feed-forward).
 //! - [`pit`]: PiT-Ti (pooling between stages); [`convit`]: ConViT-Ti (gated positional
 //!   self-attention); [`tnt`]: TNT-S/B (inner and outer transformers); [`levit`]: LeViT-128S
-//!   (attention biases, BatchNorm'd linears, attention downsampling).
+//!   (attention biases, BatchNorm'd linears, attention downsampling); [`cmt`]: CMT-Ti
+//!   (convolutional stem, local perception unit, lightweight attention, IRFFN).
 //! - [`weights`]: loading safetensors files with timm's key names, with a report of missing,
 //!   unexpected and mis-shaped keys; position embeddings are resampled to the model's grid.
 //!
@@ -44,6 +45,7 @@
 //!   BatchNorm (LeViT) and the sigmoid of ConViT's gates.
 //! - `rand`: the seeded stochastic-depth masks.
 
+pub mod cmt;
 pub mod convit;
 pub mod layers;
 pub mod levit;

@@ -75,6 +75,10 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("tnt_s_patch16_224", "TNT-S: outer 384 / inner 24, 12 blocks"),
     ("tnt_b_patch16_224", "TNT-B: outer 640 / inner 40, 12 blocks"),
     (
+        "cmt_ti",
+        "CMT-Ti (published at 160x160): conv stem, LPU + lightweight attention + IRFFN blocks",
+    ),
+    (
         "levit_128s",
         "LeViT-128S: conv stem, attention-bias stages 128-256-384, distilled head",
     ),
@@ -136,6 +140,7 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "convit_tiny" => Box::new(crate::convit::Convit::new(name, vp, &crate::convit::ConvitConfig::tiny(), o)?),
         "tnt_s_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::small(), o)?),
         "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
+        "cmt_ti" => Box::new(crate::cmt::Cmt::new(name, vp, &crate::cmt::CmtConfig::ti(), o)?),
         "levit_128s" => Box::new(crate::levit::Levit::new(name, vp, &crate::levit::LevitConfig::levit_128s(), o)?),
         "vit_micro_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit(), o)?),
         "deit_micro_distilled_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit().distilled(), o)?),

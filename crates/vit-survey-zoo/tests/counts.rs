@@ -33,6 +33,8 @@ const EXPECTED: &[(&str, usize, usize, f64)] = &[
     ("pvt_small", 224, 24_485_864, 0.0),
     // CPVT-S: DeiT-S less its position embedding plus the PEG (published: 22M)
     ("cpvt_small_224", 224, 21_978_856, 0.0),
+    // CMT-Ti from the official code at 160x160 (published: 9.5M)
+    ("cmt_ti", 160, 9_492_426, 0.0),
 ];
 
 #[test]

@@ -8,6 +8,7 @@ use candle_core::{Device, Result, Tensor};
 use nn_core::init::Init;
 use nn_core::testing::check_all_params_get_gradients;
 use nn_core::VarStore;
+use vit_survey_zoo::cmt::{Cmt, CmtConfig};
 use vit_survey_zoo::convit::{Convit, ConvitConfig};
 use vit_survey_zoo::levit::{Levit, LevitConfig};
 use vit_survey_zoo::pit::{Pit, PitConfig};
@@ -147,4 +148,18 @@ fn levit_gradients() -> Result<()> {
         distilled: true,
     };
     check(64, |vs, o| Levit::new("levit", &vs.root(), &cfg, o))
+}
+
+#[test]
+fn cmt_gradients() -> Result<()> {
+    let cfg = CmtConfig {
+        embed_dims: vec![8, 16],
+        stem_channel: 4,
+        fc_dim: 24,
+        num_heads: vec![1, 2],
+        mlp_ratio: 2.0,
+        depths: vec![1, 1],
+        sr_ratios: vec![2, 1],
+    };
+    check(32, |vs, o| Cmt::new("cmt", &vs.root(), &cfg, o))
 }
