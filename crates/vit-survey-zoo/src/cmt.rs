@@ -173,7 +173,7 @@ pub struct Cmt {
 
 impl Cmt {
     pub fn new(name: &str, vp: &VarPath, cfg: &CmtConfig, o: &ModelOptions) -> Result<Self> {
-        if o.image_size % 32 != 0 {
+        if !o.image_size.is_multiple_of(32) {
             candle_core::bail!("{name}: image size {} must be a multiple of 32", o.image_size);
         }
         let sc = cfg.stem_channel;

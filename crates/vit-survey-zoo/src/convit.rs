@@ -90,7 +90,11 @@ impl Gpsa {
         let dev = self.v.weight.device().clone();
         self.v.weight.set(&Tensor::eye(dim, candle_core::DType::F32, &dev)?)?;
         let k = (self.heads as f64).sqrt() as usize;
-        let center = if k % 2 == 0 { (k as f64 - 1.0) / 2.0 } else { (k / 2) as f64 };
+        let center = if k.is_multiple_of(2) {
+            (k as f64 - 1.0) / 2.0
+        } else {
+            (k / 2) as f64
+        };
         let mut w = self.pos_proj.weight.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         for h1 in 0..k {
             for h2 in 0..k {
@@ -188,7 +192,7 @@ pub struct Convit {
 impl Convit {
     pub fn new(name: &str, vp: &VarPath, cfg: &ConvitConfig, o: &ModelOptions) -> Result<Self> {
         let (p, d) = (cfg.patch_size, cfg.embed_dim);
-        if o.image_size % p != 0 {
+        if !o.image_size.is_multiple_of(p) {
             candle_core::bail!("{name}: image size {} is not a multiple of the patch size {p}", o.image_size);
         }
         let grid = o.image_size / p;

@@ -215,7 +215,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(vp: &VarPath, dim: usize, heads: usize, qkv_bias: bool) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             candle_core::bail!("attention: dim {dim} must be divisible by the number of heads {heads}");
         }
         Ok(Self {

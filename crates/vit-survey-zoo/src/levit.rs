@@ -269,7 +269,7 @@ pub struct Levit {
 
 impl Levit {
     pub fn new(name: &str, vp: &VarPath, cfg: &LevitConfig, o: &ModelOptions) -> Result<Self> {
-        if o.image_size % 16 != 0 {
+        if !o.image_size.is_multiple_of(16) {
             candle_core::bail!("{name}: image size {} must be a multiple of 16 (the stem's stride)", o.image_size);
         }
         let d0 = cfg.embed_dim[0];

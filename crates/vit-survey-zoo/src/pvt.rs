@@ -52,7 +52,7 @@ pub struct SrAttention {
 
 impl SrAttention {
     fn new(vp: &VarPath, dim: usize, heads: usize, sr: usize) -> Result<Self> {
-        if dim % heads != 0 {
+        if !dim.is_multiple_of(heads) {
             candle_core::bail!("pvt: dim {dim} not divisible by {heads} heads");
         }
         let sr = if sr > 1 {
@@ -206,8 +206,8 @@ impl PvtV2 {
             } else {
                 (OverlapPatchEmbed::new(&vp.pp("stages").pp(i).pp("downsample"), cin, dim, 3, 2)?, 2)
             };
-            res = (res + stride - 1) / stride;
-            if res % cfg.sr_ratios[i] != 0 {
+            res = res.div_ceil(stride);
+            if !res.is_multiple_of(cfg.sr_ratios[i]) {
                 candle_core::bail!(
                     "{name}: stage {i} feature map {res}x{res} is not divisible by its spatial reduction {}",
                     cfg.sr_ratios[i]
@@ -377,7 +377,7 @@ impl PvtV1 {
         use nn_core::ParamKind;
         let n = cfg.depths.len();
         let total_down = cfg.patch_size << (n - 1);
-        if o.image_size % total_down != 0 {
+        if !o.image_size.is_multiple_of(total_down) {
             candle_core::bail!("{name}: image size {} must be a multiple of {total_down}", o.image_size);
         }
         let total: usize = cfg.depths.iter().sum();

@@ -185,7 +185,7 @@ impl SwinBlock {
         } else {
             (window, if shifted { window / 2 } else { 0 })
         };
-        if resolution % window != 0 {
+        if !resolution.is_multiple_of(window) {
             candle_core::bail!("swin: a {resolution}x{resolution} feature map is not divisible into {window}x{window} windows");
         }
         let mask = if shift > 0 {
@@ -290,7 +290,7 @@ impl SwinTransformer {
     pub fn new(name: &str, vp: &VarPath, cfg: &SwinConfig, o: &ModelOptions) -> Result<Self> {
         let stages = cfg.depths.len();
         let total_down = cfg.patch_size << (stages - 1);
-        if o.image_size % total_down != 0 {
+        if !o.image_size.is_multiple_of(total_down) {
             candle_core::bail!(
                 "{name}: image size {} must be a multiple of {total_down} (patch {} and {} merges)",
                 o.image_size,

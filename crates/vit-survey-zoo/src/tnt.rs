@@ -62,7 +62,7 @@ pub struct TntAttention {
 
 impl TntAttention {
     fn new(vp: &VarPath, dim: usize, heads: usize) -> Result<Self> {
-        if dim % heads != 0 {
+        if !dim.is_multiple_of(heads) {
             candle_core::bail!("tnt: dim {dim} not divisible by {heads} heads");
         }
         Ok(Self {
@@ -170,7 +170,7 @@ pub struct Tnt {
 impl Tnt {
     pub fn new(name: &str, vp: &VarPath, cfg: &TntConfig, o: &ModelOptions) -> Result<Self> {
         let p = cfg.patch_size;
-        if o.image_size % p != 0 {
+        if !o.image_size.is_multiple_of(p) {
             candle_core::bail!("{name}: image size {} is not a multiple of the patch size {p}", o.image_size);
         }
         let grid = o.image_size / p;

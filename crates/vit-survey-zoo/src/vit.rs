@@ -90,7 +90,7 @@ pub struct VisionTransformer {
 impl VisionTransformer {
     pub fn new(name: &str, vp: &VarPath, cfg: &VitConfig, opts: &ModelOptions) -> Result<Self> {
         let (p, d) = (cfg.patch_size, cfg.embed_dim);
-        if opts.image_size % p != 0 {
+        if !opts.image_size.is_multiple_of(p) {
             candle_core::bail!("{name}: image size {} is not a multiple of the patch size {p}", opts.image_size);
         }
         let grid = opts.image_size / p;
