@@ -389,6 +389,13 @@ impl Model for ZooAsModel {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(String::from))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let load_before = load();
     let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let mut ours = Vec::new();
     for name in &models {
@@ -432,8 +439,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         Err(e) => table += &format!("\nPyTorch reference not run: {e}\n"),
     }
     table += &format!(
-        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model after one warm-up.\n\n```\n{}\n```\n",
+        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs: absolute numbers are only comparable within this table.\n\n```\n{}\n```\n",
         a.seconds,
+        load_before,
+        load(),
         nn_core::report::command_line()
     );
     print!("{table}");
