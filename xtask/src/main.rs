@@ -9,6 +9,7 @@ mod fedpu;
 mod nn;
 mod prune;
 mod sfda;
+mod vit;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -77,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         which: adder::AdderCommand,
     },
+    /// Vision transformers of the survey (vit-survey-zoo): list, summary, train, bench.
+    Vit {
+        #[command(subcommand)]
+        which: vit::VitCommand,
+    },
 }
 
 fn main() -> Result<()> {
@@ -100,5 +106,6 @@ fn main() -> Result<()> {
         Command::Sfda(a) => sfda::run(a),
         Command::Fedpu { which } => fedpu::run(which),
         Command::Adder { which } => adder::run(which),
+        Command::Vit { which } => vit::run(which),
     }
 }

@@ -1,0 +1,479 @@
+//! vit-survey-zoo commands: list the registry with exact counts, summarise a model, train the
+//! CIFAR-size variants (and an nn-core CNN of similar MACs for comparison), and benchmark the
+//! forward pass at 224x224 against PyTorch/timm. Results go to `docs/results/vit-survey-zoo.md`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use nn_core::candle_core::{DType, Device, Tensor};
+use nn_core::experiment::{standard_data, summary_markdown, DataSpec};
+use nn_core::train::{OptimizerConfig, Schedule, TrainConfig, Trainer};
+use nn_core::{Model, VarStore};
+use std::path::PathBuf;
+use vit_survey_zoo::{create_model_with, ModelOptions, ZooModel, MODEL_NAMES};
+
+const RESULTS: &str = "docs/results/vit-survey-zoo.md";
+const TITLE: &str = "vit-survey-zoo results";
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum VitCommand {
+    /// Every registered model with its parameter count and MACs at its default image size
+    /// (written to docs/results/vit-survey-zoo.md with the reference figures).
+    List,
+    /// Compare logits with timm / the official code on the files written by
+    /// `python3 bench/torch/vit_survey_zoo_reference.py export DIR` (and `export-official`).
+    Parity {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Parameters per top-level module and MACs of one model.
+    Summary {
+        #[arg(long, default_value = "vit_tiny_patch16_224")]
+        model: String,
+        /// Default: 32 for the `_32` variants, else 224.
+        #[arg(long)]
+        image_size: Option<usize>,
+        #[arg(long, default_value_t = 1000)]
+        num_classes: usize,
+    },
+    /// Train a model on CIFAR-10 (a zoo model, or an nn-core CNN such as resnet20 as the baseline).
+    Train(TrainArgs),
+    /// Forward images/s at 224x224 (batch 8) for ViT-Ti, Swin-T, PVTv2-B0 and TNT-S, next to
+    /// PyTorch/timm when `python3` can import them.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "vit_micro_patch4_32")]
+    pub model: String,
+    #[arg(long, default_value = "cifar10")]
+    pub dataset: String,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// AdamW learning rate (cosine schedule after a linear warmup) for transformers; SGD
+    /// (momentum 0.9, Nesterov) with `--sgd`.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup_epochs: f64,
+    #[arg(long)]
+    pub sgd: bool,
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_path: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    #[arg(long)]
+    pub test_subset: Option<usize>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long)]
+    pub quiet: bool,
+    /// Stop after this many steps (a smoke run: no results table).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Free text added to the results section (e.g. the time budget).
+    #[arg(long, default_value = "")]
+    pub note: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(
+        long,
+        default_value = "vit_tiny_patch16_224,swin_tiny_patch4_window7_224,pvt_v2_b0,tnt_s_patch16_224"
+    )]
+    pub models: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Minimum timed seconds per model.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_torch: bool,
+}
+
+pub fn run(cmd: VitCommand) -> Result<()> {
+    match cmd {
+        VitCommand::List => list(),
+        VitCommand::Parity { dir } => parity(&dir),
+        VitCommand::Summary {
+            model,
+            image_size,
+            num_classes,
+        } => summary(&model, image_size.unwrap_or_else(|| default_size(&model)), num_classes),
+        VitCommand::Train(a) => train(a),
+        VitCommand::Bench(a) => bench(a),
+    }
+}
+
+fn default_size(name: &str) -> usize {
+    if name.ends_with("_32") {
+        32
+    } else {
+        224
+    }
+}
+
+fn cheap(name: &str, num_classes: usize, size: usize) -> Result<(VarStore, Box<dyn ZooModel>)> {
+    let vs = VarStore::new(0, &Device::Cpu);
+    let opts = ModelOptions {
+        cheap_init: true,
+        ..ModelOptions::new(num_classes, size)
+    };
+    let m = create_model_with(name, &opts, &vs.root())?;
+    Ok((vs, m))
+}
+
+/// Reference figures from the issue: timm 1.0.31's parameter counts and PyTorch's FLOP counter
+/// (halved) at 224x224, 1000 classes; published figures for the official-code models.
+const REFERENCE: &[(&str, &str, &str)] = &[
+    ("vit_tiny_patch16_224", "5,717,416", "1.254"),
+    ("vit_small_patch16_224", "22,050,664", ""),
+    ("vit_base_patch16_224", "86,567,656", ""),
+    ("deit_tiny_distilled_patch16_224", "5,910,800", "1.261"),
+    ("swin_tiny_patch4_window7_224", "28,288,354", "4.491"),
+    ("pvt_v2_b0", "3,666,760", "0.566"),
+    ("pit_ti_224", "4,847,272", ""),
+    ("convit_tiny", "5,710,512", "1.252"),
+    ("tnt_s_patch16_224", "23,768,584", "5.217"),
+    ("tnt_b_patch16_224", "65,428,680", ""),
+    ("levit_128s", "7,777,058", "0.305"),
+    ("pvt_tiny", "13.2M (paper)", "1.9 (paper)"),
+    ("pvt_small", "24.5M (paper)", "3.8 (paper)"),
+    ("cpvt_small_224", "22M (paper)", ""),
+    ("cmt_ti", "9.5M (paper, 160x160)", "0.6 (paper, 160x160)"),
+];
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn list() -> Result<()> {
+    println!("{:<34} {:>6} {:>12} {:>9}  description", "model", "size", "params", "GMACs");
+    let mut table = String::from(
+        "## Registry: parameters and MACs\n\n| model | image size | classes | params | reference params | GMACs | reference GMACs |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (name, desc) in MODEL_NAMES {
+        let size = if *name == "cmt_ti" { 160 } else { default_size(name) };
+        let classes = if size == 32 { 10 } else { 1000 };
+        let (vs, m) = cheap(name, classes, size)?;
+        let g = m.macs() as f64 / 1e9;
+        println!("{name:<34} {size:>6} {:>12} {g:>9.3}  {desc}", vs.num_params());
+        let (rp, rm) = REFERENCE.iter().find(|r| r.0 == *name).map_or(("", ""), |r| (r.1, r.2));
+        table += &format!(
+            "| {name} | {size} | {classes} | {} | {rp} | {g:.3} | {rm} |\n",
+            group(vs.num_params() as u64)
+        );
+    }
+    table += &format!(
+        "\nCounted from the built models (zero-initialised, never run); MACs are the analytic count of every matmul (linear layers, Q K^T, A V) and convolution. Reference columns: timm 1.0.31's counts and PyTorch's FLOP counter halved, from issue 10; papers' figures for models timm lacks. Exact counts are pinned in `crates/vit-survey-zoo/tests/counts.rs`.\n\n```\n{}\n```\n",
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(RESULTS, TITLE, "registry", &table)?;
+    Ok(())
+}
+
+fn parity(dir: &std::path::Path) -> Result<()> {
+    let mut table = String::from(
+        "## Output parity with the reference implementations\n\n| model | image size | tensors loaded | max abs logit difference | max abs logit |\n|---|---|---|---|---|\n",
+    );
+    let mut n = 0;
+    for (name, _) in MODEL_NAMES {
+        let w = dir.join(format!("{name}.safetensors"));
+        let io = dir.join(format!("{name}.io.safetensors"));
+        if !w.exists() || !io.exists() {
+            continue;
+        }
+        let t = nn_core::candle_core::safetensors::load(&io, &Device::Cpu).with_context(|| format!("reading {}", io.display()))?;
+        let (x, want) = (&t["input"], &t["logits"]);
+        let size = x.dims()[2];
+        let (vs, m) = cheap(name, want.dims()[1], size)?;
+        let rep = vit_survey_zoo::weights::load_safetensors(&vs, &w, true)?;
+        let y = m.forward_t(x, false)?;
+        let d = (y - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let s = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        println!(
+            "{name:<34} {size:>4} loaded {:>4}  max |diff| {d:.2e}  max |logit| {s:.2e}",
+            rep.loaded.len()
+        );
+        table += &format!("| {name} | {size} | {} | {d:.2e} | {s:.2e} |\n", rep.loaded.len());
+        n += 1;
+    }
+    if n == 0 {
+        bail!("no exported models in {}", dir.display());
+    }
+    table += &format!(
+        "\nWeights: each reference model's own random initialisation (seed 0, every parameter perturbed, BatchNorm statistics randomised) saved with its state-dict names and loaded strictly by name; input: 2 images of N(0, 1) noise; eval mode. References: timm 1.0.31 (`bench/torch/vit_survey_zoo_reference.py export DIR`), the official PVT and CMT code (`export-official`).\n\n```\n{}\n```\n",
+        nn_core::report::command_line()
+    );
+    nn_core::report::write_section(RESULTS, TITLE, "parity", &table)?;
+    Ok(())
+}
+
+fn summary(name: &str, size: usize, classes: usize) -> Result<()> {
+    let (vs, m) = cheap(name, classes, size)?;
+    let mut groups: Vec<(String, usize)> = Vec::new();
+    for e in vs.all() {
+        if e.kind == nn_core::ParamKind::Buffer {
+            continue;
+        }
+        let parts: Vec<&str> = e.name.split('.').collect();
+        let key = if parts.len() > 2 && parts[1].parse::<usize>().is_ok() {
+            format!("{}.{}", parts[0], parts[1])
+        } else {
+            parts[0].to_string()
+        };
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some(g) => g.1 += e.var.elem_count(),
+            None => groups.push((key, e.var.elem_count())),
+        }
+    }
+    println!("{name} at {size}x{size}, {classes} classes");
+    for (k, n) in &groups {
+        println!("  {k:<28} {n:>12}");
+    }
+    println!(
+        "  {:<28} {:>12}\n  MACs per image: {} ({:.3} G); features: {}",
+        "total",
+        vs.num_params(),
+        m.macs(),
+        m.macs() as f64 / 1e9,
+        m.num_features()
+    );
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    if a.epochs == 0 || a.batch_size < 2 {
+        bail!("--epochs must be >= 1 and --batch-size >= 2");
+    }
+    let mut spec = DataSpec::new(&a.dataset, a.batch_size, a.seed);
+    spec.data_dir = a.data.clone();
+    spec.train_subset = a.train_subset;
+    spec.test_subset = a.test_subset;
+    let d = standard_data(&spec)?;
+    let mc = d.model_config;
+    let vs = VarStore::new(a.seed, &Device::Cpu);
+    let is_cnn = nn_core::models::MODEL_NAMES.iter().any(|(n, _)| *n == a.model);
+    let (model, macs): (Box<dyn Model>, Option<u64>) = if is_cnn {
+        let m = nn_core::models::create_model(&a.model, &mc, &vs.root(), &nn_core::StandardFactory)?;
+        (m, None)
+    } else {
+        let opts = ModelOptions {
+            in_chans: mc.in_channels,
+            drop_path_rate: a.drop_path,
+            ..ModelOptions::new(mc.num_classes, mc.image_size)
+        };
+        let m = create_model_with(&a.model, &opts, &vs.root()).with_context(|| format!("building {} for {}", a.model, a.dataset))?;
+        let macs = m.macs();
+        (Box::new(ZooAsModel(m)), Some(macs))
+    };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/vit-{}-{}-s{}", a.model, a.dataset, a.seed)));
+    let mut cfg = TrainConfig::new(&a.model, &a.dataset, a.epochs, &out);
+    cfg.batch_size = a.batch_size;
+    cfg.seed = a.seed;
+    cfg.optimizer = if a.sgd {
+        OptimizerConfig::sgd(a.lr, a.weight_decay)
+    } else {
+        OptimizerConfig::adamw(a.lr, a.weight_decay)
+    };
+    cfg.schedule = if a.warmup_epochs > 0.0 {
+        Schedule::cosine(0.0).with_warmup(a.warmup_epochs, 0.01)
+    } else {
+        Schedule::cosine(0.0)
+    };
+    cfg.label_smoothing = a.label_smoothing;
+    cfg.checkpoint_every = 200;
+    cfg.overwrite = a.overwrite;
+    cfg.quiet = a.quiet;
+    cfg.stop_after_steps = a.max_steps;
+    cfg.command = nn_core::report::command_line();
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "training {} on {} ({} train / {} test), {} epochs, {} threads: {} params",
+        a.model,
+        a.dataset,
+        d.num_train,
+        d.num_test,
+        a.epochs,
+        threads,
+        vs.num_params()
+    );
+    let mut trainer = Trainer::new(cfg, model.as_ref(), &vs)?;
+    let mut s = trainer.fit(&d.train, Some(&d.test))?;
+    // nn-core's profiler sees only its own layers; the zoo counts every matmul analytically
+    if let Some(m) = macs {
+        s.macs = m;
+        let p = out.join("summary.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&s)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.max_steps.is_some() {
+        eprintln!(
+            "smoke run (--max-steps): summary in {}/summary.json, no results table written",
+            out.display()
+        );
+        return Ok(());
+    }
+    let name = out
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let opt = if a.sgd { "SGD (momentum 0.9)" } else { "AdamW" };
+    let mut notes = format!(
+        "{opt}, lr {}, weight decay {}, cosine after {} warmup epoch(s), label smoothing {}, stochastic depth {}, batch {}, {threads} thread(s), crop + flip augmentation.",
+        a.lr,
+        a.weight_decay,
+        a.warmup_epochs,
+        a.label_smoothing,
+        if is_cnn { 0.0 } else { a.drop_path },
+        a.batch_size
+    );
+    if let Some(k) = a.train_subset {
+        notes += &format!(" Class-balanced training subset of {k} images.");
+    }
+    if !a.note.is_empty() {
+        notes += &format!(" {}", a.note);
+    }
+    let page = nn_core::report::write_section(RESULTS, TITLE, &name, &summary_markdown(&name, &s, &notes))?;
+    eprintln!("summary: {}/summary.json; table: {}", out.display(), page.display());
+    Ok(())
+}
+
+/// Adapts a boxed zoo model to the `&dyn Model` the trainer takes.
+struct ZooAsModel(Box<dyn ZooModel>);
+
+impl Model for ZooAsModel {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn forward_features(&self, x: &Tensor, train: bool) -> nn_core::candle_core::Result<Tensor> {
+        self.0.forward_features(x, train)
+    }
+    fn forward_head(&self, f: &Tensor, train: bool) -> nn_core::candle_core::Result<Tensor> {
+        self.0.forward_head(f, train)
+    }
+    fn forward_stages(&self, x: &Tensor, train: bool) -> nn_core::candle_core::Result<Vec<Tensor>> {
+        self.0.forward_stages(x, train)
+    }
+    fn num_classes(&self) -> usize {
+        self.0.num_classes()
+    }
+    fn num_features(&self) -> usize {
+        self.0.num_features()
+    }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(String::from))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let load_before = load();
+    let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let mut ours = Vec::new();
+    for name in &models {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let m = create_model_with(name, &ModelOptions::new(1000, 224), &vs.root())?;
+        let v: Vec<f32> = (0..a.batch * 3 * 224 * 224).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect();
+        let x = Tensor::from_vec(v, (a.batch, 3, 224, 224), &Device::Cpu)?;
+        m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+        let t = std::time::Instant::now();
+        let mut reps = 0;
+        while reps < 3 || t.elapsed().as_secs_f64() < a.seconds {
+            m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+            reps += 1;
+        }
+        let ips = (reps * a.batch) as f64 / t.elapsed().as_secs_f64();
+        println!("vit-survey-zoo {name}: {ips:.2} img/s");
+        ours.push(ips);
+    }
+    let torch = if a.no_torch {
+        Err(anyhow::anyhow!("--no-torch"))
+    } else {
+        torch_bench(&models, threads, a.batch)
+    };
+    let mut table = format!(
+        "## Forward benchmark, 224x224, batch {}, {threads} threads\n\n| model | MACs (G) | vit-survey-zoo img/s | PyTorch/timm img/s | ratio |\n|---|---|---|---|---|\n",
+        a.batch
+    );
+    for (i, name) in models.iter().enumerate() {
+        let (_, m) = cheap(name, 1000, 224)?;
+        let t = torch.as_ref().ok().and_then(|t| t.iter().find(|(n, _)| n == name).map(|(_, v)| *v));
+        table += &format!(
+            "| {name} | {:.3} | {:.2} | {} | {} |\n",
+            m.macs() as f64 / 1e9,
+            ours[i],
+            t.map_or("n/a".into(), |v| format!("{v:.2}")),
+            t.map_or("n/a".into(), |v| format!("{:.2}x", ours[i] / v))
+        );
+    }
+    match &torch {
+        Ok(_) => table += "\nRatio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo). PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py bench`, run by this command on the same machine right after.\n",
+        Err(e) => table += &format!("\nPyTorch reference not run: {e}\n"),
+    }
+    table += &format!(
+        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs: absolute numbers are only comparable within this table.\n\n```\n{}\n```\n",
+        a.seconds,
+        load_before,
+        load(),
+        nn_core::report::command_line()
+    );
+    print!("{table}");
+    let page = nn_core::report::write_section(RESULTS, TITLE, &format!("bench-forward-{threads}t"), &table)?;
+    eprintln!("written to {}", page.display());
+    Ok(())
+}
+
+fn torch_bench(models: &[&str], threads: usize, batch: usize) -> Result<Vec<(String, f64)>> {
+    let script = nn_core::report::workspace_root().join("bench/torch/vit_survey_zoo_reference.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["bench", "--threads", &threads.to_string(), "--batch", &batch.to_string()])
+        .args(models)
+        .output()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    let mut v = Vec::new();
+    for line in s.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(n), Some(ips)) = (it.next(), it.next().and_then(|x| x.parse::<f64>().ok())) {
+            println!("PyTorch/timm {n}: {ips:.2} img/s");
+            v.push((n.to_string(), ips));
+        }
+    }
+    Ok(v)
+}
