@@ -576,15 +576,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         }
         rows.push((method.clone(), runs));
     }
-    let stats = |v: &[f64]| {
-        let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let sd = if v.len() > 1 {
-            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        (m, sd)
-    };
+    let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
         "## CNN vs ANN vs ANN+PKKD: {} on {}\n\nBudget per run: {} epochs, batch {}, SGD Nesterov (momentum 0.9) lr {} cosine, weight decay {}, adaptive-LR eta {}{}{}; seeds {:?}. \
@@ -613,7 +605,11 @@ fn compare(a: CompareArgs) -> Result<()> {
         let (mean, sd) = stats(&accs);
         means.push((m.clone(), mean));
         let v0 = &runs[0];
-        let ms = if accs.len() > 1 { format!("{mean:.2} +- {sd:.2}") } else { format!("{mean:.2} (one seed, no std)") };
+        let ms = if accs.len() > 1 {
+            format!("{mean:.2} +- {sd:.2}")
+        } else {
+            format!("{mean:.2} (one seed, no std)")
+        };
         t += &format!(
             "| {m} | {ms} | {} | {} | {} | {:.3} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),

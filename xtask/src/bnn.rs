@@ -508,15 +508,7 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         }
         rows.push((method.clone(), accs, walls));
     }
-    let stats = |v: &[f64]| {
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        let sd = if v.len() > 1 {
-            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        (m, sd)
-    };
+    let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
         "## Experiment A: quantizers on binary (W1A1) {}, {}\n\nBudget: {} epochs per run, batch {}, SGD Nesterov lr {} cosine, weight decay {}{}{}; seeds {:?}. Mean +- sample std of the final test top-1.\n\n| method | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",

@@ -346,16 +346,7 @@ fn run_one(c: &Common, method: &str, seed: u64, out: &PathBuf) -> Result<serde_j
     Ok(summary)
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let s = if v.len() > 1 {
-        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
-    (m, s)
-}
+use nn_core::experiment::mean_std;
 
 fn grid(a: GridArgs) -> Result<()> {
     let t0 = Instant::now();

@@ -430,15 +430,7 @@ fn grid(a: &GridArgs) -> Result<()> {
         }
         rows.push((m.clone(), reps));
     }
-    let stats = |v: &[f64]| {
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
-        let sd = if v.len() > 1 {
-            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        (mean, sd)
-    };
+    let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
         "## Pruning {} on {} at about half the MACs\n\nBase model: `{}` ({} epochs). Static methods remove a fraction {} of every block's inner channels, then fine-tune {} epoch(s) (SGD Nesterov lr {} cosine, wd 5e-4, batch {}); ManiDP trains its gates for the same {} epoch(s) with target kept ratio {}. Seeds {:?}; mean +- sample std.\n\n| method | dense top-1 | after pruning | after fine-tuning | accuracy change | MACs removed | params removed | mean wall s |\n|---|---|---|---|---|---|---|---|\n",

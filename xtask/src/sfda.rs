@@ -135,16 +135,7 @@ fn load(name: &str, dir: Option<&Path>, data: Option<&Path>, train: bool, channe
     LabeledImages::from_dataset(&ds, channels, size)
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
+use nn_core::experiment::mean_std;
 
 struct Row {
     method: String,

@@ -169,3 +169,25 @@ pub fn summary_markdown(title: &str, s: &TrainSummary, notes: &str) -> String {
     out += &format!("\n```\n{}\n```\n", s.command);
     out
 }
+
+/// Mean and sample standard deviation (0 for fewer than two values) of per-seed results.
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let sd = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    (m, sd)
+}
+
+#[cfg(test)]
+mod mean_std_tests {
+    #[test]
+    fn sample_std() {
+        let (m, s) = super::mean_std(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((s - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(super::mean_std(&[7.0]), (7.0, 0.0));
+    }
+}

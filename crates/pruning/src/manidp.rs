@@ -303,7 +303,12 @@ impl LayerFactory for ManiDpFactory {
         // tiny FC2 weights with bias 1: every gate starts open at ~1, so the gated network starts
         // as (almost exactly) the trained dense one while FC1 still gets gradients (the official
         // code draws FC2 with Kaiming init, which changes the network's function before training)
-        let fc2 = g.param("fc2.weight", &[cout, hidden], Init::Normal { mean: 0.0, std: 1e-3 }, ParamKind::Weight)?;
+        let fc2 = g.param(
+            "fc2.weight",
+            &[cout, hidden],
+            Init::Normal { mean: 0.0, std: 1e-3 },
+            ParamKind::Weight,
+        )?;
         let b2 = g.param("fc2.bias", &[cout], Init::ONES, ParamKind::Bias)?;
         let mut s = self.state.lock().expect("gate state");
         let name = vp.prefix().to_string();
