@@ -34,13 +34,7 @@ struct Case {
 
 impl Case {
     fn out_hw(&self) -> (usize, usize) {
-        let (sh, sw) = self.o.stride;
-        let (ph, pw) = self.o.padding;
-        let (dh, dw) = self.o.dilation;
-        (
-            (self.h + 2 * ph - dh * (self.kh - 1) - 1) / sh + 1,
-            (self.w + 2 * pw - dw * (self.kw - 1) - 1) / sw + 1,
-        )
+        self.o.output_hw(self.h, self.w, self.kh, self.kw)
     }
     /// Input value under tap (c, i, j) of output pixel (oy, ox) of image b (0 on padding), and
     /// its flat index if not padding.

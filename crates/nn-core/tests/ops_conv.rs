@@ -20,13 +20,7 @@ struct Case {
 
 impl Case {
     fn out(&self) -> (usize, usize) {
-        let (sh, sw) = self.o.stride;
-        let (ph, pw) = self.o.padding;
-        let (dh, dw) = self.o.dilation;
-        (
-            (self.h + 2 * ph - dh * (self.kh - 1) - 1) / sh + 1,
-            (self.w + 2 * pw - dw * (self.kw - 1) - 1) / sw + 1,
-        )
+        self.o.output_hw(self.h, self.w, self.kh, self.kw)
     }
 }
 

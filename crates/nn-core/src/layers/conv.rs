@@ -67,11 +67,13 @@ impl Conv2dConfig {
     }
     /// Output spatial size for an input of `h x w`.
     pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        let o = |i: usize, k: usize, s: usize, p: usize, d: usize| (i + 2 * p).saturating_sub(d * (k - 1) + 1) / s + 1;
-        (
-            o(h, self.kernel.0, self.stride.0, self.padding.0, self.dilation.0),
-            o(w, self.kernel.1, self.stride.1, self.padding.1, self.dilation.1),
-        )
+        crate::ops::Conv2dOpts {
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+        .output_hw(h, w, self.kernel.0, self.kernel.1)
     }
     /// Checks channel/group divisibility.
     pub fn validate(&self) -> Result<()> {

@@ -75,6 +75,16 @@ impl Default for Conv2dOpts {
 }
 
 impl Conv2dOpts {
+    /// Output height and width for an `h x w` input and a `kh x kw` kernel (0 where the
+    /// dilated kernel does not fit).
+    pub fn output_hw(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let o = |i: usize, k: usize, s: usize, p: usize, d: usize| (i + 2 * p).saturating_sub(d * (k - 1) + 1) / s + 1;
+        (
+            o(h, kh, self.stride.0, self.padding.0, self.dilation.0),
+            o(w, kw, self.stride.1, self.padding.1, self.dilation.1),
+        )
+    }
+
     /// Square stride and padding, no dilation, one group.
     pub fn new(stride: usize, padding: usize) -> Self {
         Self {
