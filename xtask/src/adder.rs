@@ -417,12 +417,7 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
     let mut cfg = TrainConfig::new(&r.model, &r.dataset, r.epochs, &out);
     cfg.batch_size = r.batch_size;
     cfg.seed = c.seed;
-    let mut o = OptimizerConfig::sgd(r.lr, r.weight_decay);
-    if let OptimizerConfig::Sgd { momentum, nesterov, .. } = &mut o {
-        *momentum = 0.9;
-        *nesterov = true;
-    }
-    cfg.optimizer = o;
+    cfg.optimizer = OptimizerConfig::sgd_nesterov(r.lr, r.weight_decay);
     cfg.schedule = Schedule::cosine(0.0);
     cfg.checkpoint_every = 200;
     cfg.overwrite = c.overwrite;

@@ -195,11 +195,7 @@ fn finetune_config(c: &Common, model: &str, dataset: &str, epochs: usize, seed: 
     let mut cfg = TrainConfig::new(model, dataset, epochs, out);
     cfg.batch_size = c.batch_size;
     cfg.seed = seed;
-    let mut o = OptimizerConfig::sgd(c.lr, 5e-4);
-    if let OptimizerConfig::Sgd { nesterov, .. } = &mut o {
-        *nesterov = true;
-    }
-    cfg.optimizer = o;
+    cfg.optimizer = OptimizerConfig::sgd_nesterov(c.lr, 5e-4);
     cfg.schedule = Schedule::cosine(0.0);
     cfg.overwrite = c.overwrite;
     cfg.quiet = c.quiet;
@@ -539,11 +535,7 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<(f64, f64, f64)> {
     let model = Arch::from_name("resnet20")?.build(&d.model_config, &vs.root(), &StandardFactory)?;
     let mut cfg = TrainConfig::new("resnet20", "mnist", epochs, &base);
     cfg.seed = seed;
-    let mut o = OptimizerConfig::sgd(0.1, 5e-4);
-    if let OptimizerConfig::Sgd { nesterov, .. } = &mut o {
-        *nesterov = true;
-    }
-    cfg.optimizer = o;
+    cfg.optimizer = OptimizerConfig::sgd_nesterov(0.1, 5e-4);
     cfg.schedule = Schedule::cosine(0.0);
     cfg.overwrite = true;
     cfg.command = nn_core::report::command_line();

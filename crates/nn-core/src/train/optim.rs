@@ -103,6 +103,17 @@ impl OptimizerConfig {
         }
     }
 
+    /// [`sgd`](Self::sgd) with Nesterov momentum (the training recipe of most runners here).
+    pub fn sgd_nesterov(lr: f64, weight_decay: f64) -> Self {
+        OptimizerConfig::Sgd {
+            lr,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay,
+            no_decay_bias_norm: false,
+        }
+    }
+
     /// AdamW with PyTorch's default betas and eps.
     pub fn adamw(lr: f64, weight_decay: f64) -> Self {
         OptimizerConfig::AdamW {
