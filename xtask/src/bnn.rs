@@ -691,8 +691,8 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_files::{temp_dir, write_cifar10, write_imagenet};
     use clap::Parser;
-    use std::path::Path;
 
     #[derive(Parser)]
     struct W {
@@ -702,51 +702,6 @@ mod tests {
 
     fn parse(a: &[&str]) -> std::result::Result<BnnCommand, clap::Error> {
         W::try_parse_from(std::iter::once("bnn").chain(a.iter().copied())).map(|w| w.c)
-    }
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("cv-bnn-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// CIFAR-10 in the official binary layout: `<label u8><3072 bytes CHW>` records.
-    fn write_cifar10(root: &Path, per_file: usize) {
-        let dir = root.join("cifar10/cifar-10-batches-bin");
-        std::fs::create_dir_all(&dir).unwrap();
-        let record = |i: usize| {
-            let mut r = vec![(i % 10) as u8];
-            r.extend((0..3072).map(|j| ((i * 31 + j * 7) % 251) as u8));
-            r
-        };
-        for f in [
-            "data_batch_1.bin",
-            "data_batch_2.bin",
-            "data_batch_3.bin",
-            "data_batch_4.bin",
-            "data_batch_5.bin",
-            "test_batch.bin",
-        ] {
-            let bytes: Vec<u8> = (0..per_file).flat_map(record).collect();
-            std::fs::write(dir.join(f), bytes).unwrap();
-        }
-    }
-
-    /// ImageNet-style `imagenet/{train,val}/<class>/*.png`.
-    fn write_imagenet(root: &Path, classes: usize, per_class: usize) {
-        for split in ["train", "val"] {
-            for c in 0..classes {
-                let dir = root.join(format!("imagenet/{split}/n0000000{c}"));
-                std::fs::create_dir_all(&dir).unwrap();
-                for i in 0..per_class {
-                    let img = image::RgbImage::from_fn(64 + 8 * i as u32, 48, |x, y| {
-                        image::Rgb([(x * 3) as u8, (y * 5) as u8, (c * 90) as u8])
-                    });
-                    img.save(dir.join(format!("img{i}.png"))).unwrap();
-                }
-            }
-        }
     }
 
     #[test]
@@ -801,7 +756,7 @@ mod tests {
     /// Every paper preset runs one optimizer step on generated files in the official layouts.
     #[test]
     fn every_preset_runs_one_step_on_generated_files() {
-        let root = temp_dir("presets");
+        let root = temp_dir("bnn-presets");
         write_cifar10(&root, 4);
         write_imagenet(&root, 2, 2);
         for p in BNN_PRESETS {

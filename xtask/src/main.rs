@@ -9,6 +9,8 @@ mod fedpu;
 mod nn;
 mod prune;
 mod sfda;
+#[cfg(test)]
+mod test_files;
 mod vit;
 
 use anyhow::Result;

@@ -31,6 +31,10 @@ fn cifar_resnet_parameter_counts_match_he_et_al() -> Result<()> {
 fn imagenet_resnet_parameter_counts() -> Result<()> {
     assert_eq!(count("resnet18", ModelConfig::new(3, 1000, 224))?, 11_689_512);
     assert_eq!(count("resnet34", ModelConfig::new(3, 1000, 224))?, 21_797_672);
+    // torchvision's counts (bottleneck blocks; BN affine parameters included)
+    assert_eq!(count("resnet50", ModelConfig::new(3, 1000, 224))?, 25_557_032);
+    assert_eq!(count("resnet101", ModelConfig::new(3, 1000, 224))?, 44_549_160);
+    assert_eq!(count("resnet152", ModelConfig::new(3, 1000, 224))?, 60_192_808);
     Ok(())
 }
 
@@ -75,7 +79,7 @@ fn same_seed_same_weights() -> Result<()> {
 fn every_model_every_parameter_gets_a_gradient() -> Result<()> {
     for (name, _) in MODEL_NAMES {
         let (cfg, batch) = match *name {
-            "resnet18" | "resnet34" => (ModelConfig::new(3, 7, 64), 2),
+            "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" => (ModelConfig::new(3, 7, 64), 2),
             _ => (ModelConfig::new(3, 7, 32), 3),
         };
         let vs = VarStore::new(1, &Device::Cpu);
@@ -100,5 +104,18 @@ fn summary_counts_match_parameters_and_known_macs() -> Result<()> {
     assert_eq!(s.total_macs(), 40_550_400 + 640);
     let table = s.to_string();
     assert!(table.contains("layer3.2.conv2") && table.contains("total"));
+    Ok(())
+}
+
+#[test]
+fn bottleneck_resnet_macs_match_pytorch_flop_counter() -> Result<()> {
+    // torch.utils.flop_counter on torchvision's resnet50 / resnet101 at 1x3x224x224, halved
+    for (name, macs) in [("resnet50", 4_089_184_256u64), ("resnet101", 7_801_405_440)] {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let model = create_model(name, &ModelConfig::new(3, 1000, 224), &vs.root(), &StandardFactory)?;
+        let x = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu)?;
+        let (_, s) = nn_core::summary::profile(|| model.forward_t(&x, false))?;
+        assert_eq!(s.total_macs(), macs, "{name}");
+    }
     Ok(())
 }

@@ -27,6 +27,9 @@ pub const PRUNABLE_MODELS: &[&str] = &[
     "vgg-small",
     "resnet18",
     "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
     "resnet18-cifar",
 ];
 
@@ -42,10 +45,14 @@ pub enum Arch {
         widths: [usize; 3],
         mids: Vec<usize>,
     },
-    /// ImageNet-style ResNet with basic blocks (option B).
+    /// ImageNet-style ResNet (option B) with basic or bottleneck blocks; `mids` holds one
+    /// inner width per basic block, two per bottleneck block.
     Resnet {
         name: String,
+        #[serde(default)]
+        bottleneck: bool,
         blocks: [usize; 4],
+        stem_width: usize,
         widths: [usize; 4],
         small_input_stem: bool,
         mids: Vec<usize>,
@@ -68,23 +75,22 @@ impl Arch {
                     mids: [16, 32, 64].iter().flat_map(|&w| std::iter::repeat(w).take(n)).collect(),
                 }
             }
-            "resnet18" | "resnet34" | "resnet18-cifar" => {
-                let rc = if name == "resnet34" {
-                    ResNetConfig::resnet34()
-                } else {
-                    ResNetConfig::resnet18()
+            "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" | "resnet18-cifar" => {
+                let rc = match name {
+                    "resnet34" => ResNetConfig::resnet34(),
+                    "resnet50" => ResNetConfig::resnet50(),
+                    "resnet101" => ResNetConfig::resnet101(),
+                    "resnet152" => ResNetConfig::resnet152(),
+                    _ => ResNetConfig::resnet18(),
                 };
                 Arch::Resnet {
                     name: rc.name.clone(),
+                    bottleneck: rc.bottleneck,
                     blocks: rc.blocks,
+                    stem_width: rc.stem_width,
                     widths: rc.widths,
                     small_input_stem: name == "resnet18-cifar",
-                    mids: rc
-                        .blocks
-                        .iter()
-                        .zip(rc.widths)
-                        .flat_map(|(&n, w)| std::iter::repeat(w).take(n))
-                        .collect(),
+                    mids: rc.default_mid_widths(),
                 }
             }
             "vgg-small" => Arch::VggSmall {
@@ -133,14 +139,18 @@ impl Arch {
             }
             Arch::Resnet {
                 name,
+                bottleneck,
                 blocks,
+                stem_width,
                 widths,
                 small_input_stem,
                 mids,
             } => {
                 let rc = ResNetConfig {
                     name: name.clone(),
+                    bottleneck: *bottleneck,
                     blocks: *blocks,
+                    stem_width: *stem_width,
                     widths: *widths,
                     small_input_stem: *small_input_stem,
                     block_mid_widths: Some(mids.clone()),
@@ -187,18 +197,30 @@ impl Arch {
                     option_a_streams.clear();
                 }
             }
-            Arch::Resnet { blocks, widths, mids, .. } => {
-                let stem = b.space("conv1", widths[0]);
+            Arch::Resnet {
+                bottleneck,
+                blocks,
+                stem_width,
+                widths,
+                mids,
+                ..
+            } => {
+                let stem = b.space("conv1", *stem_width);
                 b.conv("conv1", input, stem, false);
                 b.batch_norm("bn1", stem);
                 let mut x = stem;
-                let mut k = 0;
+                let per = if *bottleneck { 2 } else { 1 };
+                let mut mid = mids.chunks(per);
                 for (s, (&nb, &cout)) in blocks.iter().zip(widths.iter()).enumerate() {
                     for blk in 0..nb {
                         let stride = if s > 0 && blk == 0 { 2 } else { 1 };
                         let p = format!("layer{}.{blk}", s + 1);
-                        x = basic_block(&mut b, &p, x, mids[k], cout, stride, true);
-                        k += 1;
+                        let m = mid.next().expect("one inner width per block (two per bottleneck)");
+                        x = if *bottleneck {
+                            bottleneck_block(&mut b, &p, x, m[0], m[1], cout, stride)
+                        } else {
+                            basic_block(&mut b, &p, x, m[0], cout, stride, true)
+                        };
                     }
                 }
                 b.linear("fc", x, 1, logits, true);
@@ -265,22 +287,36 @@ impl Arch {
             }
             Arch::Resnet {
                 name,
+                bottleneck,
                 blocks,
                 small_input_stem,
                 widths,
                 ..
             } => {
                 let names = block_names(blocks);
+                let (out_conv, inner): (&str, &[&str]) = if *bottleneck {
+                    ("conv3", &["conv1", "conv2"])
+                } else {
+                    ("conv2", &["conv1"])
+                };
                 let mut w = *widths;
                 for (s, ws) in w.iter_mut().enumerate() {
-                    *ws = size(&format!("layer{}.0.conv2", s + 1))?;
+                    *ws = size(&format!("layer{}.0.{out_conv}", s + 1))?;
+                }
+                let mut mids = Vec::with_capacity(names.len() * inner.len());
+                for p in &names {
+                    for conv in inner {
+                        mids.push(size(&format!("{p}.{conv}"))?);
+                    }
                 }
                 Arch::Resnet {
                     name: name.clone(),
+                    bottleneck: *bottleneck,
                     blocks: *blocks,
+                    stem_width: size("conv1")?,
                     widths: w,
                     small_input_stem: *small_input_stem,
-                    mids: names.iter().map(|p| size(&format!("{p}.conv1"))).collect::<Result<_>>()?,
+                    mids,
                 }
             }
             Arch::VggSmall { .. } => {
@@ -314,6 +350,30 @@ fn basic_block(b: &mut GraphBuilder, p: &str, x: usize, mid: usize, cout: usize,
     } else {
         // option A: subsample, then (cout - cin) zero channels split before/after
         b.offset(x, out, (cout - cin) / 2);
+    }
+    out
+}
+
+/// nn-core's `Bottleneck`: 1x1 conv-BN-act, 3x3 conv-BN-act, 1x1 conv-BN, projection shortcut
+/// when the shape changes, add; returns the output space.
+fn bottleneck_block(b: &mut GraphBuilder, p: &str, x: usize, mid1: usize, mid2: usize, cout: usize, stride: usize) -> usize {
+    let cin = b.size(x);
+    let m1 = b.space(format!("{p}.conv1"), mid1);
+    b.conv(&format!("{p}.conv1"), x, m1, false);
+    b.batch_norm(&format!("{p}.bn1"), m1);
+    let m2 = b.space(format!("{p}.conv2"), mid2);
+    b.conv(&format!("{p}.conv2"), m1, m2, false);
+    b.batch_norm(&format!("{p}.bn2"), m2);
+    let out = b.space(format!("{p}.conv3"), cout);
+    b.conv(&format!("{p}.conv3"), m2, out, false);
+    b.batch_norm(&format!("{p}.bn3"), out);
+    if stride == 1 && cin == cout {
+        b.same(x, out);
+    } else {
+        let sc = b.space(format!("{p}.shortcut.conv"), cout);
+        b.conv(&format!("{p}.shortcut.conv"), x, sc, false);
+        b.batch_norm(&format!("{p}.shortcut.bn"), sc);
+        b.same(sc, out);
     }
     out
 }

@@ -79,11 +79,15 @@ pub fn select_lowest(graph: &ChannelGraph, scores: &[Vec<f32>], rate: f64, filte
     sel
 }
 
-/// Groups inside one residual block (the first conv's output), the usual target of channel
-/// pruning in ResNets; for plain networks every prunable group.
+/// Groups inside one residual block (the outputs of a basic block's first conv, of a
+/// bottleneck's first two convs), the usual target of channel pruning in ResNets; for plain
+/// networks every prunable group.
 pub fn is_block_inner(graph: &ChannelGraph, g: &ChannelGroup) -> bool {
     g.spaces.len() == 1 && {
         let name = &graph.spaces[g.spaces[0]].name;
-        name.ends_with(".conv1") || name.starts_with("features.")
+        let bottleneck_middle = name
+            .strip_suffix(".conv2")
+            .is_some_and(|block| graph.space_id(&format!("{block}.conv3")).is_some());
+        name.ends_with(".conv1") || bottleneck_middle || name.starts_with("features.")
     }
 }

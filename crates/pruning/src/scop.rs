@@ -267,6 +267,8 @@ pub struct ScopConfig {
     pub epochs: usize,
     pub lr: f64,
     pub seed: u64,
+    /// Stop after this many batches in all (smoke tests of large protocols).
+    pub max_steps: Option<usize>,
 }
 
 impl Default for ScopConfig {
@@ -275,6 +277,7 @@ impl Default for ScopConfig {
             epochs: 1,
             lr: 0.004,
             seed: 0,
+            max_steps: None,
         }
     }
 }
@@ -310,9 +313,14 @@ pub fn train_selection(
     factory.mixing.store(true, Ordering::Relaxed);
     let result = (|| -> Result<f64> {
         let mut last = 0.0;
+        let mut steps = 0usize;
         for epoch in 0..cfg.epochs {
             let (mut sum, mut count) = (0.0, 0usize);
             for (i, batch) in data.batches(epoch, 0).enumerate() {
+                if cfg.max_steps.is_some_and(|m| steps >= m) {
+                    break;
+                }
+                steps += 1;
                 let (x, y) = batch?;
                 let b = x.dim(0)?;
                 let seed = nn_core::rng::mix_seed(&[cfg.seed, epoch as u64, i as u64]);

@@ -147,6 +147,7 @@ fn selection_phase_trains_only_beta_and_importance_prunes() {
             epochs: 2,
             lr: 0.05,
             seed: 0,
+            max_steps: None,
         },
     )
     .unwrap();

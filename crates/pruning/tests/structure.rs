@@ -84,6 +84,24 @@ fn vgg_small_and_resnet18_groups() {
     );
 }
 
+#[test]
+fn bottleneck_resnet50_groups() {
+    let g = graph("resnet50", &ModelConfig::new(3, 1000, 224));
+    // 16 blocks x 2 inner groups, the stem (its own group: layer1.0 projects 64 -> 256), one
+    // residual stream per stage, input and logits
+    assert_eq!(g.groups.len(), 32 + 1 + 4 + 2);
+    assert_eq!(
+        sizes(&g, |x| x.prunable() && !criteria::is_block_inner(&g, x)),
+        vec![64, 256, 512, 1024, 2048]
+    );
+    let inner = sizes(&g, |x| criteria::is_block_inner(&g, x));
+    assert_eq!(inner.len(), 32);
+    assert_eq!(&inner[..8], &[64, 64, 64, 64, 64, 64, 128, 128]);
+    // a stage's stream couples every block's conv3 with the stage's projection shortcut
+    let stream = g.group_of("layer3.0.conv3").unwrap();
+    assert_eq!(stream.spaces.len(), 6 + 1);
+}
+
 /// Random BN statistics and affine parameters, so that masking and pruning are tested on
 /// non-trivial normalisations.
 fn randomize_bn(vs: &VarStore) {
@@ -181,6 +199,25 @@ fn pruned_option_b_streams_vgg_and_resnet18_equal_masked() {
         }
     );
     check_pruned_equals_masked("resnet18", ModelConfig::new(3, 10, 32), 0.3, false);
+}
+
+#[test]
+fn pruned_bottleneck_resnet50_equals_masked() {
+    // inner widths, stem and residual streams all pruned
+    let (p, _) = check_pruned_equals_masked("resnet50", ModelConfig::new(3, 10, 64), 0.3, false);
+    let Arch::Resnet {
+        stem_width,
+        widths,
+        ref mids,
+        ..
+    } = p.arch
+    else {
+        panic!("not a ResNet")
+    };
+    assert_eq!(stem_width, 45);
+    assert_eq!(widths, [179, 358, 717, 1434]);
+    assert_eq!(mids.len(), 32);
+    assert_eq!(mids[0], 45);
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("resnet56-b", "CIFAR ResNet-56, shortcut option B"),
     ("resnet18", "ImageNet ResNet-18 (7x7 stem, max-pool)"),
     ("resnet34", "ImageNet ResNet-34 (7x7 stem, max-pool)"),
+    ("resnet50", "ImageNet ResNet-50 (bottleneck blocks, stride on the 3x3 conv)"),
+    ("resnet101", "ImageNet ResNet-101 (bottleneck blocks)"),
+    ("resnet152", "ImageNet ResNet-152 (bottleneck blocks)"),
     ("resnet18-cifar", "ResNet-18 with a 3x3 stem and no max-pool, for 32x32 inputs"),
 ];
 
@@ -73,6 +76,9 @@ pub fn create_model(name: &str, cfg: &ModelConfig, vp: &VarPath, factory: &dyn L
         }
         "resnet18" => Box::new(ResNet::new(vp, cfg, &ResNetConfig::resnet18(), factory)?),
         "resnet34" => Box::new(ResNet::new(vp, cfg, &ResNetConfig::resnet34(), factory)?),
+        "resnet50" => Box::new(ResNet::new(vp, cfg, &ResNetConfig::resnet50(), factory)?),
+        "resnet101" => Box::new(ResNet::new(vp, cfg, &ResNetConfig::resnet101(), factory)?),
+        "resnet152" => Box::new(ResNet::new(vp, cfg, &ResNetConfig::resnet152(), factory)?),
         "resnet18-cifar" => Box::new(ResNet::new(
             vp,
             cfg,

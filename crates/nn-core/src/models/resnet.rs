@@ -1,46 +1,89 @@
-//! ImageNet-style ResNets with basic blocks (ResNet-18/34, He et al. 2016): 7x7/2 stem,
-//! 3x3/2 max-pool, four stages (64, 128, 256, 512), option-B projection shortcuts.
+//! ImageNet-style ResNets (He et al. 2016): 7x7/2 stem, 3x3/2 max-pool, four stages,
+//! option-B projection shortcuts; basic blocks for ResNet-18/34 (stage widths 64-512) and
+//! bottleneck blocks for ResNet-50/101/152 (stage widths 256-2048, inner widths a quarter).
 
 use crate::factory::{LayerFactory, LayerRole};
 use crate::layers::{Activation, BoxedLayer, Conv2dConfig, MaxPool2d};
 use crate::model::Model;
-use crate::models::blocks::{BasicBlock, Shortcut};
+use crate::models::blocks::{BasicBlock, Bottleneck, ResidualBlock, Shortcut};
 use crate::models::ModelConfig;
 use crate::var_store::VarPath;
 use candle_core::{Result, Tensor};
 use candle_nn::ModuleT;
 
-/// Structure of an ImageNet ResNet with basic blocks.
+/// Structure of an ImageNet ResNet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResNetConfig {
     pub name: String,
+    /// Bottleneck blocks (1x1-3x3-1x1) instead of basic blocks (3x3-3x3).
+    pub bottleneck: bool,
     pub blocks: [usize; 4],
+    /// Output channels of the stem conv.
+    pub stem_width: usize,
+    /// Output channels of each stage.
     pub widths: [usize; 4],
     /// A 3x3 stride-1 stem without max-pool, for 32x32 inputs.
     pub small_input_stem: bool,
-    /// Optional inner width of each block (after its first conv), in block order; channel
-    /// pruning builds smaller models with this.
+    /// Optional inner widths in block order: one per basic block (after its first conv), two
+    /// per bottleneck block (after its 1x1 and its 3x3 conv). Channel pruning builds smaller
+    /// models with this; by default a basic block's inner width is its stage width and a
+    /// bottleneck's is a quarter of it.
     pub block_mid_widths: Option<Vec<usize>>,
 }
 
 impl ResNetConfig {
-    pub fn resnet18() -> Self {
+    fn basic(name: &str, blocks: [usize; 4]) -> Self {
         Self {
-            name: "resnet18".into(),
-            blocks: [2, 2, 2, 2],
+            name: name.into(),
+            bottleneck: false,
+            blocks,
+            stem_width: 64,
             widths: [64, 128, 256, 512],
             small_input_stem: false,
             block_mid_widths: None,
         }
     }
-    pub fn resnet34() -> Self {
+    fn bottleneck(name: &str, blocks: [usize; 4]) -> Self {
         Self {
-            name: "resnet34".into(),
-            blocks: [3, 4, 6, 3],
-            widths: [64, 128, 256, 512],
-            small_input_stem: false,
-            block_mid_widths: None,
+            bottleneck: true,
+            widths: [256, 512, 1024, 2048],
+            ..Self::basic(name, blocks)
         }
+    }
+    pub fn resnet18() -> Self {
+        Self::basic("resnet18", [2, 2, 2, 2])
+    }
+    pub fn resnet34() -> Self {
+        Self::basic("resnet34", [3, 4, 6, 3])
+    }
+    pub fn resnet50() -> Self {
+        Self::bottleneck("resnet50", [3, 4, 6, 3])
+    }
+    pub fn resnet101() -> Self {
+        Self::bottleneck("resnet101", [3, 4, 23, 3])
+    }
+    pub fn resnet152() -> Self {
+        Self::bottleneck("resnet152", [3, 8, 36, 3])
+    }
+
+    /// Inner widths per block (see [`ResNetConfig::block_mid_widths`]).
+    pub fn inner_widths_per_block(&self) -> usize {
+        if self.bottleneck {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The dense network's inner widths, in block order.
+    pub fn default_mid_widths(&self) -> Vec<usize> {
+        let per = self.inner_widths_per_block();
+        let div = if self.bottleneck { 4 } else { 1 };
+        self.blocks
+            .iter()
+            .zip(self.widths)
+            .flat_map(|(&n, w)| std::iter::repeat(w / div).take(n * per))
+            .collect()
     }
 }
 
@@ -51,7 +94,7 @@ pub struct ResNet {
     bn1: BoxedLayer,
     act1: BoxedLayer,
     maxpool: Option<MaxPool2d>,
-    stages: Vec<Vec<BasicBlock>>,
+    stages: Vec<Vec<ResidualBlock>>,
     fc: BoxedLayer,
     num_features: usize,
     num_classes: usize,
@@ -59,14 +102,17 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(vp: &VarPath, cfg: &ModelConfig, rc: &ResNetConfig, f: &dyn LayerFactory) -> Result<Self> {
-        let w0 = rc.widths[0];
+        let w0 = rc.stem_width;
+        let per = rc.inner_widths_per_block();
+        let mids = rc.block_mid_widths.clone().unwrap_or_else(|| rc.default_mid_widths());
         let total_blocks: usize = rc.blocks.iter().sum();
-        if let Some(m) = &rc.block_mid_widths {
-            if m.len() != total_blocks {
-                candle_core::bail!("block_mid_widths has {} entries, the network has {} blocks", m.len(), total_blocks);
-            }
+        if mids.len() != total_blocks * per {
+            candle_core::bail!(
+                "block_mid_widths has {} entries, the network has {} blocks with {per} inner width(s) each",
+                mids.len(),
+                total_blocks
+            );
         }
-        let mut k = 0;
         let stem = if rc.small_input_stem {
             Conv2dConfig::new(cfg.in_channels, w0, 3)
         } else {
@@ -78,22 +124,19 @@ impl ResNet {
         let maxpool = (!rc.small_input_stem).then(|| MaxPool2d::new(3, 2, 1));
         let mut stages = Vec::new();
         let mut cin = w0;
+        let mut mid = mids.chunks(per);
         for (s, (&n, &cout)) in rc.blocks.iter().zip(rc.widths.iter()).enumerate() {
             let mut blocks = Vec::new();
             for b in 0..n {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
-                let mid = rc.block_mid_widths.as_ref().map_or(cout, |m| m[k]);
-                blocks.push(BasicBlock::new(
-                    &vp.pp(format!("layer{}.{b}", s + 1)),
-                    cin,
-                    mid,
-                    cout,
-                    stride,
-                    Shortcut::B,
-                    f,
-                )?);
+                let m = mid.next().expect("length checked above");
+                let bvp = vp.pp(format!("layer{}.{b}", s + 1));
+                blocks.push(if rc.bottleneck {
+                    ResidualBlock::Bottleneck(Bottleneck::new(&bvp, cin, m[0], m[1], cout, stride, f)?)
+                } else {
+                    ResidualBlock::Basic(BasicBlock::new(&bvp, cin, m[0], cout, stride, Shortcut::B, f)?)
+                });
                 cin = cout;
-                k += 1;
             }
             stages.push(blocks);
         }
