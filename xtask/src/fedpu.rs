@@ -100,7 +100,9 @@ pub struct Common {
 /// Options of `fedpu run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// fedpu, fedpu-nnpu, positives-only, supervised.
+    /// fedpu, fedpu-nnpu, positives-only, supervised, or local-nnpu (the per-client nnPU
+    /// baseline: every client trains alone on its own PU data, no aggregation; the reported
+    /// accuracy is the mean over the clients' models).
     #[arg(long, default_value = "fedpu")]
     pub method: String,
     #[arg(long, default_value_t = 0)]
@@ -185,14 +187,14 @@ fn objective(method: &str, c: &Common) -> Result<Objective> {
             weight: c.pu_weight,
             ..FedPuConfig::default()
         }),
-        "fedpu-nnpu" => Objective::FedPu(FedPuConfig {
+        "fedpu-nnpu" | "local-nnpu" => Objective::FedPu(FedPuConfig {
             weight: c.pu_weight,
             nnpu: Some(NnPu::default()),
             ..FedPuConfig::default()
         }),
         "positives-only" => Objective::PositivesOnly,
         "supervised" => Objective::Supervised,
-        m => bail!("unknown method `{m}` (fedpu, fedpu-nnpu, positives-only, supervised)"),
+        m => bail!("unknown method `{m}` (fedpu, fedpu-nnpu, local-nnpu, positives-only, supervised)"),
     })
 }
 
@@ -276,11 +278,12 @@ fn run_one(c: &Common, method: &str, seed: u64, out: &PathBuf) -> Result<serde_j
     let ckpt = out.join("checkpoint.safetensors");
     if c.overwrite {
         let _ = std::fs::remove_file(&ckpt);
-    } else if ckpt.exists() && !c.resume {
-        bail!(
-            "{} exists: pass --resume to continue it or --overwrite to start again",
-            ckpt.display()
-        );
+    } else if !c.resume {
+        for f in [ckpt.clone(), out.join("client-0/checkpoint.safetensors")] {
+            if f.exists() {
+                bail!("{} exists: pass --resume to continue it or --overwrite to start again", f.display());
+            }
+        }
     }
     eprintln!(
         "fedpu [{method}] {} on {} ({} train, {} labeled, {} test), {} clients, {} rounds, seed {seed}",
@@ -292,28 +295,70 @@ fn run_one(c: &Common, method: &str, seed: u64, out: &PathBuf) -> Result<serde_j
         c.clients,
         c.rounds
     );
-    let mut sim = Simulation::new(cfg.clone(), train.clone(), Some(test.clone()), clients, b)?.with_checkpoint(&ckpt);
-    if sim.resume()? {
-        eprintln!("resumed at round {}", sim.state().round);
-    }
-    sim.run(|m| {
-        eprintln!(
-            "  round {:>3}: loss {:.4}, {} examples, {:.1}s (local compute {:.1}s){}",
-            m.round + 1,
-            m.train_loss,
-            m.examples,
-            m.wall_s,
-            m.local_compute_s,
-            m.test_top1.map(|t| format!(", test top-1 {t:.2}%")).unwrap_or_default()
-        )
-    })?;
-    let st = sim.state();
-    let test_top1 = match st.history.last().and_then(|m| m.test_top1) {
-        Some(t) => t,
-        None => sim.evaluate(&test)?.0,
+    let (test_top1, history, client_top1) = if method == "local-nnpu" {
+        // per-client nnPU: each client is its own one-client "federation" (no aggregation),
+        // trained for the same rounds x local epochs; clients run `workers` at a time
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(c.workers.max(1)).build()?;
+        let results: Vec<Result<(f64, Vec<fed_pu::engine::RoundMetrics>)>> = pool.install(|| {
+            use rayon::prelude::*;
+            clients
+                .into_par_iter()
+                .map(|client| {
+                    let id = client.id;
+                    let dir = out.join(format!("client-{id}"));
+                    std::fs::create_dir_all(&dir)?;
+                    let ckpt = dir.join("checkpoint.safetensors");
+                    if c.overwrite {
+                        let _ = std::fs::remove_file(&ckpt);
+                    }
+                    let local = FedConfig {
+                        clients_per_round: 1,
+                        workers: 1,
+                        eval_every: 0,
+                        ..cfg.clone()
+                    };
+                    let mut sim = Simulation::new(local, train.clone(), None, vec![client], b.clone())?.with_checkpoint(&ckpt);
+                    sim.resume()?;
+                    sim.run(|_| ())?;
+                    let top1 = sim.evaluate(&test)?.0;
+                    eprintln!("  client {id} alone (nnPU): test top-1 {top1:.2}%");
+                    Ok((top1, sim.state().history.clone()))
+                })
+                .collect()
+        });
+        let mut accs = Vec::new();
+        let mut hist = Vec::new();
+        for r in results {
+            let (a, h) = r?;
+            accs.push(a);
+            hist.extend(h);
+        }
+        (accs.iter().sum::<f64>() / accs.len() as f64, hist, Some(accs))
+    } else {
+        let mut sim = Simulation::new(cfg.clone(), train.clone(), Some(test.clone()), clients, b)?.with_checkpoint(&ckpt);
+        if sim.resume()? {
+            eprintln!("resumed at round {}", sim.state().round);
+        }
+        sim.run(|m| {
+            eprintln!(
+                "  round {:>3}: loss {:.4}, {} examples, {:.1}s (local compute {:.1}s){}",
+                m.round + 1,
+                m.train_loss,
+                m.examples,
+                m.wall_s,
+                m.local_compute_s,
+                m.test_top1.map(|t| format!(", test top-1 {t:.2}%")).unwrap_or_default()
+            )
+        })?;
+        let st = sim.state();
+        let test_top1 = match st.history.last().and_then(|m| m.test_top1) {
+            Some(t) => t,
+            None => sim.evaluate(&test)?.0,
+        };
+        (test_top1, st.history.clone(), None)
     };
-    let examples: u64 = st.history.iter().map(|m| m.examples).sum();
-    let train_s: f64 = st.history.iter().map(|m| m.wall_s).sum();
+    let examples: u64 = history.iter().map(|m| m.examples).sum();
+    let train_s: f64 = history.iter().map(|m| m.wall_s).sum();
     let summary = json!({
         "method": method,
         "model": c.model,
@@ -336,7 +381,8 @@ fn run_one(c: &Common, method: &str, seed: u64, out: &PathBuf) -> Result<serde_j
         "labeled_images": labeled,
         "test_images": test.len(),
         "config": cfg,
-        "history": st.history,
+        "client_test_top1": client_top1,
+        "history": history,
     });
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     eprintln!(
@@ -415,6 +461,12 @@ fn grid(a: GridArgs) -> Result<()> {
             "\nFedPU - positives-only: {:+.2} points (the paper's claim is that FedPU is much better than training on the labeled positives only: {}).\n",
             f - p,
             if f - p > 5.0 { "holds here" } else { "does not hold here" }
+        ));
+    }
+    if let (Some(f), Some(l)) = (get("fedpu"), get("local-nnpu")) {
+        body.push_str(&format!(
+            "FedPU - per-client nnPU (each client alone on its own PU data, same local epochs; mean over the clients' models): {:+.2} points.\n",
+            f - l
         ));
     }
     if let (Some(f), Some(s)) = (get("fedpu"), get("supervised")) {
@@ -624,4 +676,53 @@ pub fn demo() -> Result<()> {
     nn_core::report::write_section(RESULTS, TITLE, "demo-fedpu", &body)?;
     println!("{body}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(subcommand)]
+        c: FedPuCommand,
+    }
+
+    /// The per-client nnPU baseline trains every client alone and reports the mean of their
+    /// test accuracies; a second run into the same directory needs --resume or --overwrite.
+    #[test]
+    fn local_nnpu_trains_each_client_alone() {
+        let out = crate::test_files::temp_dir("fedpu-local");
+        let W { c: FedPuCommand::Run(a) } = W::try_parse_from([
+            "fedpu",
+            "run",
+            "--method",
+            "local-nnpu",
+            "--train-subset",
+            "500",
+            "--test-subset",
+            "100",
+            "--rounds",
+            "1",
+        ])
+        .unwrap() else {
+            panic!("not a run")
+        };
+        let s = run_one(&a.common, &a.method, 0, &out).unwrap();
+        let per: Vec<f64> = s["client_test_top1"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(per.len(), 10);
+        let mean = per.iter().sum::<f64>() / 10.0;
+        assert!((s["test_top1"].as_f64().unwrap() - mean).abs() < 1e-9);
+        assert_eq!(s["history"].as_array().unwrap().len(), 10, "one round per client");
+        assert!(out.join("client-9/checkpoint.safetensors").exists());
+        let e = format!("{:#}", run_one(&a.common, &a.method, 0, &out).unwrap_err());
+        assert!(e.contains("client-0/checkpoint.safetensors") && e.contains("--resume"), "{e}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }
