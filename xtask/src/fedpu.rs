@@ -455,6 +455,13 @@ fn grid(a: GridArgs) -> Result<()> {
         let per: Vec<String> = accs.iter().map(|x| format!("{x:.2}")).collect();
         body.push_str(&format!("| {m} | {mean:.2} +- {sd:.2} | {} | {wall:.0} |\n", per.join(", ")));
     }
+    if a.methods.iter().any(|m| m == "local-nnpu") {
+        body.push_str(
+            "\nlocal-nnpu is the per-client nnPU baseline: no aggregation, every client trains its own model on its own PU data \
+             (FedPU's loss with the nnPU correction) for the same rounds x local epochs; its accuracy is the mean of the 10 clients' \
+             models on the test set (per-client values in `client_test_top1` of each summary.json).\n",
+        );
+    }
     let get = |name: &str| rows.iter().find(|r| r.0 == name).map(|r| r.1);
     if let (Some(f), Some(p)) = (get("fedpu"), get("positives-only")) {
         body.push_str(&format!(
