@@ -456,11 +456,12 @@ fn grid(a: GridArgs) -> Result<()> {
         body.push_str(&format!("| {m} | {mean:.2} +- {sd:.2} | {} | {wall:.0} |\n", per.join(", ")));
     }
     if a.methods.iter().any(|m| m == "local-nnpu") {
-        body.push_str(
+        body.push_str(&format!(
             "\nlocal-nnpu is the per-client nnPU baseline: no aggregation, every client trains its own model on its own PU data \
-             (FedPU's loss with the nnPU correction) for the same rounds x local epochs; its accuracy is the mean of the 10 clients' \
+             (FedPU's loss with the nnPU correction) for the same rounds x local epochs; its accuracy is the mean of the {} clients' \
              models on the test set (per-client values in `client_test_top1` of each summary.json).\n",
-        );
+            c.clients
+        ));
     }
     let get = |name: &str| rows.iter().find(|r| r.0 == name).map(|r| r.1);
     if let (Some(f), Some(p)) = (get("fedpu"), get("positives-only")) {
