@@ -155,6 +155,8 @@ const REFERENCE: &[(&str, &str, &str)] = &[
     ("pvt_small", "24.5M (paper)", "3.8 (paper)"),
     ("cpvt_small_224", "22M (paper)", ""),
     ("cmt_ti", "9.5M (paper, 160x160)", "0.6 (paper, 160x160)"),
+    ("t2t_vit_7", "4.3M (paper)", "1.1 (paper)"),
+    ("t2t_vit_14", "21.5M (paper)", "4.8 (paper)"),
 ];
 
 fn group(n: u64) -> String {

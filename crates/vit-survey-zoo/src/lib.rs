@@ -19,6 +19,8 @@
 //!   self-attention); [`tnt`]: TNT-S/B (inner and outer transformers); [`levit`]: LeViT-128S
 //!   (attention biases, BatchNorm'd linears, attention downsampling); [`cmt`]: CMT-Ti
 //!   (convolutional stem, local perception unit, lightweight attention, IRFFN).
+//! - [`t2t`]: T2T-ViT-7/14 (tokens-to-token module with Performer layers, the official
+//!   repository's `performer` variant).
 //! - [`weights`]: loading safetensors files with timm's key names, with a report of missing,
 //!   unexpected and mis-shaped keys; position embeddings are resampled to the model's grid.
 //!
@@ -53,6 +55,7 @@ pub mod pit;
 pub mod pvt;
 pub mod registry;
 pub mod swin;
+pub mod t2t;
 pub mod tnt;
 pub mod vit;
 pub mod weights;

@@ -83,6 +83,14 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
         "LeViT-128S: conv stem, attention-bias stages 128-256-384, distilled head",
     ),
     (
+        "t2t_vit_7",
+        "T2T-ViT-7 (official code, performer T2T module): 256 wide, 7 blocks, 4 heads, MLP ratio 2",
+    ),
+    (
+        "t2t_vit_14",
+        "T2T-ViT-14 (official code, performer T2T module): 384 wide, 14 blocks, 6 heads, MLP ratio 3",
+    ),
+    (
         "vit_micro_patch4_32",
         "CIFAR ViT: 4x4 patches, 128 wide, 6 blocks, 4 heads, MLP ratio 2",
     ),
@@ -142,6 +150,8 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
         "cmt_ti" => Box::new(crate::cmt::Cmt::new(name, vp, &crate::cmt::CmtConfig::ti(), o)?),
         "levit_128s" => Box::new(crate::levit::Levit::new(name, vp, &crate::levit::LevitConfig::levit_128s(), o)?),
+        "t2t_vit_7" => Box::new(crate::t2t::T2tVit::new(name, vp, &crate::t2t::T2tConfig::t2t_vit_7(), o)?),
+        "t2t_vit_14" => Box::new(crate::t2t::T2tVit::new(name, vp, &crate::t2t::T2tConfig::t2t_vit_14(), o)?),
         "vit_micro_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit(), o)?),
         "deit_micro_distilled_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit().distilled(), o)?),
         "swin_micro_patch2_window4_32" => {
