@@ -21,6 +21,9 @@
 //!   (convolutional stem, local perception unit, lightweight attention, IRFFN).
 //! - [`t2t`]: T2T-ViT-7/14 (tokens-to-token module with Performer layers, the official
 //!   repository's `performer` variant).
+//! - [`efficient`]: the survey's efficiency methods on ViT/DeiT: attention-head pruning
+//!   (gradient head importance, physical removal), token pruning by class attention (EViT),
+//!   int8 per-channel post-training quantization of the linear layers.
 //! - [`weights`]: loading safetensors files with timm's key names, with a report of missing,
 //!   unexpected and mis-shaped keys; position embeddings are resampled to the model's grid.
 //!
@@ -49,6 +52,7 @@
 
 pub mod cmt;
 pub mod convit;
+pub mod efficient;
 pub mod layers;
 pub mod levit;
 pub mod pit;
