@@ -40,6 +40,47 @@ pub enum VitCommand {
     /// Forward images/s at 224x224 (batch 8) for ViT-Ti, Swin-T, PVTv2-B0 and TNT-S, next to
     /// PyTorch/timm when `python3` can import them.
     Bench(BenchArgs),
+    /// The survey's efficiency methods on a trained ViT/DeiT (a `vit train` run's checkpoint):
+    /// attention-head pruning, token pruning by class attention (EViT), int8 weight
+    /// quantization; parameters, MACs, test top-1 and forward speed of each, in one table.
+    Efficiency(EfficiencyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EfficiencyArgs {
+    #[arg(long, default_value = "vit_micro_patch4_32")]
+    pub model: String,
+    /// Directory of a `vit train` run of that model (reads its `checkpoint.safetensors`).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, default_value = "cifar10")]
+    pub dataset: String,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Class-balanced test subset to measure accuracy and speed on.
+    #[arg(long, default_value_t = 1000)]
+    pub test_subset: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Training batches (no augmentation) for the head-importance gradients.
+    #[arg(long, default_value_t = 8)]
+    pub importance_batches: usize,
+    /// Numbers of heads to prune (comma-separated), each a separate model.
+    #[arg(long, default_value = "6,12")]
+    pub prune_heads: String,
+    /// Blocks (0-based, comma-separated) that prune tokens.
+    #[arg(long, default_value = "1,3")]
+    pub token_layers: String,
+    /// Keep ratios (comma-separated), each a separate setting; inattentive tokens are fused.
+    #[arg(long, default_value = "0.7,0.5")]
+    pub keep_ratios: String,
+    /// Speed: the fastest of this many timed passes over the first `--speed-batches` batches.
+    #[arg(long, default_value_t = 3)]
+    pub speed_repeats: usize,
+    #[arg(long, default_value_t = 4)]
+    pub speed_batches: usize,
+    #[arg(long, default_value = "")]
+    pub note: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,6 +125,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Free text added to the results section (e.g. the time budget).
+    /// Speed: the fastest of this many timed passes over the first `--speed-batches` batches.
+    #[arg(long, default_value_t = 3)]
+    pub speed_repeats: usize,
+    #[arg(long, default_value_t = 4)]
+    pub speed_batches: usize,
     #[arg(long, default_value = "")]
     pub note: String,
 }
@@ -116,6 +162,7 @@ pub fn run(cmd: VitCommand) -> Result<()> {
         } => summary(&model, image_size.unwrap_or_else(|| default_size(&model)), num_classes),
         VitCommand::Train(a) => train(a),
         VitCommand::Bench(a) => bench(a),
+        VitCommand::Efficiency(a) => efficiency(a),
     }
 }
 
@@ -478,4 +525,220 @@ fn torch_bench(models: &[&str], threads: usize, batch: usize) -> Result<Vec<(Str
         }
     }
     Ok(v)
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<T>().map_err(|_| anyhow::anyhow!("{what}: cannot parse `{x}`")))
+        .collect()
+}
+
+/// Top-1 (percent) over `batches`, and images/s: the fastest of `repeats` timed passes over
+/// the first `speed_batches` batches (the accuracy pass is the warm-up).
+fn timed_eval(model: &dyn Model, batches: &[(Tensor, Tensor)], repeats: usize, speed_batches: usize) -> Result<(f64, f64)> {
+    let (mut correct, mut n) = (0usize, 0usize);
+    for (x, y) in batches {
+        let logits = model.forward_t(x, false)?;
+        correct += nn_core::train::topk_correct(&logits, y, 1)?;
+        n += y.dims()[0];
+    }
+    let sb = &batches[..speed_batches.clamp(1, batches.len().max(1)).min(batches.len())];
+    let imgs: usize = sb.iter().map(|b| b.1.dims()[0]).sum();
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = std::time::Instant::now();
+        for (x, _) in sb {
+            model.forward_t(x, false)?;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok((100.0 * correct as f64 / n.max(1) as f64, imgs as f64 / best))
+}
+
+fn efficiency(a: EfficiencyArgs) -> Result<()> {
+    use vit_survey_zoo::efficient::{
+        head_importance, heads_to_keep, normalize_per_layer, prune_heads, quantize_linear_weights, token_pruning_macs, TokenPruned,
+        TokenPruning,
+    };
+    use vit_survey_zoo::vit::VisionTransformer;
+    let cfg = vit_survey_zoo::vit_config(&a.model).with_context(|| format!("{} is not a ViT/DeiT of the registry", a.model))?;
+    let prune: Vec<usize> = parse_list(&a.prune_heads, "--prune-heads")?;
+    let layers: Vec<usize> = parse_list(&a.token_layers, "--token-layers")?;
+    let keeps: Vec<f64> = parse_list(&a.keep_ratios, "--keep-ratios")?;
+    let mut spec = DataSpec::new(&a.dataset, a.batch_size, 0);
+    spec.data_dir = a.data.clone();
+    spec.test_subset = Some(a.test_subset);
+    spec.train_subset = Some(a.importance_batches * a.batch_size);
+    spec.augment = false;
+    let d = standard_data(&spec)?;
+    let mc = d.model_config;
+    use nn_core::train::BatchSource;
+    let test: Vec<(Tensor, Tensor)> = d.test.batches(0, 0).collect::<Result<_>>()?;
+    let imp_batches: Vec<(Tensor, Tensor)> = d.train.batches(0, 0).take(a.importance_batches).collect::<Result<_>>()?;
+    let opts = ModelOptions {
+        in_chans: mc.in_channels,
+        ..ModelOptions::new(mc.num_classes, mc.image_size)
+    };
+    let ck_path = a.run.join("checkpoint.safetensors");
+    let ck = nn_core::train::Checkpoint::load(&ck_path)?;
+    let build = || -> Result<(VarStore, VisionTransformer)> {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let m = vit_survey_zoo::layers::with_cheap_init(true, || VisionTransformer::new(&a.model, &vs.root(), &cfg, &opts))?;
+        vit_survey_zoo::weights::load_tensors(&vs, &ck.model, true).with_context(|| format!("loading {}", ck_path.display()))?;
+        Ok((vs, m))
+    };
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(String::from))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let load_before = load();
+    let threads = rayon::current_num_threads();
+    let (vs, base) = build()?;
+    let (base_top1, base_ips) = timed_eval(&base, &test, a.speed_repeats, a.speed_batches)?;
+    let base_macs = base.macs();
+    struct Row {
+        method: String,
+        setting: String,
+        params: usize,
+        macs: u64,
+        top1: f64,
+        ips: f64,
+    }
+    let mut rows = vec![Row {
+        method: "none (trained model)".into(),
+        setting: format!(
+            "{} heads x {} blocks, {} patch tokens",
+            cfg.num_heads,
+            cfg.depth,
+            (mc.image_size / cfg.patch_size).pow(2)
+        ),
+        params: vs.num_params(),
+        macs: base_macs,
+        top1: base_top1,
+        ips: base_ips,
+    }];
+    eprintln!("baseline: top-1 {base_top1:.2}%, {base_ips:.1} img/s, {} MACs", base_macs);
+    // head pruning (Michel et al.): importance on training batches, globally lowest heads removed
+    let t = std::time::Instant::now();
+    let imp = normalize_per_layer(&head_importance(&base, &imp_batches)?);
+    eprintln!(
+        "head importance from {} batches in {:.1}s: {imp:.3?}",
+        imp_batches.len(),
+        t.elapsed().as_secs_f64()
+    );
+    for &k in &prune {
+        let keep = heads_to_keep(&imp, k);
+        let (pvs, pm) = prune_heads(&vs, &base, &keep)?;
+        let (top1, ips) = timed_eval(&pm, &test, a.speed_repeats, a.speed_batches)?;
+        let per_block: Vec<String> = keep.iter().map(|h| h.len().to_string()).collect();
+        eprintln!("prune {k} heads: top-1 {top1:.2}%, {ips:.1} img/s");
+        rows.push(Row {
+            method: "attention-head pruning".into(),
+            setting: format!(
+                "{k} of {} heads removed; heads per block {}",
+                cfg.num_heads * cfg.depth,
+                per_block.join("-")
+            ),
+            params: pvs.num_params(),
+            macs: pm.macs(),
+            top1,
+            ips,
+        });
+    }
+    // token pruning by class attention (EViT), inattentive tokens fused
+    for &r in &keeps {
+        let tp = TokenPruning {
+            layers: layers.clone(),
+            keep_ratio: r,
+            fuse: true,
+        };
+        let n0 = (mc.image_size / cfg.patch_size).pow(2);
+        let counts = tp.tokens_per_block(cfg.depth, n0);
+        let tokens: Vec<String> = counts.iter().map(|c| c.1.to_string()).collect();
+        let model = TokenPruned {
+            model: &base,
+            pruning: tp.clone(),
+        };
+        let (top1, ips) = timed_eval(&model, &test, a.speed_repeats, a.speed_batches)?;
+        eprintln!("token pruning keep {r}: top-1 {top1:.2}%, {ips:.1} img/s");
+        rows.push(Row {
+            method: "token pruning (EViT)".into(),
+            setting: format!(
+                "keep {r} in blocks {}, rest fused; patch tokens after each block {}",
+                layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+                tokens.join("-")
+            ),
+            params: vs.num_params(),
+            macs: token_pruning_macs(&base, &tp),
+            top1,
+            ips,
+        });
+    }
+    // int8 per-channel post-training quantization of the linear weights
+    let (qvs, qm) = build()?;
+    let rep = quantize_linear_weights(&qvs)?;
+    let (top1, ips) = timed_eval(&qm, &test, a.speed_repeats, a.speed_batches)?;
+    eprintln!(
+        "int8: top-1 {top1:.2}%, {ips:.1} img/s, max abs weight error {:.2e}",
+        rep.max_abs_error
+    );
+    rows.push(Row {
+        method: "int8 weight quantization".into(),
+        setting: format!(
+            "{} linear weights ({} values) per output channel: {:.1} KB f32 -> {:.1} KB int8 + scales; max abs weight error {:.2e}",
+            rep.tensors.len(),
+            rep.params,
+            rep.f32_bytes as f64 / 1024.0,
+            rep.int8_bytes as f64 / 1024.0,
+            rep.max_abs_error
+        ),
+        params: qvs.num_params(),
+        macs: qm.macs(),
+        top1,
+        ips,
+    });
+    let name = a
+        .run
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut table = format!(
+        "## Efficiency methods on {} ({name})\n\n| method | setting | params | MACs (M) | MACs vs base | test top-1 % | change (points) | img/s | speed vs base |\n|---|---|---|---|---|---|---|---|---|\n",
+        a.model
+    );
+    for r in &rows {
+        table += &format!(
+            "| {} | {} | {} | {:.2} | {:.2}x | {:.2} | {:+.2} | {:.1} | {:.2}x |\n",
+            r.method,
+            r.setting,
+            r.params,
+            r.macs as f64 / 1e6,
+            r.macs as f64 / base_macs as f64,
+            r.top1,
+            r.top1 - base_top1,
+            r.ips,
+            r.ips / base_ips
+        );
+    }
+    table += &format!(
+        "\nAll methods applied after training, without fine-tuning, to the weights in `{}`; test top-1 on a class-balanced {}-image test subset; img/s: the fastest of {} eval-mode forward passes over the first {} batches of {} images, {threads} thread(s), after the accuracy pass. Head importance: Michel et al.'s |dL/d gate| per head, summed over {} unaugmented training batches, normalised per block; the globally least important heads are removed from the weights (at least one per block). Token pruning: EViT's class-attention top-k inside the listed blocks with the inattentive tokens fused into one. int8: symmetric per-output-channel quantization of every linear layer (attention, MLP, head; the patch-embedding convolution stays f32), run as dequantized f32 weights, so its speed is that of the f32 kernels: the gain is weight storage. 1-minute load average of the machine (shared with other jobs) {} before and {} after: speeds are only comparable within this table.{}\n\n```\n{}\n```\n",
+        ck_path.display(),
+        test.iter().map(|b| b.1.dims()[0]).sum::<usize>(),
+        a.speed_repeats,
+        a.speed_batches,
+        a.batch_size,
+        imp_batches.len(),
+        load_before,
+        load(),
+        if a.note.is_empty() { String::new() } else { format!(" {}", a.note) },
+        nn_core::report::command_line()
+    );
+    print!("{table}");
+    let page = nn_core::report::write_section(RESULTS, TITLE, &format!("efficiency-{name}"), &table)?;
+    eprintln!("written to {}", page.display());
+    Ok(())
 }

@@ -64,4 +64,4 @@ pub mod tnt;
 pub mod vit;
 pub mod weights;
 
-pub use registry::{create_model, create_model_with, model_names, Built, ModelOptions, ZooModel, MODEL_NAMES};
+pub use registry::{create_model, create_model_with, model_names, vit_config, Built, ModelOptions, ZooModel, MODEL_NAMES};
