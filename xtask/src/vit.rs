@@ -74,10 +74,11 @@ pub struct EfficiencyArgs {
     /// Keep ratios (comma-separated), each a separate setting; inattentive tokens are fused.
     #[arg(long, default_value = "0.7,0.5")]
     pub keep_ratios: String,
-    /// Speed: the fastest of this many timed passes over the first `--speed-batches` batches.
-    #[arg(long, default_value_t = 3)]
+    /// Speed: rounds of timed passes (every model once per round), the fastest kept.
+    #[arg(long, default_value_t = 5)]
     pub speed_repeats: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Speed: test batches per timed pass.
+    #[arg(long, default_value_t = 2)]
     pub speed_batches: usize,
     #[arg(long, default_value = "")]
     pub note: String,
@@ -125,10 +126,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Free text added to the results section (e.g. the time budget).
-    /// Speed: the fastest of this many timed passes over the first `--speed-batches` batches.
-    #[arg(long, default_value_t = 3)]
+    /// Speed: rounds of timed passes (every model once per round), the fastest kept.
+    #[arg(long, default_value_t = 5)]
     pub speed_repeats: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Speed: test batches per timed pass.
+    #[arg(long, default_value_t = 2)]
     pub speed_batches: usize,
     #[arg(long, default_value = "")]
     pub note: String,
@@ -535,32 +537,38 @@ fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Top-1 (percent) over `batches`, and images/s: the fastest of `repeats` timed passes over
-/// the first `speed_batches` batches (the accuracy pass is the warm-up).
-fn timed_eval(model: &dyn Model, batches: &[(Tensor, Tensor)], repeats: usize, speed_batches: usize) -> Result<(f64, f64)> {
+/// Top-1 (percent) of `model` over `batches`.
+fn top1(model: &dyn Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
     let (mut correct, mut n) = (0usize, 0usize);
     for (x, y) in batches {
         let logits = model.forward_t(x, false)?;
         correct += nn_core::train::topk_correct(&logits, y, 1)?;
         n += y.dims()[0];
     }
-    let sb = &batches[..speed_batches.clamp(1, batches.len().max(1)).min(batches.len())];
-    let imgs: usize = sb.iter().map(|b| b.1.dims()[0]).sum();
-    let mut best = f64::INFINITY;
+    Ok(100.0 * correct as f64 / n.max(1) as f64)
+}
+
+/// Images/s of each model over `batches`: `repeats` rounds, each timing one pass of every
+/// model in turn (so load changes from other jobs hit all models alike), fastest pass kept.
+fn round_robin_speed(models: &[&dyn Model], batches: &[(Tensor, Tensor)], repeats: usize) -> Result<Vec<f64>> {
+    let imgs: usize = batches.iter().map(|b| b.1.dims()[0]).sum();
+    let mut best = vec![f64::INFINITY; models.len()];
     for _ in 0..repeats.max(1) {
-        let t = std::time::Instant::now();
-        for (x, _) in sb {
-            model.forward_t(x, false)?;
+        for (m, b) in models.iter().zip(best.iter_mut()) {
+            let t = std::time::Instant::now();
+            for (x, _) in batches {
+                m.forward_t(x, false)?;
+            }
+            *b = b.min(t.elapsed().as_secs_f64());
         }
-        best = best.min(t.elapsed().as_secs_f64());
     }
-    Ok((100.0 * correct as f64 / n.max(1) as f64, imgs as f64 / best))
+    Ok(best.into_iter().map(|s| imgs as f64 / s).collect())
 }
 
 fn efficiency(a: EfficiencyArgs) -> Result<()> {
     use vit_survey_zoo::efficient::{
-        head_importance, heads_to_keep, normalize_per_layer, prune_heads, quantize_linear_weights, token_pruning_macs, TokenPruned,
-        TokenPruning,
+        head_importance, heads_to_keep, normalize_per_layer, prune_heads, quantize_linear_weights, token_pruning_macs, QuantReport,
+        TokenPruned, TokenPruning,
     };
     use vit_survey_zoo::vit::VisionTransformer;
     let cfg = vit_survey_zoo::vit_config(&a.model).with_context(|| format!("{} is not a ViT/DeiT of the registry", a.model))?;
@@ -597,31 +605,17 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
     };
     let load_before = load();
     let threads = rayon::current_num_threads();
+    let n0 = (mc.image_size / cfg.patch_size).pow(2);
+    // the variants: (method, setting, params, MACs)
+    let mut rows: Vec<(String, String, usize, u64)> = Vec::new();
     let (vs, base) = build()?;
-    let (base_top1, base_ips) = timed_eval(&base, &test, a.speed_repeats, a.speed_batches)?;
     let base_macs = base.macs();
-    struct Row {
-        method: String,
-        setting: String,
-        params: usize,
-        macs: u64,
-        top1: f64,
-        ips: f64,
-    }
-    let mut rows = vec![Row {
-        method: "none (trained model)".into(),
-        setting: format!(
-            "{} heads x {} blocks, {} patch tokens",
-            cfg.num_heads,
-            cfg.depth,
-            (mc.image_size / cfg.patch_size).pow(2)
-        ),
-        params: vs.num_params(),
-        macs: base_macs,
-        top1: base_top1,
-        ips: base_ips,
-    }];
-    eprintln!("baseline: top-1 {base_top1:.2}%, {base_ips:.1} img/s, {} MACs", base_macs);
+    rows.push((
+        "none (trained model)".into(),
+        format!("{} heads x {} blocks, {n0} patch tokens", cfg.num_heads, cfg.depth),
+        vs.num_params(),
+        base_macs,
+    ));
     // head pruning (Michel et al.): importance on training batches, globally lowest heads removed
     let t = std::time::Instant::now();
     let imp = normalize_per_layer(&head_importance(&base, &imp_batches)?);
@@ -630,65 +624,50 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
         imp_batches.len(),
         t.elapsed().as_secs_f64()
     );
+    let mut pruned = Vec::new();
     for &k in &prune {
         let keep = heads_to_keep(&imp, k);
         let (pvs, pm) = prune_heads(&vs, &base, &keep)?;
-        let (top1, ips) = timed_eval(&pm, &test, a.speed_repeats, a.speed_batches)?;
         let per_block: Vec<String> = keep.iter().map(|h| h.len().to_string()).collect();
-        eprintln!("prune {k} heads: top-1 {top1:.2}%, {ips:.1} img/s");
-        rows.push(Row {
-            method: "attention-head pruning".into(),
-            setting: format!(
+        rows.push((
+            "attention-head pruning".into(),
+            format!(
                 "{k} of {} heads removed; heads per block {}",
                 cfg.num_heads * cfg.depth,
                 per_block.join("-")
             ),
-            params: pvs.num_params(),
-            macs: pm.macs(),
-            top1,
-            ips,
-        });
+            pvs.num_params(),
+            pm.macs(),
+        ));
+        pruned.push((pvs, pm));
     }
     // token pruning by class attention (EViT), inattentive tokens fused
+    let mut token = Vec::new();
     for &r in &keeps {
         let tp = TokenPruning {
             layers: layers.clone(),
             keep_ratio: r,
             fuse: true,
         };
-        let n0 = (mc.image_size / cfg.patch_size).pow(2);
-        let counts = tp.tokens_per_block(cfg.depth, n0);
-        let tokens: Vec<String> = counts.iter().map(|c| c.1.to_string()).collect();
-        let model = TokenPruned {
-            model: &base,
-            pruning: tp.clone(),
-        };
-        let (top1, ips) = timed_eval(&model, &test, a.speed_repeats, a.speed_batches)?;
-        eprintln!("token pruning keep {r}: top-1 {top1:.2}%, {ips:.1} img/s");
-        rows.push(Row {
-            method: "token pruning (EViT)".into(),
-            setting: format!(
+        let tokens: Vec<String> = tp.tokens_per_block(cfg.depth, n0).iter().map(|c| c.1.to_string()).collect();
+        rows.push((
+            "token pruning (EViT)".into(),
+            format!(
                 "keep {r} in blocks {}, rest fused; patch tokens after each block {}",
                 layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
                 tokens.join("-")
             ),
-            params: vs.num_params(),
-            macs: token_pruning_macs(&base, &tp),
-            top1,
-            ips,
-        });
+            vs.num_params(),
+            token_pruning_macs(&base, &tp),
+        ));
+        token.push(TokenPruned { model: &base, pruning: tp });
     }
     // int8 per-channel post-training quantization of the linear weights
     let (qvs, qm) = build()?;
-    let rep = quantize_linear_weights(&qvs)?;
-    let (top1, ips) = timed_eval(&qm, &test, a.speed_repeats, a.speed_batches)?;
-    eprintln!(
-        "int8: top-1 {top1:.2}%, {ips:.1} img/s, max abs weight error {:.2e}",
-        rep.max_abs_error
-    );
-    rows.push(Row {
-        method: "int8 weight quantization".into(),
-        setting: format!(
+    let rep: QuantReport = quantize_linear_weights(&qvs)?;
+    rows.push((
+        "int8 weight quantization".into(),
+        format!(
             "{} linear weights ({} values) per output channel: {:.1} KB f32 -> {:.1} KB int8 + scales; max abs weight error {:.2e}",
             rep.tensors.len(),
             rep.params,
@@ -696,11 +675,21 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
             rep.int8_bytes as f64 / 1024.0,
             rep.max_abs_error
         ),
-        params: qvs.num_params(),
-        macs: qm.macs(),
-        top1,
-        ips,
-    });
+        qvs.num_params(),
+        qm.macs(),
+    ));
+    let mut models: Vec<&dyn Model> = vec![&base];
+    models.extend(pruned.iter().map(|(_, m)| m as &dyn Model));
+    models.extend(token.iter().map(|m| m as &dyn Model));
+    models.push(&qm);
+    let mut acc = Vec::new();
+    for (m, r) in models.iter().zip(&rows) {
+        let t1 = top1(*m, &test)?;
+        eprintln!("{} ({}): top-1 {t1:.2}%", r.0, r.1);
+        acc.push(t1);
+    }
+    let sb = &test[..a.speed_batches.clamp(1, test.len())];
+    let ips = round_robin_speed(&models, sb, a.speed_repeats)?;
     let name = a
         .run
         .file_name()
@@ -710,27 +699,27 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
         "## Efficiency methods on {} ({name})\n\n| method | setting | params | MACs (M) | MACs vs base | test top-1 % | change (points) | img/s | speed vs base |\n|---|---|---|---|---|---|---|---|---|\n",
         a.model
     );
-    for r in &rows {
+    for (i, r) in rows.iter().enumerate() {
         table += &format!(
             "| {} | {} | {} | {:.2} | {:.2}x | {:.2} | {:+.2} | {:.1} | {:.2}x |\n",
-            r.method,
-            r.setting,
-            r.params,
-            r.macs as f64 / 1e6,
-            r.macs as f64 / base_macs as f64,
-            r.top1,
-            r.top1 - base_top1,
-            r.ips,
-            r.ips / base_ips
+            r.0,
+            r.1,
+            r.2,
+            r.3 as f64 / 1e6,
+            r.3 as f64 / base_macs as f64,
+            acc[i],
+            acc[i] - acc[0],
+            ips[i],
+            ips[i] / ips[0]
         );
     }
     table += &format!(
-        "\nAll methods applied after training, without fine-tuning, to the weights in `{}`; test top-1 on a class-balanced {}-image test subset; img/s: the fastest of {} eval-mode forward passes over the first {} batches of {} images, {threads} thread(s), after the accuracy pass. Head importance: Michel et al.'s |dL/d gate| per head, summed over {} unaugmented training batches, normalised per block; the globally least important heads are removed from the weights (at least one per block). Token pruning: EViT's class-attention top-k inside the listed blocks with the inattentive tokens fused into one. int8: symmetric per-output-channel quantization of every linear layer (attention, MLP, head; the patch-embedding convolution stays f32), run as dequantized f32 weights, so its speed is that of the f32 kernels: the gain is weight storage. 1-minute load average of the machine (shared with other jobs) {} before and {} after: speeds are only comparable within this table.{}\n\n```\n{}\n```\n",
+        "\nAll methods applied after training, without fine-tuning, to the weights in `{}`; test top-1 on a class-balanced {}-image test subset. img/s: eval-mode forward passes over the first {} test batches of {} images, {threads} thread(s), measured round-robin ({} rounds, each model once per round, fastest pass kept) so that load from other jobs hits every model alike. Head importance: Michel et al.'s |dL/d gate| per head, summed over {} unaugmented training batches, normalised per block; the globally least important heads are removed from the weights (at least one per block). Token pruning: EViT's class-attention top-k inside the listed blocks (0-based) with the inattentive tokens fused into one. int8: symmetric per-output-channel quantization of every linear layer (attention, MLP, head; the patch-embedding convolution stays f32), run as dequantized f32 weights, so its speed is that of the f32 kernels: the gain is weight storage. 1-minute load average of the machine (shared with other jobs) {} before and {} after.{}\n\n```\n{}\n```\n",
         ck_path.display(),
         test.iter().map(|b| b.1.dims()[0]).sum::<usize>(),
-        a.speed_repeats,
-        a.speed_batches,
+        sb.len(),
         a.batch_size,
+        a.speed_repeats,
         imp_batches.len(),
         load_before,
         load(),
