@@ -44,6 +44,18 @@ pub enum VitCommand {
     /// attention-head pruning, token pruning by class attention (EViT), int8 weight
     /// quantization; parameters, MACs, test top-1 and forward speed of each, in one table.
     Efficiency(EfficiencyArgs),
+    /// One table comparing finished `vit train` runs (their summary.json): the survey's CNN vs
+    /// transformer comparison at the runs' budget.
+    Compare {
+        /// Run directories, comma-separated.
+        #[arg(long)]
+        runs: String,
+        /// Name of the results section.
+        #[arg(long, default_value = "cifar10-cnn-vs-transformers")]
+        section: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,6 +177,7 @@ pub fn run(cmd: VitCommand) -> Result<()> {
         VitCommand::Train(a) => train(a),
         VitCommand::Bench(a) => bench(a),
         VitCommand::Efficiency(a) => efficiency(a),
+        VitCommand::Compare { runs, section, note } => compare(&runs, &section, &note),
     }
 }
 
@@ -728,6 +741,45 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
     );
     print!("{table}");
     let page = nn_core::report::write_section(RESULTS, TITLE, &format!("efficiency-{name}"), &table)?;
+    eprintln!("written to {}", page.display());
+    Ok(())
+}
+
+fn compare(runs: &str, section: &str, note: &str) -> Result<()> {
+    let mut table = String::from(
+        "## CIFAR-10: CNN vs vision transformers at the same budget\n\n| model | kind | params | MACs (M) | epochs | test top-1 % | test top-5 % | train img/s | eval img/s | run |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for dir in runs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let p = PathBuf::from(dir).join("summary.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?;
+        if v["completed"].as_bool() != Some(true) {
+            bail!("{} is not a finished run", p.display());
+        }
+        let model = v["model"].as_str().unwrap_or("?");
+        let kind = if nn_core::models::MODEL_NAMES.iter().any(|(n, _)| *n == model) {
+            "CNN"
+        } else {
+            "transformer"
+        };
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        table += &format!(
+            "| {model} | {kind} | {} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {:.1} | `{dir}` |\n",
+            v["params"].as_u64().unwrap_or(0),
+            f("macs") / 1e6,
+            v["epochs"].as_u64().unwrap_or(0),
+            f("test_top1"),
+            f("test_top5"),
+            f("train_images_per_s"),
+            f("eval_images_per_s"),
+        );
+    }
+    table += &format!(
+        "\nRead from each run's `summary.json` (the runs' own sections above give their settings and commands). MACs per 32x32 image: the zoo's analytic count for the transformers, nn-core's profiler for the CNN. Speeds were measured on a shared machine and are only indicative.{}\n\n```\n{}\n```\n",
+        if note.is_empty() { String::new() } else { format!(" {note}") },
+        nn_core::report::command_line()
+    );
+    print!("{table}");
+    let page = nn_core::report::write_section(RESULTS, TITLE, section, &table)?;
     eprintln!("written to {}", page.display());
     Ok(())
 }
