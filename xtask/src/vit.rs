@@ -238,10 +238,14 @@ fn list() -> Result<()> {
     let mut table = String::from(
         "## Registry: parameters and MACs\n\n| model | image size | classes | params | reference params | GMACs | reference GMACs |\n|---|---|---|---|---|---|---|\n",
     );
+    let mut frozen = Vec::new();
     for (name, desc) in MODEL_NAMES {
         let size = if *name == "cmt_ti" { 160 } else { default_size(name) };
         let classes = if size == 32 { 10 } else { 1000 };
         let (vs, m) = cheap(name, classes, size)?;
+        if vs.num_trainable_params() != vs.num_params() {
+            frozen.push(format!("{name} {}", group(vs.num_trainable_params() as u64)));
+        }
         let g = m.macs() as f64 / 1e9;
         println!("{name:<34} {size:>6} {:>12} {g:>9.3}  {desc}", vs.num_params());
         let (rp, rm) = REFERENCE.iter().find(|r| r.0 == *name).map_or(("", ""), |r| (r.1, r.2));
@@ -251,7 +255,8 @@ fn list() -> Result<()> {
         );
     }
     table += &format!(
-        "\nCounted from the built models (zero-initialised, never run); MACs are the analytic count of every matmul (linear layers, Q K^T, A V) and convolution. Reference columns: timm 1.0.31's counts and PyTorch's FLOP counter halved, from issue 10; papers' figures for models timm lacks. Exact counts are pinned in `crates/vit-survey-zoo/tests/counts.rs`.\n\n```\n{}\n```\n",
+        "\nCounted from the built models (zero-initialised, never run), all parameters as `model.parameters()` counts them, including ones the reference code does not train; trainable only: {}. MACs are the analytic count of every matmul (linear layers, Q K^T, A V) and convolution. Reference columns: timm 1.0.31's counts and PyTorch's FLOP counter halved, from issue 10; papers' figures for models timm lacks. Exact counts are pinned in `crates/vit-survey-zoo/tests/counts.rs`.\n\n```\n{}\n```\n",
+        if frozen.is_empty() { "every model is fully trainable".to_string() } else { frozen.join(", ") },
         nn_core::report::command_line()
     );
     nn_core::report::write_section(RESULTS, TITLE, "registry", &table)?;
