@@ -40,6 +40,60 @@ pub enum VitCommand {
     /// Forward images/s at 224x224 (batch 8) for ViT-Ti, Swin-T, PVTv2-B0 and TNT-S, next to
     /// PyTorch/timm when `python3` can import them.
     Bench(BenchArgs),
+    /// The survey's efficiency methods on a trained ViT/DeiT (a `vit train` run's checkpoint):
+    /// attention-head pruning, token pruning by class attention (EViT), int8 weight
+    /// quantization; parameters, MACs, test top-1 and forward speed of each, in one table.
+    Efficiency(EfficiencyArgs),
+    /// One table comparing finished `vit train` runs (their summary.json): the survey's CNN vs
+    /// transformer comparison at the runs' budget.
+    Compare {
+        /// Run directories, comma-separated.
+        #[arg(long)]
+        runs: String,
+        /// Name of the results section.
+        #[arg(long, default_value = "cifar10-cnn-vs-transformers")]
+        section: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EfficiencyArgs {
+    #[arg(long, default_value = "vit_micro_patch4_32")]
+    pub model: String,
+    /// Directory of a `vit train` run of that model (reads its `checkpoint.safetensors`).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, default_value = "cifar10")]
+    pub dataset: String,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Class-balanced test subset to measure accuracy and speed on.
+    #[arg(long, default_value_t = 1000)]
+    pub test_subset: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Training batches (no augmentation) for the head-importance gradients.
+    #[arg(long, default_value_t = 8)]
+    pub importance_batches: usize,
+    /// Numbers of heads to prune (comma-separated), each a separate model.
+    #[arg(long, default_value = "6,12")]
+    pub prune_heads: String,
+    /// Blocks (0-based, comma-separated) that prune tokens.
+    #[arg(long, default_value = "1,3")]
+    pub token_layers: String,
+    /// Keep ratios (comma-separated), each a separate setting; inattentive tokens are fused.
+    #[arg(long, default_value = "0.7,0.5")]
+    pub keep_ratios: String,
+    /// Speed: rounds of timed passes (every model once per round), the fastest kept.
+    #[arg(long, default_value_t = 5)]
+    pub speed_repeats: usize,
+    /// Speed: test batches per timed pass.
+    #[arg(long, default_value_t = 2)]
+    pub speed_batches: usize,
+    #[arg(long, default_value = "")]
+    pub note: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,6 +138,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Free text added to the results section (e.g. the time budget).
+    /// Speed: rounds of timed passes (every model once per round), the fastest kept.
+    #[arg(long, default_value_t = 5)]
+    pub speed_repeats: usize,
+    /// Speed: test batches per timed pass.
+    #[arg(long, default_value_t = 2)]
+    pub speed_batches: usize,
     #[arg(long, default_value = "")]
     pub note: String,
 }
@@ -116,6 +176,8 @@ pub fn run(cmd: VitCommand) -> Result<()> {
         } => summary(&model, image_size.unwrap_or_else(|| default_size(&model)), num_classes),
         VitCommand::Train(a) => train(a),
         VitCommand::Bench(a) => bench(a),
+        VitCommand::Efficiency(a) => efficiency(a),
+        VitCommand::Compare { runs, section, note } => compare(&runs, &section, &note),
     }
 }
 
@@ -155,13 +217,15 @@ const REFERENCE: &[(&str, &str, &str)] = &[
     ("pvt_small", "24.5M (paper)", "3.8 (paper)"),
     ("cpvt_small_224", "22M (paper)", ""),
     ("cmt_ti", "9.5M (paper, 160x160)", "0.6 (paper, 160x160)"),
+    ("t2t_vit_7", "4.3M (paper)", "1.1 (paper)"),
+    ("t2t_vit_14", "21.5M (paper)", "4.8 (paper)"),
 ];
 
 fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -174,10 +238,14 @@ fn list() -> Result<()> {
     let mut table = String::from(
         "## Registry: parameters and MACs\n\n| model | image size | classes | params | reference params | GMACs | reference GMACs |\n|---|---|---|---|---|---|---|\n",
     );
+    let mut frozen = Vec::new();
     for (name, desc) in MODEL_NAMES {
         let size = if *name == "cmt_ti" { 160 } else { default_size(name) };
         let classes = if size == 32 { 10 } else { 1000 };
         let (vs, m) = cheap(name, classes, size)?;
+        if vs.num_trainable_params() != vs.num_params() {
+            frozen.push(format!("{name} {}", group(vs.num_trainable_params() as u64)));
+        }
         let g = m.macs() as f64 / 1e9;
         println!("{name:<34} {size:>6} {:>12} {g:>9.3}  {desc}", vs.num_params());
         let (rp, rm) = REFERENCE.iter().find(|r| r.0 == *name).map_or(("", ""), |r| (r.1, r.2));
@@ -187,7 +255,8 @@ fn list() -> Result<()> {
         );
     }
     table += &format!(
-        "\nCounted from the built models (zero-initialised, never run); MACs are the analytic count of every matmul (linear layers, Q K^T, A V) and convolution. Reference columns: timm 1.0.31's counts and PyTorch's FLOP counter halved, from issue 10; papers' figures for models timm lacks. Exact counts are pinned in `crates/vit-survey-zoo/tests/counts.rs`.\n\n```\n{}\n```\n",
+        "\nCounted from the built models (zero-initialised, never run), all parameters as `model.parameters()` counts them, including ones the reference code does not train; trainable only: {}. MACs are the analytic count of every matmul (linear layers, Q K^T, A V) and convolution. Reference columns: timm 1.0.31's counts and PyTorch's FLOP counter halved, from issue 10; papers' figures for models timm lacks. Exact counts are pinned in `crates/vit-survey-zoo/tests/counts.rs`.\n\n```\n{}\n```\n",
+        if frozen.is_empty() { "every model is fully trainable".to_string() } else { frozen.join(", ") },
         nn_core::report::command_line()
     );
     nn_core::report::write_section(RESULTS, TITLE, "registry", &table)?;
@@ -476,4 +545,246 @@ fn torch_bench(models: &[&str], threads: usize, batch: usize) -> Result<Vec<(Str
         }
     }
     Ok(v)
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<T>().map_err(|_| anyhow::anyhow!("{what}: cannot parse `{x}`")))
+        .collect()
+}
+
+/// Top-1 (percent) of `model` over `batches`.
+fn top1(model: &dyn Model, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+    let (mut correct, mut n) = (0usize, 0usize);
+    for (x, y) in batches {
+        let logits = model.forward_t(x, false)?;
+        correct += nn_core::train::topk_correct(&logits, y, 1)?;
+        n += y.dims()[0];
+    }
+    Ok(100.0 * correct as f64 / n.max(1) as f64)
+}
+
+/// Images/s of each model over `batches`: `repeats` rounds, each timing one pass of every
+/// model in turn (so load changes from other jobs hit all models alike), fastest pass kept.
+fn round_robin_speed(models: &[&dyn Model], batches: &[(Tensor, Tensor)], repeats: usize) -> Result<Vec<f64>> {
+    let imgs: usize = batches.iter().map(|b| b.1.dims()[0]).sum();
+    let mut best = vec![f64::INFINITY; models.len()];
+    for _ in 0..repeats.max(1) {
+        for (m, b) in models.iter().zip(best.iter_mut()) {
+            let t = std::time::Instant::now();
+            for (x, _) in batches {
+                m.forward_t(x, false)?;
+            }
+            *b = b.min(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best.into_iter().map(|s| imgs as f64 / s).collect())
+}
+
+fn efficiency(a: EfficiencyArgs) -> Result<()> {
+    use vit_survey_zoo::efficient::{
+        head_importance, heads_to_keep, normalize_per_layer, prune_heads, quantize_linear_weights, token_pruning_macs, QuantReport,
+        TokenPruned, TokenPruning,
+    };
+    use vit_survey_zoo::vit::VisionTransformer;
+    let cfg = vit_survey_zoo::vit_config(&a.model).with_context(|| format!("{} is not a ViT/DeiT of the registry", a.model))?;
+    let prune: Vec<usize> = parse_list(&a.prune_heads, "--prune-heads")?;
+    let layers: Vec<usize> = parse_list(&a.token_layers, "--token-layers")?;
+    let keeps: Vec<f64> = parse_list(&a.keep_ratios, "--keep-ratios")?;
+    let mut spec = DataSpec::new(&a.dataset, a.batch_size, 0);
+    spec.data_dir = a.data.clone();
+    spec.test_subset = Some(a.test_subset);
+    spec.train_subset = Some(a.importance_batches * a.batch_size);
+    spec.augment = false;
+    let d = standard_data(&spec)?;
+    let mc = d.model_config;
+    use nn_core::train::BatchSource;
+    let test: Vec<(Tensor, Tensor)> = d.test.batches(0, 0).collect::<Result<_>>()?;
+    let imp_batches: Vec<(Tensor, Tensor)> = d.train.batches(0, 0).take(a.importance_batches).collect::<Result<_>>()?;
+    let opts = ModelOptions {
+        in_chans: mc.in_channels,
+        ..ModelOptions::new(mc.num_classes, mc.image_size)
+    };
+    let ck_path = a.run.join("checkpoint.safetensors");
+    let ck = nn_core::train::Checkpoint::load(&ck_path)?;
+    let build = || -> Result<(VarStore, VisionTransformer)> {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let m = vit_survey_zoo::layers::with_cheap_init(true, || VisionTransformer::new(&a.model, &vs.root(), &cfg, &opts))?;
+        vit_survey_zoo::weights::load_tensors(&vs, &ck.model, true).with_context(|| format!("loading {}", ck_path.display()))?;
+        Ok((vs, m))
+    };
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(String::from))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let load_before = load();
+    let threads = rayon::current_num_threads();
+    let n0 = (mc.image_size / cfg.patch_size).pow(2);
+    // the variants: (method, setting, params, MACs)
+    let mut rows: Vec<(String, String, usize, u64)> = Vec::new();
+    let (vs, base) = build()?;
+    let base_macs = base.macs();
+    rows.push((
+        "none (trained model)".into(),
+        format!("{} heads x {} blocks, {n0} patch tokens", cfg.num_heads, cfg.depth),
+        vs.num_params(),
+        base_macs,
+    ));
+    // head pruning (Michel et al.): importance on training batches, globally lowest heads removed
+    let t = std::time::Instant::now();
+    let imp = normalize_per_layer(&head_importance(&base, &imp_batches)?);
+    eprintln!(
+        "head importance from {} batches in {:.1}s: {imp:.3?}",
+        imp_batches.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let mut pruned = Vec::new();
+    for &k in &prune {
+        let keep = heads_to_keep(&imp, k);
+        let (pvs, pm) = prune_heads(&vs, &base, &keep)?;
+        let per_block: Vec<String> = keep.iter().map(|h| h.len().to_string()).collect();
+        rows.push((
+            "attention-head pruning".into(),
+            format!(
+                "{k} of {} heads removed; heads per block {}",
+                cfg.num_heads * cfg.depth,
+                per_block.join("-")
+            ),
+            pvs.num_params(),
+            pm.macs(),
+        ));
+        pruned.push((pvs, pm));
+    }
+    // token pruning by class attention (EViT), inattentive tokens fused
+    let mut token = Vec::new();
+    for &r in &keeps {
+        let tp = TokenPruning {
+            layers: layers.clone(),
+            keep_ratio: r,
+            fuse: true,
+        };
+        let tokens: Vec<String> = tp.tokens_per_block(cfg.depth, n0).iter().map(|c| c.1.to_string()).collect();
+        rows.push((
+            "token pruning (EViT)".into(),
+            format!(
+                "keep {r} in blocks {}, rest fused; patch tokens after each block {}",
+                layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "),
+                tokens.join("-")
+            ),
+            vs.num_params(),
+            token_pruning_macs(&base, &tp),
+        ));
+        token.push(TokenPruned { model: &base, pruning: tp });
+    }
+    // int8 per-channel post-training quantization of the linear weights
+    let (qvs, qm) = build()?;
+    let rep: QuantReport = quantize_linear_weights(&qvs)?;
+    rows.push((
+        "int8 weight quantization".into(),
+        format!(
+            "{} linear weights ({} values) per output channel: {:.1} KB f32 -> {:.1} KB int8 + scales; max abs weight error {:.2e}",
+            rep.tensors.len(),
+            rep.params,
+            rep.f32_bytes as f64 / 1024.0,
+            rep.int8_bytes as f64 / 1024.0,
+            rep.max_abs_error
+        ),
+        qvs.num_params(),
+        qm.macs(),
+    ));
+    let mut models: Vec<&dyn Model> = vec![&base];
+    models.extend(pruned.iter().map(|(_, m)| m as &dyn Model));
+    models.extend(token.iter().map(|m| m as &dyn Model));
+    models.push(&qm);
+    let mut acc = Vec::new();
+    for (m, r) in models.iter().zip(&rows) {
+        let t1 = top1(*m, &test)?;
+        eprintln!("{} ({}): top-1 {t1:.2}%", r.0, r.1);
+        acc.push(t1);
+    }
+    let sb = &test[..a.speed_batches.clamp(1, test.len())];
+    let ips = round_robin_speed(&models, sb, a.speed_repeats)?;
+    let name = a
+        .run
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let mut table = format!(
+        "## Efficiency methods on {} ({name})\n\n| method | setting | params | MACs (M) | MACs vs base | test top-1 % | change (points) | img/s | speed vs base |\n|---|---|---|---|---|---|---|---|---|\n",
+        a.model
+    );
+    for (i, r) in rows.iter().enumerate() {
+        table += &format!(
+            "| {} | {} | {} | {:.2} | {:.2}x | {:.2} | {:+.2} | {:.1} | {:.2}x |\n",
+            r.0,
+            r.1,
+            r.2,
+            r.3 as f64 / 1e6,
+            r.3 as f64 / base_macs as f64,
+            acc[i],
+            acc[i] - acc[0],
+            ips[i],
+            ips[i] / ips[0]
+        );
+    }
+    table += &format!(
+        "\nAll methods applied after training, without fine-tuning, to the weights in `{}`; test top-1 on a class-balanced {}-image test subset. img/s: eval-mode forward passes over the first {} test batches of {} images, {threads} thread(s), measured round-robin ({} rounds, each model once per round, fastest pass kept) so that load from other jobs hits every model alike. Head importance: Michel et al.'s |dL/d gate| per head, summed over {} unaugmented training batches, normalised per block; the globally least important heads are removed from the weights (at least one per block). Token pruning: EViT's class-attention top-k inside the listed blocks (0-based) with the inattentive tokens fused into one. int8: symmetric per-output-channel quantization of every linear layer (attention, MLP, head; the patch-embedding convolution stays f32), run as dequantized f32 weights, so its speed is that of the f32 kernels: the gain is weight storage. 1-minute load average of the machine (shared with other jobs) {} before and {} after.{}\n\n```\n{}\n```\n",
+        ck_path.display(),
+        test.iter().map(|b| b.1.dims()[0]).sum::<usize>(),
+        sb.len(),
+        a.batch_size,
+        a.speed_repeats,
+        imp_batches.len(),
+        load_before,
+        load(),
+        if a.note.is_empty() { String::new() } else { format!(" {}", a.note) },
+        nn_core::report::command_line()
+    );
+    print!("{table}");
+    let page = nn_core::report::write_section(RESULTS, TITLE, &format!("efficiency-{name}"), &table)?;
+    eprintln!("written to {}", page.display());
+    Ok(())
+}
+
+fn compare(runs: &str, section: &str, note: &str) -> Result<()> {
+    let mut table = String::from(
+        "## CIFAR-10: CNN vs vision transformers at the same budget\n\n| model | kind | params | MACs (M) | epochs | test top-1 % | test top-5 % | train img/s | eval img/s | run |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for dir in runs.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let p = PathBuf::from(dir).join("summary.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?;
+        if v["completed"].as_bool() != Some(true) {
+            bail!("{} is not a finished run", p.display());
+        }
+        let model = v["model"].as_str().unwrap_or("?");
+        let kind = if nn_core::models::MODEL_NAMES.iter().any(|(n, _)| *n == model) {
+            "CNN"
+        } else {
+            "transformer"
+        };
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        table += &format!(
+            "| {model} | {kind} | {} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {:.1} | `{dir}` |\n",
+            v["params"].as_u64().unwrap_or(0),
+            f("macs") / 1e6,
+            v["epochs"].as_u64().unwrap_or(0),
+            f("test_top1"),
+            f("test_top5"),
+            f("train_images_per_s"),
+            f("eval_images_per_s"),
+        );
+    }
+    table += &format!(
+        "\nRead from each run's `summary.json` (the runs' own sections above give their settings and commands). MACs per 32x32 image: the zoo's analytic count for the transformers, nn-core's profiler for the CNN. Speeds were measured on a shared machine and are only indicative.{}\n\n```\n{}\n```\n",
+        if note.is_empty() { String::new() } else { format!(" {note}") },
+        nn_core::report::command_line()
+    );
+    print!("{table}");
+    let page = nn_core::report::write_section(RESULTS, TITLE, section, &table)?;
+    eprintln!("written to {}", page.display());
+    Ok(())
 }

@@ -27,6 +27,11 @@ pub fn with_cheap_init<T>(on: bool, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether parameters are being built with [`with_cheap_init`] (zeros, no random draws).
+pub fn cheap_init_on() -> bool {
+    CHEAP_INIT.with(|c| c.get())
+}
+
 fn init_or_cheap(init: Init) -> Init {
     if CHEAP_INIT.with(|c| c.get()) {
         Init::ZEROS
@@ -211,6 +216,9 @@ pub struct Attention {
     pub proj: Linear,
     pub heads: usize,
     pub head_dim: usize,
+    /// The factor on Q K^T: `head_dim^-0.5` unless a model says otherwise (T2T-ViT's
+    /// published checkpoints use `embed_dim^-0.5`).
+    pub scale: f64,
 }
 
 impl Attention {
@@ -218,11 +226,22 @@ impl Attention {
         if heads == 0 || !dim.is_multiple_of(heads) {
             candle_core::bail!("attention: dim {dim} must be divisible by the number of heads {heads}");
         }
+        Self::with_head_dim(vp, dim, heads, dim / heads, qkv_bias)
+    }
+
+    /// `heads` heads of width `head_dim` on `dim`-wide tokens (`heads * head_dim` may differ
+    /// from `dim`: what is left after pruning heads).
+    pub fn with_head_dim(vp: &VarPath, dim: usize, heads: usize, head_dim: usize, qkv_bias: bool) -> Result<Self> {
+        if heads == 0 || head_dim == 0 {
+            candle_core::bail!("attention: needs at least one head of positive width, got {heads} x {head_dim}");
+        }
+        let inner = heads * head_dim;
         Ok(Self {
-            qkv: Linear::new(&vp.pp("qkv"), dim, 3 * dim, qkv_bias)?,
-            proj: Linear::new(&vp.pp("proj"), dim, dim, true)?,
+            qkv: Linear::new(&vp.pp("qkv"), dim, 3 * inner, qkv_bias)?,
+            proj: Linear::new(&vp.pp("proj"), inner, dim, true)?,
             heads,
-            head_dim: dim / heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
         })
     }
 
@@ -241,8 +260,7 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let (q, k, v) = self.qkv(x)?;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let o = attention(&q, &k, &v, scale, bias)?;
+        let o = attention(&q, &k, &v, self.scale, bias)?;
         let o = o.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
         self.proj.forward(&o)
     }
@@ -320,9 +338,27 @@ pub struct Block {
 
 impl Block {
     pub fn new(vp: &VarPath, dim: usize, heads: usize, mlp_ratio: f64, qkv_bias: bool, eps: f64, drop_path: f64) -> Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!("attention: dim {dim} must be divisible by the number of heads {heads}");
+        }
+        Self::with_heads(vp, dim, heads, dim / heads, mlp_ratio, qkv_bias, eps, drop_path)
+    }
+
+    /// A block whose attention has `heads` heads of width `head_dim` (a head-pruned block).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_heads(
+        vp: &VarPath,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        mlp_ratio: f64,
+        qkv_bias: bool,
+        eps: f64,
+        drop_path: f64,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::new(&vp.pp("norm1"), dim, eps)?,
-            attn: Attention::new(&vp.pp("attn"), dim, heads, qkv_bias)?,
+            attn: Attention::with_head_dim(&vp.pp("attn"), dim, heads, head_dim, qkv_bias)?,
             norm2: LayerNorm::new(&vp.pp("norm2"), dim, eps)?,
             mlp: Mlp::new(&vp.pp("mlp"), dim, (dim as f64 * mlp_ratio) as usize, dim)?,
             drop_path: DropPath::new(vp, drop_path),

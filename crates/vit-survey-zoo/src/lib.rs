@@ -19,6 +19,11 @@
 //!   self-attention); [`tnt`]: TNT-S/B (inner and outer transformers); [`levit`]: LeViT-128S
 //!   (attention biases, BatchNorm'd linears, attention downsampling); [`cmt`]: CMT-Ti
 //!   (convolutional stem, local perception unit, lightweight attention, IRFFN).
+//! - [`t2t`]: T2T-ViT-7/14 (tokens-to-token module with Performer layers, the official
+//!   repository's `performer` variant).
+//! - [`efficient`]: the survey's efficiency methods on ViT/DeiT: attention-head pruning
+//!   (gradient head importance, physical removal), token pruning by class attention (EViT),
+//!   int8 per-channel post-training quantization of the linear layers.
 //! - [`weights`]: loading safetensors files with timm's key names, with a report of missing,
 //!   unexpected and mis-shaped keys; position embeddings are resampled to the model's grid.
 //!
@@ -47,14 +52,16 @@
 
 pub mod cmt;
 pub mod convit;
+pub mod efficient;
 pub mod layers;
 pub mod levit;
 pub mod pit;
 pub mod pvt;
 pub mod registry;
 pub mod swin;
+pub mod t2t;
 pub mod tnt;
 pub mod vit;
 pub mod weights;
 
-pub use registry::{create_model, create_model_with, model_names, Built, ModelOptions, ZooModel, MODEL_NAMES};
+pub use registry::{create_model, create_model_with, model_names, vit_config, Built, ModelOptions, ZooModel, MODEL_NAMES};

@@ -83,6 +83,14 @@ pub const MODEL_NAMES: &[(&str, &str)] = &[
         "LeViT-128S: conv stem, attention-bias stages 128-256-384, distilled head",
     ),
     (
+        "t2t_vit_7",
+        "T2T-ViT-7 (official code, performer T2T module): 256 wide, 7 blocks, 4 heads, MLP ratio 2",
+    ),
+    (
+        "t2t_vit_14",
+        "T2T-ViT-14 (official code, performer T2T module): 384 wide, 14 blocks, 6 heads, MLP ratio 3",
+    ),
+    (
         "vit_micro_patch4_32",
         "CIFAR ViT: 4x4 patches, 128 wide, 6 blocks, 4 heads, MLP ratio 2",
     ),
@@ -117,6 +125,22 @@ pub fn create_model_with(name: &str, opts: &ModelOptions, vp: &VarPath) -> Resul
     crate::layers::with_cheap_init(opts.cheap_init, || build(name, opts, vp))
 }
 
+/// The [`crate::vit::VitConfig`] behind a registered ViT/DeiT/CPVT name (to build the concrete
+/// [`crate::vit::VisionTransformer`], e.g. for [`crate::efficient`]); `None` for other models.
+pub fn vit_config(name: &str) -> Option<crate::vit::VitConfig> {
+    use crate::vit::VitConfig;
+    Some(match name {
+        "vit_tiny_patch16_224" => VitConfig::tiny(16),
+        "vit_small_patch16_224" => VitConfig::small(16),
+        "vit_base_patch16_224" => VitConfig::base(16),
+        "deit_tiny_distilled_patch16_224" => VitConfig::tiny(16).distilled(),
+        "cpvt_small_224" => VitConfig::small(16).cpvt(),
+        "vit_micro_patch4_32" => micro_vit(),
+        "deit_micro_distilled_patch4_32" => micro_vit().distilled(),
+        _ => return None,
+    })
+}
+
 fn micro_vit() -> crate::vit::VitConfig {
     crate::vit::VitConfig {
         mlp_ratio: 2.0,
@@ -125,13 +149,11 @@ fn micro_vit() -> crate::vit::VitConfig {
 }
 
 fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>> {
-    use crate::vit::{VisionTransformer as Vit, VitConfig};
+    use crate::vit::VisionTransformer as Vit;
+    if let Some(cfg) = vit_config(name) {
+        return Ok(Box::new(Vit::new(name, vp, &cfg, o)?));
+    }
     let m: Box<dyn ZooModel> = match name {
-        "vit_tiny_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16), o)?),
-        "vit_small_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16), o)?),
-        "vit_base_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::base(16), o)?),
-        "deit_tiny_distilled_patch16_224" => Box::new(Vit::new(name, vp, &VitConfig::tiny(16).distilled(), o)?),
-        "cpvt_small_224" => Box::new(Vit::new(name, vp, &VitConfig::small(16).cpvt(), o)?),
         "swin_tiny_patch4_window7_224" => Box::new(crate::swin::SwinTransformer::new(name, vp, &crate::swin::SwinConfig::tiny(), o)?),
         "pvt_v2_b0" => Box::new(crate::pvt::PvtV2::new(name, vp, &crate::pvt::PvtV2Config::b0(), o)?),
         "pvt_tiny" => Box::new(crate::pvt::PvtV1::new(name, vp, &crate::pvt::PvtV1Config::tiny(), o)?),
@@ -142,8 +164,8 @@ fn build(name: &str, o: &ModelOptions, vp: &VarPath) -> Result<Box<dyn ZooModel>
         "tnt_b_patch16_224" => Box::new(crate::tnt::Tnt::new(name, vp, &crate::tnt::TntConfig::base(), o)?),
         "cmt_ti" => Box::new(crate::cmt::Cmt::new(name, vp, &crate::cmt::CmtConfig::ti(), o)?),
         "levit_128s" => Box::new(crate::levit::Levit::new(name, vp, &crate::levit::LevitConfig::levit_128s(), o)?),
-        "vit_micro_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit(), o)?),
-        "deit_micro_distilled_patch4_32" => Box::new(Vit::new(name, vp, &micro_vit().distilled(), o)?),
+        "t2t_vit_7" => Box::new(crate::t2t::T2tVit::new(name, vp, &crate::t2t::T2tConfig::t2t_vit_7(), o)?),
+        "t2t_vit_14" => Box::new(crate::t2t::T2tVit::new(name, vp, &crate::t2t::T2tConfig::t2t_vit_14(), o)?),
         "swin_micro_patch2_window4_32" => {
             let cfg = crate::swin::SwinConfig {
                 patch_size: 2,

@@ -29,6 +29,9 @@ pub struct VitConfig {
     /// (PEG, a 3x3 depthwise convolution on the token grid added to the tokens) after the
     /// first block, so positions are conditioned on the neighbourhood and any grid size works.
     pub peg: bool,
+    /// Heads per block when some were pruned (each `embed_dim / num_heads` wide); `None`:
+    /// `num_heads` everywhere. See [`crate::efficient::prune_heads`].
+    pub block_heads: Option<Vec<usize>>,
 }
 
 impl VitConfig {
@@ -42,6 +45,7 @@ impl VitConfig {
             qkv_bias: true,
             distilled: false,
             peg: false,
+            block_heads: None,
         }
     }
     /// ViT-Ti/16 (DeiT-Ti): 192 wide, 12 deep, 3 heads.
@@ -95,6 +99,19 @@ impl VisionTransformer {
         }
         let grid = opts.image_size / p;
         let prefix = 1 + cfg.distilled as usize;
+        if cfg.num_heads == 0 || !d.is_multiple_of(cfg.num_heads) {
+            candle_core::bail!("{name}: embed dim {d} is not divisible by {} heads", cfg.num_heads);
+        }
+        let head_dim = d / cfg.num_heads;
+        if let Some(bh) = &cfg.block_heads {
+            if bh.len() != cfg.depth || bh.iter().any(|&h| h == 0 || h > cfg.num_heads) {
+                candle_core::bail!(
+                    "{name}: block_heads {bh:?} must give 1..={} heads for each of {} blocks",
+                    cfg.num_heads,
+                    cfg.depth
+                );
+            }
+        }
         let patch_embed = conv2d(
             &vp.pp("patch_embed").pp("proj"),
             Conv2dConfig::new(opts.in_chans, d, p).stride(p).padding(0).bias(true),
@@ -128,10 +145,11 @@ impl VisionTransformer {
         };
         let blocks = (0..cfg.depth)
             .map(|i| {
-                Block::new(
+                Block::with_heads(
                     &vp.pp("blocks").pp(i),
                     d,
-                    cfg.num_heads,
+                    cfg.block_heads.as_ref().map_or(cfg.num_heads, |h| h[i]),
+                    head_dim,
                     cfg.mlp_ratio,
                     cfg.qkv_bias,
                     1e-6,
@@ -164,12 +182,23 @@ impl VisionTransformer {
         })
     }
 
-    fn prefix(&self) -> usize {
+    /// Class (and distillation) tokens before the patch tokens: 1 or 2.
+    pub fn prefix(&self) -> usize {
         1 + self.dist_token.is_some() as usize
     }
 
-    /// The normalised token sequence `[B, prefix + N, D]` after the last block.
-    pub fn forward_tokens(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// What the model was built for (no stochastic depth): rebuilding with these options and
+    /// the same config gives the same parameter shapes.
+    pub fn options(&self) -> ModelOptions {
+        ModelOptions {
+            in_chans: self.in_chans,
+            ..ModelOptions::new(self.num_classes, self.image_size)
+        }
+    }
+
+    /// The token sequence `[B, prefix + N, D]` that enters the first block: patch embedding,
+    /// class (and distillation) tokens, position embedding.
+    pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
         check_input(&self.name, x, self.in_chans, self.image_size)?;
         let b = x.dims()[0];
         let t = flatten_tokens(&conv_forward(&self.patch_embed, x)?)?;
@@ -183,6 +212,12 @@ impl VisionTransformer {
         if let Some(pe) = &self.pos_embed {
             x = x.broadcast_add(pe.as_tensor())?;
         }
+        Ok(x)
+    }
+
+    /// The normalised token sequence `[B, prefix + N, D]` after the last block.
+    pub fn forward_tokens(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.embed(x)?;
         let g = self.image_size / self.cfg.patch_size;
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(&x, train)?;

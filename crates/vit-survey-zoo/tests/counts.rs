@@ -54,3 +54,27 @@ fn parameter_counts_and_macs_match_the_references() -> Result<()> {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     Ok(())
 }
+
+/// T2T-ViT from the official repository's code (`t2t_vit_7`, `t2t_vit_14`, performer T2T
+/// module), published as 4.3M and 21.5M: all parameters as the official training script counts
+/// them (`model.parameters()`, including the fixed sinusoidal `pos_embed` and the Performer
+/// random features `w`, which are not trained), and the trainable ones.
+#[test]
+fn t2t_vit_counts_match_the_official_code() -> Result<()> {
+    for (name, all, trainable) in [("t2t_vit_7", 4_310_222, 4_255_694), ("t2t_vit_14", 21_545_550, 21_465_806)] {
+        let vs = VarStore::new(0, &Device::Cpu);
+        let opts = ModelOptions {
+            cheap_init: true,
+            ..ModelOptions::new(1000, 224)
+        };
+        let m = create_model_with(name, &opts, &vs.root())?;
+        println!(
+            "{name}: {} params ({} trainable), {:.4} GMACs",
+            vs.num_params(),
+            vs.num_trainable_params(),
+            m.macs() as f64 / 1e9
+        );
+        assert_eq!((vs.num_params(), vs.num_trainable_params()), (all, trainable), "{name}");
+    }
+    Ok(())
+}

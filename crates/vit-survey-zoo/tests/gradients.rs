@@ -14,6 +14,7 @@ use vit_survey_zoo::levit::{Levit, LevitConfig};
 use vit_survey_zoo::pit::{Pit, PitConfig};
 use vit_survey_zoo::pvt::{PvtV1, PvtV1Config, PvtV2, PvtV2Config};
 use vit_survey_zoo::swin::{SwinConfig, SwinTransformer};
+use vit_survey_zoo::t2t::{T2tConfig, T2tVit};
 use vit_survey_zoo::tnt::{Tnt, TntConfig};
 use vit_survey_zoo::vit::{VisionTransformer, VitConfig};
 use vit_survey_zoo::{ModelOptions, ZooModel};
@@ -162,4 +163,18 @@ fn cmt_gradients() -> Result<()> {
         sr_ratios: vec![2, 1],
     };
     check(32, |vs, o| Cmt::new("cmt", &vs.root(), &cfg, o))
+}
+
+#[test]
+fn t2t_vit_gradients_through_the_performer_and_soft_splits() -> Result<()> {
+    let cfg = T2tConfig {
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        mlp_ratio: 2.0,
+        token_dim: 8,
+        kernel_ratio: 0.5,
+        qk_scale: None,
+    };
+    check(32, |vs, o| T2tVit::new("t2t", &vs.root(), &cfg, o))
 }

@@ -131,3 +131,39 @@ fn bad_files_give_errors_naming_the_file() -> Result<()> {
     std::fs::remove_dir_all(path.parent().unwrap()).ok();
     Ok(())
 }
+
+/// T2T-ViT with the official code's state-dict names, including the untrained `pos_embed` and
+/// Performer random features `w`: a file from another seed reproduces that model exactly.
+#[test]
+fn t2t_vit_loads_the_official_names() -> Result<()> {
+    let path = tmp("t2t");
+    let (a, ma) = build("t2t_vit_7", 32, 1)?;
+    for k in [
+        "tokens_to_token.attention1.kqv.weight",
+        "tokens_to_token.attention1.w",
+        "tokens_to_token.attention1.mlp.2.bias",
+        "tokens_to_token.attention2.norm1.weight",
+        "tokens_to_token.project.weight",
+        "pos_embed",
+        "blocks.6.attn.qkv.weight",
+        "blocks.6.mlp.fc2.weight",
+        "norm.bias",
+        "head.weight",
+    ] {
+        assert!(a.get(k).is_some(), "missing official name {k}");
+    }
+    assert!(a.get("blocks.0.attn.qkv.bias").is_none(), "T2T-ViT's qkv has no bias");
+    assert_eq!(a.get("tokens_to_token.attention1.w").unwrap().var.dims(), &[32, 64]);
+    let tensors: HashMap<String, Tensor> = a.all().into_iter().map(|e| (e.name, e.var.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&tensors, &path)?;
+    let x = image(32)?;
+    let ya = ma.forward_t(&x, false)?;
+    let (b, mb) = build("t2t_vit_7", 32, 2)?;
+    assert!((mb.forward_t(&x, false)? - &ya)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-4);
+    let rep = weights::load_safetensors(&b, &path, true)?;
+    assert!(rep.is_clean(), "{rep}");
+    let yb = mb.forward_t(&x, false)?;
+    assert_eq!(yb.flatten_all()?.to_vec1::<f32>()?, ya.flatten_all()?.to_vec1::<f32>()?);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
