@@ -200,10 +200,17 @@ fn binary_weight(w: &Tensor, src: &Tensor, q: Quantizer, noise: Option<(&NoiseAd
         let o = w.dims()[0];
         let mut sdims = vec![1usize; w.rank()];
         sdims[0] = o;
-        let s = w.detach().abs()?.reshape((o, ()))?.mean_keepdim(1)?.reshape(sdims)?;
-        bw = bw.broadcast_mul(&s)?;
+        bw = bw.broadcast_mul(&weight_scale(w)?.reshape(sdims)?)?;
     }
     Ok(bw)
+}
+
+/// The per-output-channel weight scale `alpha_o = mean |W_o|` (detached), shape `[O]`. The
+/// inference engine's export calls this same function, so its scales are bit-identical to the
+/// ones the candle forward pass uses.
+pub fn weight_scale(w: &Tensor) -> Result<Tensor> {
+    let o = w.dims()[0];
+    w.detach().abs()?.reshape((o, ()))?.mean_keepdim(1)?.reshape(o)
 }
 
 /// A binary convolution: `conv(Q(x) [+ a e_a(x)], alpha * (Q(W) [+ a e_w(W)])) + b`.
@@ -290,7 +297,23 @@ impl ModuleT for BinaryConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let q = self.opts.control.quantizer();
         let a = self.opts.control.noise_weight();
-        let bw = self.effective_weight(train)?;
+        // Evaluation (no noise) computes `conv(Q(x), Q(W)) * alpha` rather than
+        // `conv(Q(x), alpha Q(W))`: the same value mathematically, but the convolution of
+        // +-1/0 values is an exact integer in f32 (for K < 2^24), so the result is rounded once
+        // per output, independent of the convolution's summation order, exactly as the packed
+        // inference engine computes it (`dot * alpha`). Training keeps the scaled weights.
+        let eval_scale = !train && self.opts.scale_weights;
+        let (bw, alpha) = if eval_scale {
+            let mapper = self.mapper.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let w = self.weight.as_tensor();
+            let src = match mapper {
+                Some(m) => m.map(w, false)?,
+                None => w.clone(),
+            };
+            (q.apply(&src)?, Some(weight_scale(w)?))
+        } else {
+            (self.effective_weight(train)?, None)
+        };
         let bx = if self.opts.binarize_input {
             let b = q.apply(x)?;
             match (&self.act_noise, train && a > 0.0) {
@@ -301,6 +324,10 @@ impl ModuleT for BinaryConv2d {
             x.clone()
         };
         let y = nn_core::layers::conv::conv2d(&bx, &bw, &self.config)?;
+        let y = match alpha {
+            Some(s) => y.broadcast_mul(&s.reshape((1, self.config.out_channels, 1, 1))?)?,
+            None => y,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, self.config.out_channels, 1, 1))?)?,
             None => y,

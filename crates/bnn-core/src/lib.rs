@@ -38,7 +38,7 @@ pub mod quantizer;
 pub mod schedule;
 
 pub use bimlp::{BiMlp, BiMlpConfig};
-pub use binary::{BinaryControl, BinaryConv2d, BinaryLinear, BinaryOptions, FdaSchedule, NoiseAdaptation, PRelu, RPRelu};
+pub use binary::{weight_scale, BinaryControl, BinaryConv2d, BinaryLinear, BinaryOptions, FdaSchedule, NoiseAdaptation, PRelu, RPRelu};
 pub use counts::{count, BinaryCounts};
 pub use factory::{BinaryConfig, BinaryFactory, BodyActivation};
 pub use lns::{unbiased_logistic_loss, LnsCallback, LnsRegistry, MappingNetwork};

@@ -20,9 +20,16 @@
 //! the exact integer the float graph computes.
 //!
 //! # Output transform
-//! Each output channel then gets one multiply-add in float, `y = dot * scale[o] + bias[o]`:
-//! the per-channel weight scale `alpha_o` and the following BatchNorm folded together (see
-//! [`crate::deploy::export`]).
+//! Each output channel then gets `y = ((dot * alpha[o]) [+ conv_bias[o]]) * scale[o] + bias[o]`
+//! in f32, in exactly this order: the per-channel weight scale `alpha_o`, the convolution bias
+//! if any, then the following BatchNorm as nn-core's eval kernel computes it (`x * scale +
+//! shift`). The candle forward pass computes the same operations on the same exact integer, so
+//! the results are bit-identical (see [`crate::deploy::export`]).
+//!
+//! # Float convolution
+//! The full-precision convolutions (stem, option-B shortcuts) call nn-core's own convolution
+//! kernel and BatchNorm kernel on a candle CPU tensor, so they are bit-identical to the candle
+//! forward pass when run on the same batch.
 
 use crate::deploy::gemm::{xor_popcount_block, Kernel, ROW_TILE};
 use crate::deploy::pack::{pack_into, words, BitWriter, PackedMatrix};
@@ -135,7 +142,11 @@ pub struct PackedConv {
     pub weights: PackedMatrix,
     /// `T[o][tap] = sum_c sign(W[o, c, tap])`, `[cout, kh kw]`.
     pub tap_sums: Vec<i32>,
-    /// `y = dot * scale[o] + bias[o]`.
+    /// Per-channel weight scale `alpha_o` (1 without weight scaling).
+    pub alpha: Vec<f32>,
+    /// The convolution's own bias, if it has one.
+    pub conv_bias: Option<Vec<f32>>,
+    /// `y = (dot * alpha[o] [+ conv_bias[o]]) * scale[o] + bias[o]` (BatchNorm's eval scale and shift).
     pub scale: Vec<f32>,
     pub bias: Vec<f32>,
 }
@@ -201,9 +212,44 @@ impl PackedConv {
             geom,
             weights,
             tap_sums,
+            alpha: vec![1.0; geom.cout],
+            conv_bias: None,
             scale,
             bias,
         })
+    }
+
+    /// Sets the weight scales and the convolution bias applied before `scale`/`bias`.
+    pub fn with_alpha(mut self, alpha: Vec<f32>, conv_bias: Option<Vec<f32>>) -> Result<Self, String> {
+        let c = self.geom.cout;
+        if alpha.len() != c || conv_bias.as_ref().is_some_and(|b| b.len() != c) {
+            return Err(format!(
+                "binary conv {:?}: {} weight scales and {:?} conv biases for {c} output channels",
+                self.geom,
+                alpha.len(),
+                conv_bias.as_ref().map(|b| b.len())
+            ));
+        }
+        self.alpha = alpha;
+        self.conv_bias = conv_bias;
+        Ok(self)
+    }
+
+    /// The output transform of one output pixel's `cout` exact dot products.
+    #[inline]
+    fn transform(&self, d: &[i32], y: &mut [f32]) {
+        match &self.conv_bias {
+            None => {
+                for ((((y, &d), &a), &s), &b) in y.iter_mut().zip(d).zip(&self.alpha).zip(&self.scale).zip(&self.bias) {
+                    *y = (d as f32 * a) * s + b;
+                }
+            }
+            Some(cb) => {
+                for (((((y, &d), &a), &c), &s), &b) in y.iter_mut().zip(d).zip(&self.alpha).zip(cb).zip(&self.scale).zip(&self.bias) {
+                    *y = (d as f32 * a + c) * s + b;
+                }
+            }
+        }
     }
 
     /// The exact integer convolution `conv(sign(x), sign(W))` with zero padding, `[pixels, cout]`.
@@ -214,7 +260,7 @@ impl PackedConv {
         Ok((out, oh, ow))
     }
 
-    /// `dot * scale + bias` per output channel, NHWC.
+    /// The output transform of the exact dot products, NHWC.
     pub fn forward(&self, x: &Nhwc, kernel: Kernel) -> Result<Nhwc, String> {
         self.forward_with(x, kernel, |_, _| {})
     }
@@ -228,9 +274,7 @@ impl PackedConv {
         let mut out = Nhwc::zeros(x.n, oh, ow, cout);
         self.run(x, kernel, &mut out.data, |p0, dots, tile| {
             for (d, y) in dots.chunks_exact(cout).zip(tile.chunks_exact_mut(cout)) {
-                for (((y, &d), &s), &b) in y.iter_mut().zip(d).zip(&self.scale).zip(&self.bias) {
-                    *y = d as f32 * s + b;
-                }
+                self.transform(d, y);
             }
             epilogue(p0, tile);
         })?;
@@ -308,17 +352,21 @@ impl PackedConv {
     }
 }
 
-/// A full-precision convolution (the stem, option-B shortcuts) with its BatchNorm folded into
-/// the weights and bias: weights `[cout, kh, kw, cin]`.
+/// A full-precision convolution (the stem, option-B shortcuts) followed by its BatchNorm:
+/// `y = (conv(x, W) [+ conv_bias]) * scale[o] + bias[o]`, computed by nn-core's convolution
+/// and channel-affine kernels (the ones the candle forward pass runs), not folded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FloatConv {
     pub geom: ConvGeom,
+    /// `[cout, cin, kh, kw]` (candle layout).
     pub weight: Vec<f32>,
+    pub conv_bias: Option<Vec<f32>>,
+    pub scale: Vec<f32>,
     pub bias: Vec<f32>,
 }
 
 impl FloatConv {
-    /// From `[cout, cin, kh, kw]` weights, `y = conv(x, W) * scale[o] + bias[o]` folded.
+    /// From `[cout, cin, kh, kw]` weights: `y = conv(x, W) * scale[o] + bias[o]`.
     pub fn from_oihw(geom: ConvGeom, w: &[f32], scale: &[f32], bias: Vec<f32>) -> Result<Self, String> {
         let ConvGeom { cin, cout, kh, kw, .. } = geom;
         if w.len() != cout * cin * kh * kw || scale.len() != cout || bias.len() != cout {
@@ -329,51 +377,66 @@ impl FloatConv {
                 bias.len()
             ));
         }
-        let mut weight = vec![0f32; w.len()];
-        for o in 0..cout {
-            for c in 0..cin {
-                for y in 0..kh {
-                    for x in 0..kw {
-                        weight[((o * kh + y) * kw + x) * cin + c] = w[((o * cin + c) * kh + y) * kw + x] * scale[o];
-                    }
-                }
-            }
-        }
-        Ok(Self { geom, weight, bias })
+        Ok(Self {
+            geom,
+            weight: w.to_vec(),
+            conv_bias: None,
+            scale: scale.to_vec(),
+            bias,
+        })
     }
 
+    /// Sets the convolution's own bias (added before the BatchNorm).
+    pub fn with_conv_bias(mut self, conv_bias: Option<Vec<f32>>) -> Result<Self, String> {
+        if conv_bias.as_ref().is_some_and(|b| b.len() != self.geom.cout) {
+            return Err(format!("float conv {:?}: conv bias of the wrong length", self.geom));
+        }
+        self.conv_bias = conv_bias;
+        Ok(self)
+    }
+
+    /// On channels-last maps.
     pub fn forward(&self, x: &Nhwc) -> Result<Nhwc, String> {
+        self.geom.check(x)?;
+        self.forward_nchw(&x.to_nchw(), x.n, x.h, x.w)
+    }
+
+    /// On `n` NCHW images of `h x w`; channels-last result.
+    pub fn forward_nchw(&self, x: &[f32], n: usize, h: usize, w: usize) -> Result<Nhwc, String> {
         let g = self.geom;
-        let (oh, ow) = g.check(x)?;
-        let (h, w, cin, cout) = (x.h, x.w, g.cin, g.cout);
-        let k = g.k();
-        let mut out = Nhwc::zeros(x.n, oh, ow, cout);
-        out.data.par_chunks_mut(cout * 64).enumerate().for_each_init(
-            || vec![0f32; k],
-            |patch, (t, chunk)| {
-                for (r, y) in chunk.chunks_mut(cout).enumerate() {
-                    let p = t * 64 + r;
-                    let (b, oy, ox) = (p / (oh * ow), (p / ow) % oh, p % ow);
-                    // the receptive field in (kh, kw, c) order, zeros where padded
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        for kx in 0..g.kw {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            let dst = &mut patch[(ky * g.kw + kx) * cin..][..cin];
-                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                dst.fill(0.0);
-                            } else {
-                                dst.copy_from_slice(&x.data[((b * h + iy as usize) * w + ix as usize) * cin..][..cin]);
-                            }
-                        }
-                    }
-                    for ((yo, wr), &bias) in y.iter_mut().zip(self.weight.chunks_exact(k)).zip(&self.bias) {
-                        *yo = bias + patch.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
-                    }
-                }
-            },
-        );
-        Ok(out)
+        g.output_hw(h, w)?;
+        self.candle(x, n, h, w).map_err(|e| format!("float conv {g:?}: {e}"))
+    }
+
+    fn candle(&self, x: &[f32], n: usize, h: usize, w: usize) -> candle_core::Result<Nhwc> {
+        use candle_core::{Device, Tensor};
+        let g = self.geom;
+        let dev = Device::Cpu;
+        let cfg = nn_core::layers::Conv2dConfig {
+            in_channels: g.cin,
+            out_channels: g.cout,
+            kernel: (g.kh, g.kw),
+            stride: (g.stride, g.stride),
+            padding: (g.pad, g.pad),
+            dilation: (1, 1),
+            groups: 1,
+            bias: self.conv_bias.is_some(),
+        };
+        let xt = Tensor::from_slice(x, (n, g.cin, h, w), &dev)?;
+        let wt = Tensor::from_slice(&self.weight, (g.cout, g.cin, g.kh, g.kw), &dev)?;
+        // as nn-core's Conv2d layer
+        let y = nn_core::layers::conv::conv2d(&xt, &wt, &cfg)?;
+        let y = match &self.conv_bias {
+            Some(b) => y.broadcast_add(&Tensor::from_slice(b, (1, g.cout, 1, 1), &dev)?)?,
+            None => y,
+        };
+        // as nn-core's BatchNorm in evaluation
+        let scale = Tensor::from_slice(&self.scale, g.cout, &dev)?;
+        let shift = Tensor::from_slice(&self.bias, g.cout, &dev)?;
+        let y = nn_core::ops::batch_norm::channel_affine(&y, &scale, &shift)?;
+        let (_, c, oh, ow) = y.dims4()?;
+        let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        Ok(Nhwc::from_nchw(&v, n, c, oh, ow))
     }
 }
 

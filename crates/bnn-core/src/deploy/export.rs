@@ -1,14 +1,19 @@
 //! Export of a trained binary CIFAR ResNet (nn-core's `resnet20`/`32`/`56`, optionally `-b`,
 //! built with [`BinaryFactory`](crate::BinaryFactory)) to a [`PackedResNet`].
 //!
-//! # Folding
+//! # Exactness
 //! In evaluation a binary convolution followed by BatchNorm computes, per output channel `o`,
-//! `bn(alpha_o * dot + b_o) = (alpha_o * dot + b_o - mu_o) * gamma_o / sqrt(var_o + eps) + beta_o`
-//! with `dot` the integer `conv(sign(x), sign(W))`, `alpha_o = mean |W_o|` (1 without weight
-//! scaling) and `b_o` the convolution bias (0 if none). With `s_o = gamma_o / sqrt(var_o + eps)`
-//! this is one multiply-add, `dot * (alpha_o s_o) + (beta_o + (b_o - mu_o) s_o)`, which the
-//! engine applies straight to the integer result. Full-precision convolutions (the stem,
-//! option-B shortcuts) get `s_o` multiplied into their weights instead.
+//! `bn(alpha_o * dot + b_o)` with `dot` the integer `conv(sign(x), sign(W))`,
+//! `alpha_o = mean |W_o|` (1 without weight scaling) and `b_o` the convolution bias (if any).
+//! bnn-core's [`BinaryConv2d`](crate::BinaryConv2d) computes `conv(Q(x), Q(W)) * alpha` in
+//! evaluation (an exact integer, then one rounding), and nn-core's BatchNorm computes
+//! `x * scale + shift` with `scale = gamma * recip(sqrt(var + eps))` and
+//! `shift = beta + -(mean * scale)`. The export computes `alpha` with the same function
+//! ([`crate::binary::weight_scale`]) and `scale`/`shift` with the same candle operations on the
+//! same tensors, and the engine applies them in the same order without folding, so every
+//! value up to the global average pooling is bit-identical to the candle forward pass.
+//! Full-precision convolutions (the stem, option-B shortcuts) keep their weights unfolded and
+//! run through nn-core's own convolution kernel.
 //!
 //! Only the signs of binary weights are kept. Training-only parts (FDA's noise modules, LNS
 //! mapping networks) are ignored: exporting a model fine-tuned with LNS is not supported, as
@@ -57,38 +62,53 @@ impl Vars<'_> {
             .map_err(|e| format!("reading tensor `{name}`: {e}"))
     }
 
-    /// Eval-mode BatchNorm as `(scale, shift)`, computed in f32 like nn-core's BatchNorm.
+    /// The tensor `name` as an f32 tensor of shape `dims`.
+    fn tensor(&self, name: &str, dims: &[usize]) -> Result<Tensor, String> {
+        let t = self
+            .0
+            .get(name)
+            .ok_or_else(|| format!("the trained model has no tensor `{name}`"))?;
+        if t.dims() != dims {
+            return Err(format!("tensor `{name}` has shape {:?}, expected {dims:?}", t.dims()));
+        }
+        t.to_dtype(DType::F32).map_err(|e| format!("reading tensor `{name}`: {e}"))
+    }
+
+    /// Eval-mode BatchNorm as `(scale, shift)`, computed with exactly the candle operations of
+    /// nn-core's `BatchNorm::forward_t` in evaluation (bit-identical values).
     fn bn(&self, p: &str, c: usize) -> Result<(Vec<f32>, Vec<f32>), String> {
-        let g = self.get(&format!("{p}.weight"), &[c])?;
-        let b = self.get(&format!("{p}.bias"), &[c])?;
-        let m = self.get(&format!("{p}.running_mean"), &[c])?;
-        let v = self.get(&format!("{p}.running_var"), &[c])?;
-        let scale: Vec<f32> = (0..c).map(|i| g[i] * (1.0 / (v[i] + BN_EPS as f32).sqrt())).collect();
-        let shift: Vec<f32> = (0..c).map(|i| b[i] - m[i] * scale[i]).collect();
-        Ok((scale, shift))
+        let g = self.tensor(&format!("{p}.weight"), &[c])?;
+        let b = self.tensor(&format!("{p}.bias"), &[c])?;
+        let m = self.tensor(&format!("{p}.running_mean"), &[c])?;
+        let v = self.tensor(&format!("{p}.running_var"), &[c])?;
+        let run = || -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+            let inv_std = (v + BN_EPS)?.sqrt()?.recip()?;
+            let scale = g.mul(&inv_std)?;
+            let shift = m.mul(&scale)?.neg()?;
+            let shift = (b + shift)?;
+            Ok((scale.to_vec1()?, shift.to_vec1()?))
+        };
+        run().map_err(|e| format!("BatchNorm `{p}`: {e}"))
     }
 
     fn binary_conv(&self, p: &str, bn: &str, geom: ConvGeom, cfg: &BinaryConfig) -> Result<PackedConv, String> {
-        let w = self.get(&format!("{p}.weight"), &[geom.cout, geom.cin, geom.kh, geom.kw])?;
+        let dims = [geom.cout, geom.cin, geom.kh, geom.kw];
+        let w = self.get(&format!("{p}.weight"), &dims)?;
         let (s, t) = self.bn(bn, geom.cout)?;
-        let per = geom.cin * geom.kh * geom.kw;
         let bias = self
             .0
             .get(&format!("{p}.bias"))
             .map(|_| self.get(&format!("{p}.bias"), &[geom.cout]))
             .transpose()?;
-        let mut scale = Vec::with_capacity(geom.cout);
-        let mut shift = Vec::with_capacity(geom.cout);
-        for o in 0..geom.cout {
-            let alpha = if cfg.scale_weights {
-                w[o * per..(o + 1) * per].iter().map(|v| v.abs()).sum::<f32>() / per as f32
-            } else {
-                1.0
-            };
-            scale.push(alpha * s[o]);
-            shift.push(t[o] + bias.as_ref().map_or(0.0, |b| b[o] * s[o]));
-        }
-        PackedConv::from_oihw(geom, &w, scale, shift)
+        let alpha = if cfg.scale_weights {
+            let wt = self.tensor(&format!("{p}.weight"), &dims)?;
+            crate::binary::weight_scale(&wt)
+                .and_then(|a| a.to_vec1::<f32>())
+                .map_err(|e| format!("weight scale of `{p}`: {e}"))?
+        } else {
+            vec![1.0; geom.cout]
+        };
+        PackedConv::from_oihw(geom, &w, s, t)?.with_alpha(alpha, bias)
     }
 
     fn float_conv(&self, p: &str, bn: &str, geom: ConvGeom) -> Result<FloatConv, String> {
@@ -99,8 +119,7 @@ impl Vars<'_> {
             .get(&format!("{p}.bias"))
             .map(|_| self.get(&format!("{p}.bias"), &[geom.cout]))
             .transpose()?;
-        let shift = (0..geom.cout).map(|o| t[o] + bias.as_ref().map_or(0.0, |b| b[o] * s[o])).collect();
-        FloatConv::from_oihw(geom, &w, &s, shift)
+        FloatConv::from_oihw(geom, &w, &s, t)?.with_conv_bias(bias)
     }
 
     fn body_act(&self, p: &str, c: usize, cfg: &BinaryConfig) -> Result<Activation, String> {

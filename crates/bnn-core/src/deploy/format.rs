@@ -8,13 +8,19 @@
 //!   name, dtype, shape and bytes. Loading recomputes it, so a flipped byte anywhere in the
 //!   tensors or in the architecture is reported as corruption; a truncated file fails to parse.
 //!
-//! Tensors (little endian): `stem.weight` f32 `[cout, kh, kw, cin]` (BatchNorm folded),
-//! `stem.bias`; per block `blocks.{i}.conv{1,2}.packed` u64 `[cout, words(kh kw cin)]` (bit 1 =
-//! `-1`, `(kh, kw, c)` order), `.scale`, `.bias` f32 `[cout]` (output transform),
+//! Tensors (little endian): `stem.weight` f32 `[cout, cin, kh, kw]` (not folded), optional
+//! `stem.conv_bias`, `stem.scale`, `stem.bias` f32 `[cout]` (the BatchNorm's eval scale and
+//! shift); per block `blocks.{i}.conv{1,2}.packed` u64 `[cout, words(kh kw cin)]` (bit 1 =
+//! `-1`, `(kh, kw, c)` order), `.alpha` (weight scales), optional `.conv_bias`, `.scale`,
+//! `.bias` f32 `[cout]` (output transform `(dot * alpha [+ conv_bias]) * scale + bias`),
 //! `blocks.{i}.act{1,2}.slope` f32 `[c]` for PReLU, `blocks.{i}.shortcut.*` for option-B
-//! shortcuts (`.weight`/`.bias` float, or `.packed`/`.scale`/`.bias` binary); `fc.weight` f32
+//! shortcuts (float or binary, as the stem and the binary convolutions); `fc.weight` f32
 //! `[classes, features]`, `fc.bias`. The padding-correction tap sums are recomputed from the
 //! packed weights when loading.
+//!
+//! Version history: 1 stored the weight scale and BatchNorm folded into one multiply-add and
+//! the stem's BatchNorm folded into its weights (not bit-exact against candle); 2 stores them
+//! separately. Files of another version are rejected.
 
 use crate::deploy::conv::{ConvGeom, FloatConv, PackedConv};
 use crate::deploy::model::{Activation, ActivationKind, PackedBlock, PackedResNet, ShortcutOp};
@@ -26,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 pub const FORMAT: &str = "compact-vision/bnn-deploy";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The architecture stored in the metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,13 +153,21 @@ fn put_binary(t: &mut BTreeMap<String, Entry>, p: &str, c: &PackedConv) {
             data: Data::U64(c.weights.data.clone()),
         },
     );
+    put_f32(t, format!("{p}.alpha"), vec![c.alpha.len()], &c.alpha);
+    if let Some(b) = &c.conv_bias {
+        put_f32(t, format!("{p}.conv_bias"), vec![b.len()], b);
+    }
     put_f32(t, format!("{p}.scale"), vec![c.scale.len()], &c.scale);
     put_f32(t, format!("{p}.bias"), vec![c.bias.len()], &c.bias);
 }
 
 fn put_float(t: &mut BTreeMap<String, Entry>, p: &str, c: &FloatConv) {
     let g = c.geom;
-    put_f32(t, format!("{p}.weight"), vec![g.cout, g.kh, g.kw, g.cin], &c.weight);
+    put_f32(t, format!("{p}.weight"), vec![g.cout, g.cin, g.kh, g.kw], &c.weight);
+    if let Some(b) = &c.conv_bias {
+        put_f32(t, format!("{p}.conv_bias"), vec![b.len()], b);
+    }
+    put_f32(t, format!("{p}.scale"), vec![g.cout], &c.scale);
     put_f32(t, format!("{p}.bias"), vec![g.cout], &c.bias);
 }
 
@@ -193,6 +207,12 @@ pub fn arch_of(m: &PackedResNet, source: BTreeMap<String, String>) -> Arch {
 
 /// Serialises `m` (with provenance `source`) to the bytes of a model file.
 pub fn to_bytes(m: &PackedResNet, source: BTreeMap<String, String>) -> Result<Vec<u8>, FormatError> {
+    to_bytes_version(m, source, VERSION)
+}
+
+/// [`to_bytes`] with an explicit version number in the metadata (tests of version checks).
+#[doc(hidden)]
+pub fn to_bytes_version(m: &PackedResNet, source: BTreeMap<String, String>, version: u32) -> Result<Vec<u8>, FormatError> {
     let arch = arch_of(m, source);
     let arch_json = serde_json::to_string(&arch).map_err(|e| FormatError(format!("serialising the architecture: {e}")))?;
     let mut t = BTreeMap::new();
@@ -214,7 +234,7 @@ pub fn to_bytes(m: &PackedResNet, source: BTreeMap<String, String>) -> Result<Ve
     put_f32(&mut t, "fc.bias".into(), vec![m.num_classes], &m.fc_bias);
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
         t.iter().map(|(k, e)| (k.clone(), e.dtype(), e.shape.clone(), e.bytes())).collect();
-    let version = VERSION.to_string();
+    let version = version.to_string();
     let sum = digest(
         &version,
         &arch_json,
@@ -263,7 +283,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(PackedResNet, Arch), FormatError> {
     let field = |k: &str| meta.get(k).ok_or_else(|| err(format!("metadata lacks `{k}`")));
     let version = field("version")?;
     if version != &VERSION.to_string() {
-        return Err(err(format!("format version {version}, this build reads version {VERSION}")));
+        return Err(err(format!(
+            "format version {version}, but this build reads only version {VERSION} (version 1 files folded the \
+             BatchNorm and are not bit-exact; export the run again with `cargo xtask bnn export`)"
+        )));
     }
     let arch_json = field("arch")?;
     let mut items = st.tensors();
@@ -321,13 +344,21 @@ fn binary(map: &HashMap<String, TensorView>, p: &str, g: ConvGeom) -> Result<Pac
         w,
         f32s(map, &format!("{p}.scale"), &[g.cout])?,
         f32s(map, &format!("{p}.bias"), &[g.cout])?,
-    )
+    )?
+    .with_alpha(f32s(map, &format!("{p}.alpha"), &[g.cout])?, conv_bias(map, p, g)?)
+}
+
+fn conv_bias(map: &HashMap<String, TensorView>, p: &str, g: ConvGeom) -> Result<Option<Vec<f32>>, String> {
+    let name = format!("{p}.conv_bias");
+    map.contains_key(&name).then(|| f32s(map, &name, &[g.cout])).transpose()
 }
 
 fn float(map: &HashMap<String, TensorView>, p: &str, g: ConvGeom) -> Result<FloatConv, String> {
     Ok(FloatConv {
         geom: g,
-        weight: f32s(map, &format!("{p}.weight"), &[g.cout, g.kh, g.kw, g.cin])?,
+        weight: f32s(map, &format!("{p}.weight"), &[g.cout, g.cin, g.kh, g.kw])?,
+        conv_bias: conv_bias(map, p, g)?,
+        scale: f32s(map, &format!("{p}.scale"), &[g.cout])?,
         bias: f32s(map, &format!("{p}.bias"), &[g.cout])?,
     })
 }

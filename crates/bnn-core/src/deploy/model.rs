@@ -1,6 +1,6 @@
 //! The packed binary ResNet: nn-core's CIFAR ResNet layout (stem, basic blocks, global average
 //! pooling, classifier) with every binary convolution replaced by a [`PackedConv`] and every
-//! BatchNorm folded into the convolution before it. Activations between layers stay in float
+//! BatchNorm applied in the convolution's output transform. Activations between layers stay in float
 //! (channels last); each binary convolution binarises and packs its own input, since the
 //! residual path carries real values.
 
@@ -48,8 +48,9 @@ impl Activation {
             Activation::Prelu(a) => {
                 for px in x.chunks_mut(c) {
                     for (v, &s) in px.iter_mut().zip(a) {
-                        // branch-free (signs are random): the same value as relu(v) + s (v - relu(v))
-                        *v = v.max(0.0) + s * v.min(0.0);
+                        // bnn-core's PRelu, operation for operation: relu(v) + (v - relu(v)) s
+                        let p = v.max(0.0);
+                        *v = p + (*v - p) * s;
                     }
                 }
             }
@@ -65,8 +66,9 @@ impl Activation {
             Activation::Prelu(a) => x.par_chunks_mut(c * 256).for_each(|chunk| {
                 for px in chunk.chunks_mut(c) {
                     for (v, &s) in px.iter_mut().zip(a) {
-                        // branch-free (signs are random): the same value as relu(v) + s (v - relu(v))
-                        *v = v.max(0.0) + s * v.min(0.0);
+                        // bnn-core's PRelu, operation for operation: relu(v) + (v - relu(v)) s
+                        let p = v.max(0.0);
+                        *v = p + (*v - p) * s;
                     }
                 }
             }),
@@ -84,14 +86,14 @@ pub enum ShortcutOp {
         before: usize,
         after: usize,
     },
-    /// Option B: a full-precision 1x1 convolution with its BatchNorm folded in.
+    /// Option B: a full-precision 1x1 convolution and its BatchNorm.
     Float(FloatConv),
     /// Option B with a binarised projection.
     Binary(PackedConv),
 }
 
 /// A basic block: `act2(bn2(conv2(act1(bn1(conv1(x))))) + shortcut(x))` with both convolutions
-/// binary and the BatchNorms folded into their output transforms.
+/// binary and the BatchNorms applied in their output transforms.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedBlock {
     pub conv1: PackedConv,
@@ -109,7 +111,7 @@ pub struct PackedResNet {
     pub in_channels: usize,
     pub image_size: usize,
     pub num_classes: usize,
-    /// Full-precision stem convolution (BatchNorm folded) and its activation.
+    /// Full-precision stem convolution (with its BatchNorm) and its activation.
     pub stem: FloatConv,
     pub stem_act: Activation,
     pub blocks: Vec<PackedBlock>,
@@ -119,8 +121,10 @@ pub struct PackedResNet {
 }
 
 impl PackedResNet {
-    /// Logits `[n, num_classes]` for `n` images given as NCHW floats (normalised as in training).
-    pub fn forward(&self, x: &[f32], n: usize, kernel: Kernel) -> Result<Vec<f32>, String> {
+    /// The feature map before the global average pooling (the last block's output) for `n`
+    /// images given as NCHW floats. Bit-identical to the candle forward pass of the same model
+    /// on the same batch (see [`crate::deploy::export`]).
+    pub fn feature_map(&self, x: &[f32], n: usize, kernel: Kernel) -> Result<Nhwc, String> {
         let (c, s) = (self.in_channels, self.image_size);
         if x.len() != n * c * s * s {
             return Err(format!(
@@ -130,11 +134,17 @@ impl PackedResNet {
                 x.len()
             ));
         }
-        let mut h = self.stem.forward(&Nhwc::from_nchw(x, n, c, s, s))?;
+        let mut h = self.stem.forward_nchw(x, n, s, s)?;
         self.stem_act.apply(&mut h.data, h.c);
         for b in &self.blocks {
             h = b.forward(&h, kernel)?;
         }
+        Ok(h)
+    }
+
+    /// Logits `[n, num_classes]` for `n` images given as NCHW floats (normalised as in training).
+    pub fn forward(&self, x: &[f32], n: usize, kernel: Kernel) -> Result<Vec<f32>, String> {
+        let h = self.feature_map(x, n, kernel)?;
         // global average pooling, then the classifier
         let (hw, f) = (h.h * h.w, h.c);
         if self.fc_weight.len() != self.num_classes * f {
@@ -166,13 +176,18 @@ impl PackedResNet {
     /// Bytes of parameters the engine holds (packed binary weights, float stem, classifier,
     /// output transforms, activation slopes, tap sums).
     pub fn param_bytes(&self) -> usize {
-        let pc = |c: &PackedConv| c.weights.data.len() * 8 + (c.scale.len() + c.bias.len()) * 4 + c.tap_sums.len() * 4;
+        let pc = |c: &PackedConv| {
+            c.weights.data.len() * 8
+                + (c.alpha.len() + c.conv_bias.as_ref().map_or(0, |b| b.len()) + c.scale.len() + c.bias.len()) * 4
+                + c.tap_sums.len() * 4
+        };
+        let fc = |f: &FloatConv| (f.weight.len() + f.conv_bias.as_ref().map_or(0, |b| b.len()) + f.scale.len() + f.bias.len()) * 4;
         let act = |a: &Activation| if let Activation::Prelu(v) = a { v.len() * 4 } else { 0 };
-        let mut b = (self.stem.weight.len() + self.stem.bias.len() + self.fc_weight.len() + self.fc_bias.len()) * 4 + act(&self.stem_act);
+        let mut b = fc(&self.stem) + (self.fc_weight.len() + self.fc_bias.len()) * 4 + act(&self.stem_act);
         for blk in &self.blocks {
             b += pc(&blk.conv1) + pc(&blk.conv2) + act(&blk.act1) + act(&blk.act2);
             b += match &blk.shortcut {
-                ShortcutOp::Float(f) => (f.weight.len() + f.bias.len()) * 4,
+                ShortcutOp::Float(f) => fc(f),
                 ShortcutOp::Binary(c) => pc(c),
                 _ => 0,
             };
