@@ -2,7 +2,6 @@
 
 use bnn_core::{BinaryConfig, BinaryFactory};
 use candle_core::{Device, Result, Tensor};
-use candle_nn::ModuleT;
 use nn_core::{layers::Conv2dConfig, LayerFactory, LayerRole, VarStore};
 
 #[test]
