@@ -122,10 +122,13 @@ pub fn kmeans_from(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: 
     if k == 0 || k > n {
         bail!("k-means: {k} centroids for {n} points");
     }
-    let assign_all = |c: &[Vec<f64>]| -> Vec<usize> {
+    // Nearest centroid; on ties a point keeps its current cluster (else the lowest index), so
+    // coincident points do not oscillate between clusters.
+    let assign_all = |c: &[Vec<f64>], prev: Option<&[usize]>| -> Vec<usize> {
         points
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 let mut best = (f64::INFINITY, 0);
                 for (j, cj) in c.iter().enumerate() {
                     let d = dist2(p, cj);
@@ -133,11 +136,14 @@ pub fn kmeans_from(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: 
                         best = (d, j);
                     }
                 }
-                best.1
+                match prev {
+                    Some(pr) if dist2(p, &c[pr[i]]) <= best.0 => pr[i],
+                    _ => best.1,
+                }
             })
             .collect()
     };
-    let mut assignments = assign_all(&centroids);
+    let mut assignments = assign_all(&centroids, None);
     let (mut iterations, mut reseeded) = (0, 0);
     // Empty clusters take the worst-fitted point of a cluster that can spare one.
     let fix_empty = |assignments: &mut Vec<usize>, centroids: &mut Vec<Vec<f64>>, reseeded: &mut usize| loop {
@@ -167,7 +173,7 @@ pub fn kmeans_from(points: &[Vec<f64>], mut centroids: Vec<Vec<f64>>, max_iter: 
             }
         }
         iterations += 1;
-        let next = assign_all(&centroids);
+        let next = assign_all(&centroids, Some(&assignments));
         let converged = next == assignments;
         assignments = next;
         if converged || iterations >= max_iter {

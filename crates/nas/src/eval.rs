@@ -41,9 +41,10 @@ impl FeatureKind {
 /// The result of the cheap evaluation of one sub-network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheapEval {
-    /// Validation top-1 (percent) with supernet weights and recalibrated BatchNorm.
-    pub val_top1: f64,
-    pub val_loss: f64,
+    /// Validation top-1 (percent) with supernet weights and recalibrated BatchNorm. Scores are
+    /// `f32` so that they survive the JSON state exactly (a resumed search decides the same).
+    pub val_top1: f32,
+    pub val_loss: f32,
     /// The DC-NAS representation (see the module docs).
     pub features: Vec<f32>,
     /// Wall seconds of this evaluation.
@@ -122,8 +123,8 @@ pub fn cheap_eval(sn: &Supernet, arch: &Arch, data: &NasData, kind: FeatureKind)
     net.forward_arch(&data.calib, arch, true)?;
     let (val_top1, val_loss) = accuracy(|x| net.forward_arch(x, arch, false), &data.val.images, &data.val.labels, 250)?;
     Ok(CheapEval {
-        val_top1,
-        val_loss,
+        val_top1: val_top1 as f32,
+        val_loss: val_loss as f32,
         features,
         seconds: t.elapsed().as_secs_f64(),
     })

@@ -44,10 +44,11 @@ pub struct StandaloneResult {
     pub key: String,
     pub arch: Arch,
     pub config: StandaloneConfig,
-    /// Top-1 (percent) on the validation subset (used to choose among candidates).
-    pub val_top1: f64,
+    /// Top-1 (percent) on the validation subset (used to choose among candidates; `f32` so
+    /// that it survives the JSON state exactly).
+    pub val_top1: f32,
     /// Top-1 (percent) on the test subset (reported).
-    pub test_top1: f64,
+    pub test_top1: f32,
     pub params: usize,
     pub macs: u64,
     /// Wall seconds of the training and evaluation.
@@ -96,8 +97,8 @@ pub fn train_standalone(space: &SearchSpace, arch: &Arch, data: &NasData, cfg: &
         key: arch.key(),
         arch: arch.clone(),
         config: cfg.clone(),
-        val_top1: summary.test_top1.unwrap_or(0.0),
-        test_top1,
+        val_top1: summary.test_top1.unwrap_or(0.0) as f32,
+        test_top1: test_top1 as f32,
         params: summary.params,
         macs: summary.macs,
         seconds: summary.wall_s,
