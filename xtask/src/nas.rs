@@ -171,7 +171,7 @@ fn sizes(train: usize, val: usize, test: usize) -> DataSizes {
         val,
         test,
         probe: 16,
-        calib: 500,
+        calib: 256,
     }
 }
 

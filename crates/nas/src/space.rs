@@ -109,6 +109,11 @@ impl SearchSpace {
     /// stages (16, 32, 64 channels; strides 1, 2, 2), ops {conv 3/5/7, IR e1/e3/e6 x k3/k5,
     /// skip}, widths {0.5, 0.75, 1.0}.
     pub fn small(name: &str, in_channels: usize, image_size: usize, num_classes: usize) -> Self {
+        Self::small_with(name, in_channels, image_size, num_classes, 1, [16, 32, 64])
+    }
+
+    /// [`SearchSpace::small`] with a chosen stem stride (2 quarters the cost) and stage widths.
+    pub fn small_with(name: &str, in_channels: usize, image_size: usize, num_classes: usize, stem_stride: usize, widths: [usize; 3]) -> Self {
         let ops = vec![
             Op::Conv { k: 3 },
             Op::Conv { k: 5 },
@@ -125,10 +130,10 @@ impl SearchSpace {
             in_channels,
             image_size,
             num_classes,
-            stem_channels: 16,
-            stem_stride: 1,
+            stem_channels: widths[0],
+            stem_stride,
             first_block: None,
-            slots: stages_to_slots(16, &[(16, 2, 1), (32, 3, 2), (64, 3, 2)]),
+            slots: stages_to_slots(widths[0], &[(widths[0], 2, 1), (widths[1], 3, 2), (widths[2], 3, 2)]),
             ops,
             widths: vec![0.5, 0.75, 1.0],
             head_channels: None,
