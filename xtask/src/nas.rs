@@ -92,6 +92,8 @@ pub struct SearchCommon {
     pub standalone_epochs: usize,
     #[arg(long, default_value_t = 0.05)]
     pub standalone_lr: f64,
+    #[arg(long, default_value_t = 32)]
+    pub standalone_batch: usize,
     /// Candidates evaluated / trained in parallel (results do not depend on it).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -208,7 +210,10 @@ fn preset(a: PresetArgs) -> Result<()> {
         space.size()
     );
     for (i, s) in space.slots.iter().enumerate() {
-        println!("  slot {i:>2}: {:>4} channels, stride {}, skip {}", s.channels, s.stride, s.skippable);
+        println!(
+            "  slot {i:>2}: {:>4} channels, stride {}, skip {}",
+            s.channels, s.stride, s.skippable
+        );
     }
     println!("  ops: {}", space.ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "));
     Ok(())
@@ -279,7 +284,11 @@ fn supernet(a: SupernetArgs) -> Result<()> {
         setup.command
     );
     write_section(RESULTS, TITLE, "supernet", &body)?;
-    eprintln!("supernet trained in {:.0} s (this session {:.0} s)", s.wall_s, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "supernet trained in {:.0} s (this session {:.0} s)",
+        s.wall_s,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -291,12 +300,21 @@ struct Loaded {
 }
 
 fn load_supernet(c: &SearchCommon) -> Result<Loaded> {
-    let text = std::fs::read_to_string(c.supernet.join(SETUP_FILE))
-        .with_context(|| format!("{} has no finished supernet; run `cargo xtask nas supernet` first", c.supernet.display()))?;
+    let text = std::fs::read_to_string(c.supernet.join(SETUP_FILE)).with_context(|| {
+        format!(
+            "{} has no finished supernet; run `cargo xtask nas supernet` first",
+            c.supernet.display()
+        )
+    })?;
     let setup: Setup = serde_json::from_str(&text)?;
     let data = load_data(&setup, c.data.clone())?;
     let space = presets::space(&setup.preset, setup.num_classes)?;
-    let sn = Supernet::load(&space, setup.supernet_seed, &candle_core::Device::Cpu, &c.supernet.join(WEIGHTS_FILE))?;
+    let sn = Supernet::load(
+        &space,
+        setup.supernet_seed,
+        &candle_core::Device::Cpu,
+        &c.supernet.join(WEIGHTS_FILE),
+    )?;
     Ok(Loaded { setup, space, data, sn })
 }
 
@@ -311,6 +329,7 @@ fn config(method: Method, seed: u64, c: &SearchCommon, space: &nas::SearchSpace)
         standalone: StandaloneConfig {
             epochs: c.standalone_epochs,
             lr: c.standalone_lr,
+            batch_size: c.standalone_batch,
             ..StandaloneConfig::default()
         },
     })
@@ -338,7 +357,10 @@ fn rank(a: RankArgs) -> Result<()> {
     let cfg = config(Method::All, a.seed, &a.common, &l.space)?;
     let st = run_one(&l, &cfg, &a.common, &a.out)?;
     let idx: Vec<usize> = (0..st.candidates.len()).filter(|&i| st.result(i).is_some()).collect();
-    let cheap: Vec<f64> = idx.iter().map(|&i| st.candidates[i].cheap.as_ref().expect("evaluated").val_top1 as f64).collect();
+    let cheap: Vec<f64> = idx
+        .iter()
+        .map(|&i| st.candidates[i].cheap.as_ref().expect("evaluated").val_top1 as f64)
+        .collect();
     let val: Vec<f64> = idx.iter().map(|&i| st.result(i).expect("trained").val_top1 as f64).collect();
     let test: Vec<f64> = idx.iter().map(|&i| st.result(i).expect("trained").test_top1 as f64).collect();
     let km = st.clustering.as_ref().context("clustering missing")?;
@@ -390,7 +412,7 @@ fn rank(a: RankArgs) -> Result<()> {
     let per = |w: &nas::rank::ClusterTau| w.per_cluster.iter().map(|t| fmt(*t)).collect::<Vec<_>>().join(", ");
     let body = format!(
         "## Ranking quality: cheap criterion vs stand-alone accuracy\n\n\
-{} sampled architectures of `{}`, each evaluated with supernet weights (validation top-1 after BatchNorm recalibration on {} training images) and trained stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch 64, seed 0) on the {}-image training subset. \
+{} sampled architectures of `{}`, each evaluated with supernet weights (validation top-1 after BatchNorm recalibration on {} training images) and trained stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch {}, seed 0) on the {}-image training subset. \
 Clusters: k-means++ (K = {}, seed {}) on the standardised `{}` representations; cluster sizes {:?}.\n\n\
 | Kendall tau of supernet val top-1 vs | stand-alone val top-1 | stand-alone test top-1 |\n|---|---|---|\n\
 | all pairs (global) | {} | {} |\n\
@@ -405,6 +427,7 @@ Cheap evaluation {:.0} s in all, stand-alone training {:.0} s in all (recorded p
         l.data.calib.dims()[0],
         a.common.standalone_epochs,
         a.common.standalone_lr,
+        a.common.standalone_batch,
         l.data.train.len(),
         k,
         a.seed,
@@ -486,7 +509,10 @@ fn search_with(l: &Loaded, method: &str, seed: u64, c: &SearchCommon, out: &Path
 
 fn search(a: SearchArgs) -> Result<SearchRow> {
     let l = load_supernet(&a.common)?;
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/nas-search-{}-s{}", a.method, a.seed)));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/nas-search-{}-s{}", a.method, a.seed)));
     let row = search_with(&l, &a.method, a.seed, &a.common, &out)?;
     println!("{}", serde_json::to_string_pretty(&row)?);
     Ok(row)
@@ -506,7 +532,7 @@ fn grid(a: GridArgs) -> Result<()> {
     }
     let mut body = format!(
         "## Search: DC-NAS vs random vs global top-K, equal budget\n\n\
-Per seed: N = {} architectures sampled from `{}` (seeded); every method trains K = {} of them stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch 64, seed 0, {}-image training subset) and returns the one with the best stand-alone validation top-1 (validation: {} images from the training split). \
+Per seed: N = {} architectures sampled from `{}` (seeded); every method trains K = {} of them stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch {}, seed 0, {}-image training subset) and returns the one with the best stand-alone validation top-1 (validation: {} images from the training split). \
 DC-NAS: k-means++ clusters of the `{}` representations, best supernet score per cluster. Top-1: the K best supernet scores globally. Random: K uniformly chosen. \
 The supernet ({} epochs, {:.0} s, trained once with seed {}) is shared by all seeds. \
 Search seconds = cheap evaluations the method needs + the recorded stand-alone trainings of its K candidates (stand-alone results are cached by architecture in `{}` and shared between methods and the ranking study, which is exact because a training is a function of the architecture). Accuracy on a class-balanced {}-image CIFAR-10 test subset.\n\n\
@@ -516,6 +542,7 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
         a.common.clusters,
         a.common.standalone_epochs,
         a.common.standalone_lr,
+        a.common.standalone_batch,
         l.data.train.len(),
         l.data.val.len(),
         a.common.feature,
@@ -526,7 +553,10 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
         l.data.test.len(),
     );
     for method in &a.methods {
-        let rs: Vec<&SearchRow> = rows.iter().filter(|r| &r.method == method || Method::parse(method).map(|m| m.name() == r.method).unwrap_or(false)).collect();
+        let rs: Vec<&SearchRow> = rows
+            .iter()
+            .filter(|r| &r.method == method || Method::parse(method).map(|m| m.name() == r.method).unwrap_or(false))
+            .collect();
         let col = |f: &dyn Fn(&SearchRow) -> f64| mean_std(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
         let (t, ts) = col(&|r| r.test_top1);
         let (v, vs) = col(&|r| r.val_top1);
@@ -542,7 +572,11 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
             r.method, r.seed, r.test_top1, r.val_top1, r.params, r.macs, r.search_s, r.key
         );
     }
-    body += &format!("\nGrid wall time {:.0} s (with cached stand-alone results).\n\n```\n{}\n```\n", t0.elapsed().as_secs_f64(), command_line());
+    body += &format!(
+        "\nGrid wall time {:.0} s (with cached stand-alone results).\n\n```\n{}\n```\n",
+        t0.elapsed().as_secs_f64(),
+        command_line()
+    );
     write_json_atomic(
         Path::new("runs/nas-grid-summary.json"),
         &json!({"command": command_line(), "rows": rows, "wall_s": t0.elapsed().as_secs_f64()}),
@@ -569,13 +603,21 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        assert!(matches!(parse(&["preset", "--list"]).unwrap(), NasCommand::Preset(PresetArgs { list: true, .. })));
+        assert!(matches!(
+            parse(&["preset", "--list"]).unwrap(),
+            NasCommand::Preset(PresetArgs { list: true, .. })
+        ));
         let NasCommand::Search(s) = parse(&["search", "--method", "top1", "--seed", "2", "--candidates", "30"]).unwrap() else {
             panic!()
         };
-        assert_eq!((s.method.as_str(), s.seed, s.common.candidates, s.common.clusters), ("top1", 2, 30, 4));
+        assert_eq!(
+            (s.method.as_str(), s.seed, s.common.candidates, s.common.clusters),
+            ("top1", 2, 30, 4)
+        );
         assert!(parse(&["search", "--seed", "x"]).is_err());
-        let NasCommand::Grid(g) = parse(&["grid", "--seeds", "0,1"]).unwrap() else { panic!() };
+        let NasCommand::Grid(g) = parse(&["grid", "--seeds", "0,1"]).unwrap() else {
+            panic!()
+        };
         assert_eq!(g.seeds, vec![0, 1]);
         assert!(Method::parse("dcnas").is_ok() && Method::parse("evolution").is_err());
         assert!(presets::preset("cifar10-small").is_ok());

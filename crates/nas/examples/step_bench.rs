@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let net = Network::standalone(&vs.root(), &space, &arch)?;
     let mut opt = OptimizerConfig::sgd(0.05, 0.0).build(vs.trainable())?;
     let t = Instant::now();
-    for s in 0..steps {
+    for s in 0..if std::env::var("SKIP_STANDALONE").is_ok() { 0 } else { steps } {
         let loss = cross_entropy(&net.forward_t(&x, true)?, &y, 0.0)?;
         opt.step(&loss.backward()?)?;
         if s % 5 == 0 || s + 1 == steps {
@@ -36,10 +36,15 @@ fn main() -> anyhow::Result<()> {
     }
     println!("stand-alone: {:.1} img/s", (steps * batch) as f64 / t.elapsed().as_secs_f64());
     let sn = Supernet::new(&space, 0, &dev)?;
-    let mut opt = OptimizerConfig::sgd(0.05, 0.0).build(sn.vs.trainable())?;
+    let lr: f64 = std::env::var("LR").ok().and_then(|v| v.parse().ok()).unwrap_or(0.05);
+    let mut opt = OptimizerConfig::sgd(lr, 0.0).build(sn.vs.trainable())?;
     let t = Instant::now();
     for s in 0..steps {
-        let a = path_at(&space, 0, s);
+        let a = if std::env::var("FIXED").is_ok() {
+            path_at(&space, 0, 0)
+        } else {
+            path_at(&space, 0, s)
+        };
         let loss = cross_entropy(&sn.net.forward_arch(&x, &a, true)?, &y, 0.0)?;
         opt.step(&loss.backward()?)?;
         if s % 5 == 0 || s + 1 == steps {

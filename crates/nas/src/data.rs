@@ -70,7 +70,14 @@ impl NasData {
     /// Builds the subsets from in-memory training and test splits: `train + val` class-balanced
     /// images of the training split (split stratified into the two), `test` of the test split
     /// (all if larger). Normalised with the training subset's channel mean and std.
-    pub fn from_datasets(dataset: &str, train: &ImageDataset, test: &ImageDataset, sizes: &DataSizes, seed: u64, device: &Device) -> Result<Self> {
+    pub fn from_datasets(
+        dataset: &str,
+        train: &ImageDataset,
+        test: &ImageDataset,
+        sizes: &DataSizes,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let k = train.num_classes;
         let pool = if sizes.train + sizes.val < train.len() {
             train.subset(&sampling::balanced_subset(&train.labels, k, sizes.train + sizes.val, seed)?)?

@@ -52,7 +52,12 @@ pub struct CheapEval {
 }
 
 /// Top-1 (percent) and mean cross-entropy of `forward` over `images`/`labels` in batches.
-pub fn accuracy(forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>, images: &Tensor, labels: &Tensor, batch: usize) -> Result<(f64, f64)> {
+pub fn accuracy(
+    forward: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    images: &Tensor,
+    labels: &Tensor,
+    batch: usize,
+) -> Result<(f64, f64)> {
     let n = labels.dims()[0];
     let (mut correct, mut loss) = (0usize, 0f64);
     let mut i = 0;
@@ -94,7 +99,11 @@ fn param_change(sn: &Supernet, arch: &Arch) -> Result<Vec<f32>> {
         }
         let prefix = format!("layers.{i}.{}.", l.op.name());
         let (mut num, mut den) = (0f64, 0f64);
-        for v in vs.all().iter().filter(|v| v.name.starts_with(&prefix) && v.kind == ParamKind::Weight) {
+        for v in vs
+            .all()
+            .iter()
+            .filter(|v| v.name.starts_with(&prefix) && v.kind == ParamKind::Weight)
+        {
             let w0 = vs0.get(&v.name).expect("same structure").var;
             let w0 = w0.as_tensor();
             num += (v.var.as_tensor() - w0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

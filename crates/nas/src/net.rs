@@ -32,7 +32,9 @@ impl ConvBn {
     /// channel per group), He-initialised like nn-core's `Conv2d`, then BN with `bn_momentum`.
     pub fn new(vp: &VarPath, cin: usize, cout: usize, k: usize, stride: usize, depthwise: bool, bn_momentum: f64) -> Result<Self> {
         let dims = [cout, if depthwise { 1 } else { cin }, k, k];
-        let weight = vp.pp("conv").param("weight", &dims, Init::KAIMING_RELU_FAN_OUT, ParamKind::Weight)?;
+        let weight = vp
+            .pp("conv")
+            .param("weight", &dims, Init::KAIMING_RELU_FAN_OUT, ParamKind::Weight)?;
         let bn = BatchNorm::with_options(&vp.pp("bn"), cout, 1e-5, bn_momentum, true)?;
         Ok(Self {
             weight,
@@ -56,7 +58,11 @@ impl ConvBn {
         let cout = if self.depthwise { cin } else { cout };
         let full = self.max_out();
         if cout > full || (!self.depthwise && cin > self.weight.dims()[1]) {
-            candle_core::bail!("{}: asked for {cin} -> {cout} channels, built for at most {:?}", self.name, self.weight.dims());
+            candle_core::bail!(
+                "{}: asked for {cin} -> {cout} channels, built for at most {:?}",
+                self.name,
+                self.weight.dims()
+            );
         }
         let mut w = self.weight.as_tensor().clone();
         if cout < full {
@@ -111,7 +117,8 @@ impl ConvBn {
 pub enum Block {
     /// conv + BN + ReLU.
     Conv(ConvBn),
-    /// Inverted residual (ReLU6 after expansion and depthwise, linear projection).
+    /// Inverted residual (ReLU6 after expansion and depthwise, linear projection); the
+    /// shortcut is added by [`Network`].
     InvRes {
         expand: Option<ConvBn>,
         ratio: usize,
@@ -155,7 +162,7 @@ impl Block {
                 ratio,
                 dw,
                 project,
-                stride,
+                ..
             } => {
                 let cin = x.dim(1)?;
                 let h = match expand {
@@ -163,15 +170,24 @@ impl Block {
                     None => x.clone(),
                 };
                 let h = Activation::Relu6.apply(&dw.forward(&h, cin * ratio, train)?)?;
-                let y = project.forward(&h, cout, train)?;
-                if *stride == 1 && cin == cout {
-                    y + x
-                } else {
-                    Ok(y)
-                }
+                project.forward(&h, cout, train)
             }
             Block::Skip => Ok(x.clone()),
         }
+    }
+}
+
+/// The parameter-free shortcut of `x` to `cout` channels at `stride`: strided identity with
+/// the channels zero-padded (more) or truncated (fewer).
+pub fn shortcut(x: &Tensor, stride: usize, cout: usize) -> Result<Tensor> {
+    let x = nn_core::models::blocks::subsample(x, stride)?;
+    let c = x.dim(1)?;
+    if c < cout {
+        x.pad_with_zeros(1, 0, cout - c)
+    } else if c > cout {
+        x.narrow(1, 0, cout)
+    } else {
+        Ok(x)
     }
 }
 
@@ -195,7 +211,15 @@ impl Network {
         if let Some(a) = arch {
             space.validate(a).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         }
-        let stem = ConvBn::new(&vp.pp("stem"), space.in_channels, space.stem_channels, 3, space.stem_stride, false, bn_momentum)?;
+        let stem = ConvBn::new(
+            &vp.pp("stem"),
+            space.in_channels,
+            space.stem_channels,
+            3,
+            space.stem_stride,
+            false,
+            bn_momentum,
+        )?;
         let mut c = space.stem_channels;
         let first = match space.first_block {
             Some((op, out)) => {
@@ -292,8 +316,19 @@ impl Network {
                 .find(|(op, _)| *op == l.op)
                 .map(|(_, b)| b)
                 .ok_or_else(|| candle_core::Error::Msg(format!("layer {i}: op {} is not built in this network", l.op.name())))?;
-            let cout = if l.op == Op::Skip { h.dim(1)? } else { self.space.channels(i, l.width) };
-            h = block.forward(&h, cout, train)?;
+            let cout = if l.op == Op::Skip {
+                h.dim(1)?
+            } else {
+                self.space.channels(i, l.width)
+            };
+            let y = block.forward(&h, cout, train)?;
+            let stride = self.space.slots[i].stride;
+            h = match l.op {
+                Op::Skip => y,
+                _ if self.space.residual_all => (y + shortcut(&h, stride, cout)?)?,
+                Op::InvRes { .. } if stride == 1 && h.dim(1)? == cout => (y + &h)?,
+                _ => y,
+            };
             if collect {
                 outs.push(h.clone());
             }

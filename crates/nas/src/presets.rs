@@ -21,7 +21,8 @@ pub const PRESETS: &[Preset] = &[
     Preset {
         name: "cifar10-fast",
         dataset: "cifar10",
-        description: "cifar10-small with a stride-2 stem (16x16 feature maps from the start): a quarter of the cost, for CPU-budget studies",
+        description:
+            "cifar10-small with a stride-2 stem (16x16 feature maps from the start): a quarter of the cost, for CPU-budget studies",
     },
     Preset {
         name: "mnist-small",

@@ -239,7 +239,11 @@ pub fn run_search(config: &SearchConfig, ctx: &SearchContext, state_path: &Path)
         }
     };
     if config.clusters == 0 || config.clusters > config.candidates {
-        bail!("--clusters {} must be between 1 and --candidates {}", config.clusters, config.candidates);
+        bail!(
+            "--clusters {} must be between 1 and --candidates {}",
+            config.clusters,
+            config.candidates
+        );
     }
     let session_start = state.wall_s;
     let save = |s: &mut SearchState| -> Result<()> {
@@ -252,7 +256,9 @@ pub fn run_search(config: &SearchConfig, ctx: &SearchContext, state_path: &Path)
     // 1. Cheap evaluation of every candidate (supernet accuracy and representation).
     if config.method.needs_cheap() {
         let sn = ctx.supernet.context("this method needs a trained supernet")?;
-        let pending: Vec<usize> = (0..state.candidates.len()).filter(|&i| state.candidates[i].cheap.is_none()).collect();
+        let pending: Vec<usize> = (0..state.candidates.len())
+            .filter(|&i| state.candidates[i].cheap.is_none())
+            .collect();
         let archs: Vec<Arch> = state.candidates.iter().map(|c| c.arch.clone()).collect();
         let n = run_jobs(
             &pending,

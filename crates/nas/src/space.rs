@@ -16,7 +16,8 @@ pub enum Op {
     /// `k x k` convolution + BN + ReLU.
     Conv { k: usize },
     /// MobileNetV2 inverted residual: 1x1 expansion by `expand` (absent for 1), depthwise
-    /// `k x k`, linear 1x1 projection; identity shortcut when stride 1 and widths match.
+    /// `k x k`, linear 1x1 projection; identity shortcut when stride 1 and widths match (or
+    /// always, see [`SearchSpace::residual_all`]).
     InvRes { expand: usize, k: usize },
     /// The layer is left out (identity); only allowed where the slot keeps resolution and width.
     Skip,
@@ -38,7 +39,9 @@ impl Op {
             return Ok(Op::Skip);
         }
         if let Some(k) = s.strip_prefix("conv") {
-            return Ok(Op::Conv { k: k.parse().with_context(|| format!("op `{s}`"))? });
+            return Ok(Op::Conv {
+                k: k.parse().with_context(|| format!("op `{s}`"))?,
+            });
         }
         if let Some(rest) = s.strip_prefix("ir_e") {
             if let Some((e, k)) = rest.split_once("_k") {
@@ -83,6 +86,12 @@ pub struct SearchSpace {
     pub widths: Vec<f64>,
     /// 1x1 conv + BN + ReLU to this many channels before pooling (MobileNetV2's 1280).
     pub head_channels: Option<usize>,
+    /// Every searchable layer adds a parameter-free shortcut (strided identity, channels
+    /// zero-padded or truncated, as ResNet's option A), so the stem's features reach the head
+    /// whatever the sampled ops: this keeps a small, briefly trained supernet learnable. Off
+    /// for the MobileNetV2 space (shortcut only on stride-1 IR blocks of equal width).
+    #[serde(default)]
+    pub residual_all: bool,
 }
 
 /// Stage layout `(channels, layers, first stride)` to slots; the first layer of a stage is
@@ -107,13 +116,20 @@ fn stages_to_slots(stem: usize, stages: &[(usize, usize, usize)]) -> Vec<Slot> {
 impl SearchSpace {
     /// The small space for 28x28 / 32x32 inputs: stem 3x3 to 16 channels, 8 layers in three
     /// stages (16, 32, 64 channels; strides 1, 2, 2), ops {conv 3/5/7, IR e1/e3/e6 x k3/k5,
-    /// skip}, widths {0.5, 0.75, 1.0}.
+    /// skip}, widths {0.5, 0.75, 1.0}, every layer with a shortcut.
     pub fn small(name: &str, in_channels: usize, image_size: usize, num_classes: usize) -> Self {
         Self::small_with(name, in_channels, image_size, num_classes, 1, [16, 32, 64])
     }
 
     /// [`SearchSpace::small`] with a chosen stem stride (2 quarters the cost) and stage widths.
-    pub fn small_with(name: &str, in_channels: usize, image_size: usize, num_classes: usize, stem_stride: usize, widths: [usize; 3]) -> Self {
+    pub fn small_with(
+        name: &str,
+        in_channels: usize,
+        image_size: usize,
+        num_classes: usize,
+        stem_stride: usize,
+        widths: [usize; 3],
+    ) -> Self {
         let ops = vec![
             Op::Conv { k: 3 },
             Op::Conv { k: 5 },
@@ -137,6 +153,7 @@ impl SearchSpace {
             ops,
             widths: vec![0.5, 0.75, 1.0],
             head_channels: None,
+            residual_all: true,
         }
     }
 
@@ -164,6 +181,7 @@ impl SearchSpace {
             ops,
             widths: vec![1.0],
             head_channels: Some(1280),
+            residual_all: false,
         }
     }
 
@@ -216,7 +234,12 @@ impl SearchSpace {
     /// Checks that `arch` belongs to this space.
     pub fn validate(&self, arch: &Arch) -> Result<()> {
         if arch.layers.len() != self.slots.len() {
-            bail!("{}: architecture has {} layers, the space has {}", self.name, arch.layers.len(), self.slots.len());
+            bail!(
+                "{}: architecture has {} layers, the space has {}",
+                self.name,
+                arch.layers.len(),
+                self.slots.len()
+            );
         }
         for (i, l) in arch.layers.iter().enumerate() {
             if !self.ops.contains(&l.op) {
@@ -296,7 +319,13 @@ impl Arch {
     pub fn key(&self) -> String {
         self.layers
             .iter()
-            .map(|l| if l.op == Op::Skip { "skip".into() } else { format!("{}@{}", l.op.name(), l.width) })
+            .map(|l| {
+                if l.op == Op::Skip {
+                    "skip".into()
+                } else {
+                    format!("{}@{}", l.op.name(), l.width)
+                }
+            })
             .collect::<Vec<_>>()
             .join("|")
     }

@@ -92,7 +92,12 @@ pub fn train_standalone(space: &SearchSpace, arch: &Arch, data: &NasData, cfg: &
     let train = InMemorySource::new(data.train.images.clone(), data.train.labels.clone(), cfg.batch_size, true, cfg.seed)?.drop_last(true);
     let val = InMemorySource::new(data.val.images.clone(), data.val.labels.clone(), 250, false, 0)?;
     let summary = Trainer::new(tc, &net, &vs)?.fit(&train, Some(&val))?;
-    let (test_top1, _) = accuracy(|x| nn_core::Model::forward_t(&net, x, false), &data.test.images, &data.test.labels, 250)?;
+    let (test_top1, _) = accuracy(
+        |x| nn_core::Model::forward_t(&net, x, false),
+        &data.test.images,
+        &data.test.labels,
+        250,
+    )?;
     let r = StandaloneResult {
         key: arch.key(),
         arch: arch.clone(),

@@ -45,7 +45,8 @@ impl Supernet {
     /// Loads trained weights saved by [`Supernet::save`] (initial weights come from `seed`).
     pub fn load(space: &SearchSpace, seed: u64, device: &Device, weights: &Path) -> Result<Self> {
         let s = Self::new(space, seed, device)?;
-        s.vs.load(weights).with_context(|| format!("loading supernet weights {}", weights.display()))?;
+        s.vs.load(weights)
+            .with_context(|| format!("loading supernet weights {}", weights.display()))?;
         Ok(s)
     }
 
@@ -94,7 +95,10 @@ pub struct SupernetModel<'a> {
 
 impl<'a> SupernetModel<'a> {
     pub fn new(net: &'a Network, path: Arch) -> Self {
-        Self { net, path: Mutex::new(path) }
+        Self {
+            net,
+            path: Mutex::new(path),
+        }
     }
     /// The path the next forward pass runs.
     pub fn path(&self) -> Arch {
@@ -140,12 +144,12 @@ impl Callback for PathSampler<'_> {
         "nas-path-sampler".into()
     }
     fn on_fit_begin(&mut self, ctx: &FitContext) -> anyhow::Result<()> {
-        self.model.set_path(path_at(&self.model.net.space, self.seed, ctx.state.global_step));
+        self.model
+            .set_path(path_at(&self.model.net.space, self.seed, ctx.state.global_step));
         Ok(())
     }
     fn on_step_end(&mut self, step: &StepContext, _loss: f64) -> anyhow::Result<()> {
-        self.model
-            .set_path(path_at(&self.model.net.space, self.seed, step.global_step + 1));
+        self.model.set_path(path_at(&self.model.net.space, self.seed, step.global_step + 1));
         Ok(())
     }
 }
@@ -156,7 +160,10 @@ impl Callback for PathSampler<'_> {
 pub fn train_supernet(sn: &Supernet, config: TrainConfig, train: &dyn BatchSource) -> Result<TrainSummary> {
     let out = config.out_dir.clone();
     let model = SupernetModel::new(&sn.net, path_at(&sn.space, sn.seed, 0));
-    let mut sampler = PathSampler { model: &model, seed: sn.seed };
+    let mut sampler = PathSampler {
+        model: &model,
+        seed: sn.seed,
+    };
     let mut trainer = Trainer::new(config, &model, &sn.vs)?.with_callback(&mut sampler);
     let summary = trainer.fit(train, None)?;
     if summary.completed {

@@ -11,7 +11,10 @@ fn blobs(centres: &[[f64; 2]], per: usize, spread: f64, seed: u64) -> (Vec<Vec<f
     let mut truth = Vec::new();
     for (c, m) in centres.iter().enumerate() {
         for _ in 0..per {
-            pts.push(vec![m[0] + spread * (rng.gen::<f64>() - 0.5), m[1] + spread * (rng.gen::<f64>() - 0.5)]);
+            pts.push(vec![
+                m[0] + spread * (rng.gen::<f64>() - 0.5),
+                m[1] + spread * (rng.gen::<f64>() - 0.5),
+            ]);
             truth.push(c);
         }
     }

@@ -17,7 +17,9 @@ fn write_imagenet(root: &Path, classes: usize, per_class: usize) {
             let dir = root.join(format!("imagenet/{split}/n0000000{c}"));
             std::fs::create_dir_all(&dir).unwrap();
             for i in 0..per_class {
-                let img = image::RgbImage::from_fn(240 + 8 * i as u32, 230, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, (c * 90 + i * 7) as u8]));
+                let img = image::RgbImage::from_fn(240 + 8 * i as u32, 230, |x, y| {
+                    image::Rgb([(x * 3) as u8, (y * 5) as u8, (c * 90 + i * 7) as u8])
+                });
                 img.save(dir.join(format!("img{i}.png"))).unwrap();
             }
         }

@@ -83,7 +83,15 @@ fn a_killed_search_resumes_without_evaluating_twice() {
     let path = dir.join("state.json");
     let s1 = run_search(&cfg, &ctx("pool-b", 2, Some(4)), &path).unwrap();
     assert_eq!(s1.cheap_evaluations, 4);
-    assert_eq!(SearchState::load(&path).unwrap().candidates.iter().filter(|c| c.cheap.is_some()).count(), 4);
+    assert_eq!(
+        SearchState::load(&path)
+            .unwrap()
+            .candidates
+            .iter()
+            .filter(|c| c.cheap.is_some())
+            .count(),
+        4
+    );
     let s2 = run_search(&cfg, &ctx("pool-b", 1, Some(3)), &path).unwrap();
     assert_eq!(s2.cheap_evaluations, 6, "two remaining cheap evaluations only");
     assert_eq!(s2.standalone.len(), 1);
@@ -92,7 +100,10 @@ fn a_killed_search_resumes_without_evaluating_twice() {
     assert_eq!(s3.cheap_evaluations, 6);
     let (a, b) = (strip(s3.clone()), strip(full.clone()));
     assert_eq!(a.candidates, b.candidates);
-    assert_eq!(a.clustering.as_ref().map(|k| &k.assignments), b.clustering.as_ref().map(|k| &k.assignments));
+    assert_eq!(
+        a.clustering.as_ref().map(|k| &k.assignments),
+        b.clustering.as_ref().map(|k| &k.assignments)
+    );
     assert_eq!((&a.chosen, &a.standalone, a.final_pick), (&b.chosen, &b.standalone, b.final_pick));
     // A finished search evaluates nothing more.
     let s4 = run_search(&cfg, &ctx("pool-b", 2, None), &path).unwrap();
@@ -116,7 +127,10 @@ fn a_killed_search_resumes_without_evaluating_twice() {
     let best = (0..6)
         .max_by(|&a, &b| {
             let (x, y) = (t.candidates[a].cheap.as_ref().unwrap(), t.candidates[b].cheap.as_ref().unwrap());
-            x.val_top1.total_cmp(&y.val_top1).then(y.val_loss.total_cmp(&x.val_loss)).then(b.cmp(&a))
+            x.val_top1
+                .total_cmp(&y.val_top1)
+                .then(y.val_loss.total_cmp(&x.val_loss))
+                .then(b.cmp(&a))
         })
         .unwrap();
     assert_eq!(t.chosen.as_ref().unwrap()[0], best);

@@ -54,7 +54,11 @@ fn architectures_build_for_28_and_32_pixel_inputs() {
             let last = outs.last().unwrap().dims().to_vec();
             assert_eq!(last[2], size.div_ceil(4), "{:?}", a.key());
             let w = a.layers[7];
-            let expect = if w.op == Op::Skip { outs[6].dims()[1] } else { space.channels(7, w.width) };
+            let expect = if w.op == Op::Skip {
+                outs[6].dims()[1]
+            } else {
+                space.channels(7, w.width)
+            };
             assert_eq!(last[1], expect);
             let (_, s) = nn_core::summary::profile(|| net.forward_t(&x.narrow(0, 0, 1)?, false)).unwrap();
             assert!(s.total_macs() > 0);
@@ -76,7 +80,12 @@ fn imagenet_space_builds_a_mobilenet_v2_like_network() {
     let space = SearchSpace::imagenet_mbv2(1000);
     assert_eq!(space.slots.len(), 21);
     let a = Arch {
-        layers: (0..21).map(|_| LayerChoice { op: Op::InvRes { expand: 6, k: 3 }, width: 1.0 }).collect(),
+        layers: (0..21)
+            .map(|_| LayerChoice {
+                op: Op::InvRes { expand: 6, k: 3 },
+                width: 1.0,
+            })
+            .collect(),
     };
     let vs = VarStore::new(0, &Device::Cpu);
     let net = Network::standalone(&vs.root(), &space, &a).unwrap();

@@ -39,8 +39,24 @@ fn sub_networks_share_the_supernets_variables() {
     let (da, db) = (ga.get(w0.as_tensor()).unwrap(), gb.get(w0.as_tensor()).unwrap());
     assert_eq!(da.dims(), db.dims());
     // Width 0.5 (8 of 16 channels) only touches the leading output channels.
-    let tail = db.narrow(0, 8, 8).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    let head = db.narrow(0, 0, 8).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let tail = db
+        .narrow(0, 8, 8)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let head = db
+        .narrow(0, 0, 8)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(tail, 0.0);
     assert!(head > 0.0);
     // a's IR op at slot 1 gets a gradient; b (skip there) does not reach it.
@@ -94,7 +110,14 @@ fn one_step_changes_only_the_sampled_path() {
     let after = sn.vs.tensors();
     let mut changed_on = 0;
     for v in sn.vs.trainable() {
-        let d = (&after[&v.name] - &before[&v.name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&after[&v.name] - &before[&v.name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if on_path(&v.name) {
             changed_on += (d > 0.0) as usize;
         } else {
