@@ -318,7 +318,8 @@ fn load_supernet(c: &SearchCommon) -> Result<Loaded> {
     Ok(Loaded { setup, space, data, sn })
 }
 
-fn config(method: Method, seed: u64, c: &SearchCommon, space: &nas::SearchSpace) -> Result<SearchConfig> {
+fn config(method: Method, seed: u64, c: &SearchCommon, l: &Loaded) -> Result<SearchConfig> {
+    let space = &l.space;
     Ok(SearchConfig {
         method,
         seed,
@@ -332,6 +333,7 @@ fn config(method: Method, seed: u64, c: &SearchCommon, space: &nas::SearchSpace)
             batch_size: c.standalone_batch,
             ..StandaloneConfig::default()
         },
+        supernet_id: format!("{}:{:.3}", c.supernet.display(), l.setup.supernet_wall_s),
     })
 }
 
@@ -344,8 +346,26 @@ fn run_one(l: &Loaded, cfg: &SearchConfig, c: &SearchCommon, out: &Path) -> Resu
         pool: c.pool.clone(),
         workers: c.workers,
         stop_after: None,
+        cheap_sources: cheap_sources(),
     };
     run_search(cfg, &ctx, &out.join("state.json"))
+}
+
+/// Search states whose cheap evaluations may be reused (only when their supernet id matches).
+fn cheap_sources() -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("runs/nas-rank/state.json")];
+    if let Ok(rd) = std::fs::read_dir("runs") {
+        let mut more: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nas-search-")))
+            .map(|p| p.join("state.json"))
+            .filter(|p| p.exists())
+            .collect();
+        more.sort();
+        v.extend(more);
+    }
+    v
 }
 
 fn fmt(v: Option<f64>) -> String {
@@ -354,7 +374,7 @@ fn fmt(v: Option<f64>) -> String {
 
 fn rank(a: RankArgs) -> Result<()> {
     let l = load_supernet(&a.common)?;
-    let cfg = config(Method::All, a.seed, &a.common, &l.space)?;
+    let cfg = config(Method::All, a.seed, &a.common, &l)?;
     let st = run_one(&l, &cfg, &a.common, &a.out)?;
     let idx: Vec<usize> = (0..st.candidates.len()).filter(|&i| st.result(i).is_some()).collect();
     let cheap: Vec<f64> = idx
@@ -475,7 +495,7 @@ fn search_with(l: &Loaded, method: &str, seed: u64, c: &SearchCommon, out: &Path
     if m == Method::All {
         bail!("`all` is the ranking study: use `cargo xtask nas rank`");
     }
-    let cfg = config(m, seed, c, &l.space)?;
+    let cfg = config(m, seed, c, l)?;
     let st = run_one(l, &cfg, c, out)?;
     let r = st.final_result().context("search did not finish")?;
     let row = SearchRow {
@@ -522,14 +542,23 @@ fn grid(a: GridArgs) -> Result<()> {
     let t0 = Instant::now();
     let l = load_supernet(&a.common)?;
     let mut rows = Vec::new();
-    for method in &a.methods {
-        for &seed in &a.seeds {
+    for (done, &seed) in a.seeds.iter().enumerate() {
+        for method in &a.methods {
             let out = PathBuf::from(format!("runs/nas-search-{method}-s{seed}"));
             let row = search_with(&l, method, seed, &a.common, &out)?;
             eprintln!("{method} seed {seed}: test top-1 {:.2}% ({})", row.test_top1, row.key);
             rows.push(row);
         }
+        // The table so far (every finished seed), so an interrupted grid still reports.
+        let body = grid_table(&a, &l, &rows, t0.elapsed().as_secs_f64(), done + 1 == a.seeds.len())?;
+        if done + 1 == a.seeds.len() {
+            println!("{body}");
+        }
     }
+    Ok(())
+}
+
+fn grid_table(a: &GridArgs, l: &Loaded, rows: &[SearchRow], wall_s: f64, finished: bool) -> Result<String> {
     let mut body = format!(
         "## Search: DC-NAS vs random vs global top-K, equal budget\n\n\
 Per seed: N = {} architectures sampled from `{}` (seeded); every method trains K = {} of them stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch {}, seed 0, {}-image training subset) and returns the one with the best stand-alone validation top-1 (validation: {} images from the training split). \
@@ -566,24 +595,26 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
         body += &format!("| {method} | {t:.2} +- {ts:.2} | {v:.2} +- {vs:.2} | {p:.0} | {m:.0} | {s:.0} +- {ss:.0} |\n");
     }
     body += "\nPer seed:\n\n| method | seed | test top-1 % | val top-1 % | params | MACs | search s | architecture |\n|---|---|---|---|---|---|---|---|\n";
-    for r in &rows {
+    for r in rows {
         body += &format!(
             "| {} | {} | {:.2} | {:.2} | {} | {} | {:.0} | `{}` |\n",
             r.method, r.seed, r.test_top1, r.val_top1, r.params, r.macs, r.search_s, r.key
         );
     }
+    if !finished {
+        body += "\n**Partial: not every seed has finished yet.**\n";
+    }
     body += &format!(
         "\nGrid wall time {:.0} s (with cached stand-alone results).\n\n```\n{}\n```\n",
-        t0.elapsed().as_secs_f64(),
+        wall_s,
         command_line()
     );
     write_json_atomic(
         Path::new("runs/nas-grid-summary.json"),
-        &json!({"command": command_line(), "rows": rows, "wall_s": t0.elapsed().as_secs_f64()}),
+        &json!({"command": command_line(), "rows": rows, "wall_s": wall_s}),
     )?;
     write_section(RESULTS, TITLE, "grid", &body)?;
-    println!("{body}");
-    Ok(())
+    Ok(body)
 }
 
 #[cfg(test)]

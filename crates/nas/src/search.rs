@@ -82,6 +82,10 @@ pub struct SearchConfig {
     pub feature: FeatureKind,
     pub space: String,
     pub standalone: StandaloneConfig,
+    /// Identifies the trained supernet (cheap evaluations are only reused between searches
+    /// with the same one).
+    #[serde(default)]
+    pub supernet_id: String,
 }
 
 /// One sampled sub-network.
@@ -153,6 +157,10 @@ pub struct SearchContext<'a> {
     pub workers: usize,
     /// Stop (state saved) after this many evaluations of this session (tests, time slices).
     pub stop_after: Option<usize>,
+    /// States of other searches with the same supernet and data whose cheap evaluations may be
+    /// reused (a cheap evaluation is a function of the supernet, the architecture and the
+    /// feature kind); reused ones keep their recorded seconds.
+    pub cheap_sources: Vec<PathBuf>,
 }
 
 /// `n` distinct uniformly sampled architectures (a function of `seed`).
@@ -219,7 +227,7 @@ pub fn run_search(config: &SearchConfig, ctx: &SearchContext, state_path: &Path)
         if cands.len() < config.candidates {
             bail!("the space has fewer than {} distinct architectures", config.candidates);
         }
-        SearchState {
+        let mut fresh = SearchState {
             config: config.clone(),
             candidates: cands
                 .into_iter()
@@ -236,7 +244,20 @@ pub fn run_search(config: &SearchConfig, ctx: &SearchContext, state_path: &Path)
             standalone: Vec::new(),
             final_pick: None,
             wall_s: 0.0,
+        };
+        for src in &ctx.cheap_sources {
+            let Ok(other) = SearchState::load(src) else { continue };
+            let o = &other.config;
+            if o.space != config.space || o.feature != config.feature || o.supernet_id != config.supernet_id {
+                continue;
+            }
+            for c in fresh.candidates.iter_mut().filter(|c| c.cheap.is_none()) {
+                if let Some(o) = other.candidates.iter().find(|o| o.key == c.key && o.cheap.is_some()) {
+                    c.cheap = o.cheap.clone();
+                }
+            }
         }
+        fresh
     };
     if config.clusters == 0 || config.clusters > config.candidates {
         bail!(

@@ -38,6 +38,7 @@ fn config(method: Method) -> SearchConfig {
             weight_decay: 5e-4,
             seed: 0,
         },
+        supernet_id: "test".into(),
     }
 }
 
@@ -69,6 +70,7 @@ fn a_killed_search_resumes_without_evaluating_twice() {
         pool: dir.join(pool),
         workers,
         stop_after,
+        cheap_sources: Vec::new(),
     };
     let cfg = config(Method::Dcnas);
     // Uninterrupted reference.
@@ -108,6 +110,18 @@ fn a_killed_search_resumes_without_evaluating_twice() {
     // A finished search evaluates nothing more.
     let s4 = run_search(&cfg, &ctx("pool-b", 2, None), &path).unwrap();
     assert_eq!(strip(s4), strip(s3));
+    // Another search with the same supernet reuses the cheap evaluations of this one.
+    let reuse = run_search(
+        &config(Method::TopK),
+        &SearchContext {
+            cheap_sources: vec![dir.join("full.json")],
+            ..ctx("pool-a", 2, None)
+        },
+        &dir.join("reuse.json"),
+    )
+    .unwrap();
+    assert_eq!(reuse.cheap_evaluations, 0);
+    assert_eq!(reuse.candidates, full.candidates);
     // A different search refuses the state.
     let mut other = cfg.clone();
     other.seed = 6;
@@ -151,6 +165,7 @@ fn results_do_not_depend_on_the_number_of_workers() {
             pool: dir.join(format!("pool-{name}")),
             workers,
             stop_after: None,
+            cheap_sources: Vec::new(),
         };
         strip(run_search(&config(Method::Dcnas), &ctx, &dir.join(format!("{name}.json"))).unwrap())
     };
