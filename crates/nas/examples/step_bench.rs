@@ -2,6 +2,10 @@
 //! paths (a quick check of the CPU cost of the search space).
 //!
 //! `cargo run --release -p nas --example step_bench -- [steps] [batch]`
+//!
+//! Environment knobs: `STEM_STRIDE=2` (the `cifar10-fast` stem), `LR` (supernet learning
+//! rate), `FIXED=1` (the supernet always runs the first path: it then learns like the
+//! stand-alone network), `SKIP_STANDALONE=1`.
 
 use candle_core::{Device, Tensor};
 use nas::net::Network;

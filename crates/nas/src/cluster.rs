@@ -1,8 +1,8 @@
 //! Similarity between sub-network representations and k-means clustering (k-means++ seeding,
 //! Lloyd iterations, empty clusters re-seeded), all deterministic for a seed.
 //!
-//! DC-NAS (sec. 3.2) groups sampled sub-networks whose representations are similar with
-//! k-means, minimising `sum_k sum_{i in C_k} ||f_i - c_k||^2` (the paper's clustering
+//! DC-NAS (its clustering step) groups sampled sub-networks whose representations are similar with
+//! k-means, minimising `sum_k sum_{i in C_k} ||f_i - c_k||^2` (the standard k-means
 //! objective); sub-networks are then only compared inside their cluster.
 
 use anyhow::{bail, Result};

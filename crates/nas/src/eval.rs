@@ -1,6 +1,6 @@
 //! Cheap evaluation of a sub-network with supernet weights, and its DC-NAS representation.
 //!
-//! DC-NAS (Wang, Xu, Tao 2020, sec. 3.1) represents a sub-network by how each of its layers
+//! DC-NAS (Wang, Xu, Tao 2020, its feature-representation step) represents a sub-network by how each of its layers
 //! changes: either the change of the layer's parameters or of its output features on the same
 //! input. Here, with a weight-sharing supernet, the change is from the supernet's initial
 //! weights to its trained weights, measured on a fixed probe batch:
