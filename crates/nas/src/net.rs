@@ -120,10 +120,10 @@ pub enum Block {
     /// Inverted residual (ReLU6 after expansion and depthwise, linear projection); the
     /// shortcut is added by [`Network`].
     InvRes {
-        expand: Option<ConvBn>,
+        expand: Option<Box<ConvBn>>,
         ratio: usize,
-        dw: ConvBn,
-        project: ConvBn,
+        dw: Box<ConvBn>,
+        project: Box<ConvBn>,
         stride: usize,
     },
     /// Identity.
@@ -141,11 +141,11 @@ impl Block {
                     expand: if expand == 1 {
                         None
                     } else {
-                        Some(ConvBn::new(&vp.pp("expand"), cin, hidden, 1, 1, false, bn_momentum)?)
+                        Some(Box::new(ConvBn::new(&vp.pp("expand"), cin, hidden, 1, 1, false, bn_momentum)?))
                     },
                     ratio: expand,
-                    dw: ConvBn::new(&vp.pp("dw"), hidden, hidden, k, stride, true, bn_momentum)?,
-                    project: ConvBn::new(&vp.pp("project"), hidden, cout, 1, 1, false, bn_momentum)?,
+                    dw: Box::new(ConvBn::new(&vp.pp("dw"), hidden, hidden, k, stride, true, bn_momentum)?),
+                    project: Box::new(ConvBn::new(&vp.pp("project"), hidden, cout, 1, 1, false, bn_momentum)?),
                     stride,
                 }
             }
