@@ -586,7 +586,7 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
             .iter()
             .filter(|r| &r.method == method || Method::parse(method).map(|m| m.name() == r.method).unwrap_or(false))
             .collect();
-        let col = |f: &dyn Fn(&SearchRow) -> f64| mean_std(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+        let col = |f: &dyn Fn(&SearchRow) -> f64| mean_std(&rs.iter().map(|r| f(r)).collect::<Vec<f64>>());
         let (t, ts) = col(&|r| r.test_top1);
         let (v, vs) = col(&|r| r.val_top1);
         let (p, _) = col(&|r| r.params as f64);
