@@ -598,14 +598,21 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
     for r in rows {
         body += &format!(
             "| {} | {} | {:.2} | {:.2} | {} | {} | {:.0} | `{}` |\n",
-            r.method, r.seed, r.test_top1, r.val_top1, r.params, r.macs, r.search_s, r.key
+            r.method,
+            r.seed,
+            r.test_top1,
+            r.val_top1,
+            r.params,
+            r.macs,
+            r.search_s,
+            r.key.replace('|', "\\|")
         );
     }
     if !finished {
         body += "\n**Partial: not every seed has finished yet.**\n";
     }
     body += &format!(
-        "\nGrid wall time {:.0} s (with cached stand-alone results).\n\n```\n{}\n```\n",
+        "\nWall time of this grid invocation {:.0} s (finished searches are read back from their states; each search's own wall time is `state_wall_s` in `runs/nas-search-<method>-s<seed>/summary.json`).\n\n```\n{}\n```\n",
         wall_s,
         command_line()
     );
