@@ -6,6 +6,7 @@ mod adder;
 mod bnn;
 mod bnn_deploy;
 mod fedpu;
+mod nas;
 mod nn;
 mod prune;
 mod sfda;
@@ -80,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         which: adder::AdderCommand,
     },
+    /// DC-NAS architecture search (nas): supernet, ranking study, searches, presets.
+    Nas {
+        #[command(subcommand)]
+        which: nas::NasCommand,
+    },
     /// Vision transformers of the survey (vit-survey-zoo): list, summary, train, bench.
     Vit {
         #[command(subcommand)]
@@ -108,6 +114,7 @@ fn main() -> Result<()> {
         Command::Sfda(a) => sfda::run(a),
         Command::Fedpu { which } => fedpu::run(which),
         Command::Adder { which } => adder::run(which),
+        Command::Nas { which } => nas::run(which),
         Command::Vit { which } => vit::run(which),
     }
 }

@@ -574,6 +574,10 @@ pub fn list() -> Result<()> {
     for p in PRESETS {
         println!("  {:<26} {}", p.name, p.about);
     }
+    println!("\nnas search spaces (cargo xtask nas supernet --preset NAME):");
+    for p in nas::presets::PRESETS {
+        println!("  {:<26} {}", p.name, p.description);
+    }
     Ok(())
 }
 
