@@ -634,37 +634,11 @@ fn compare(a: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes CIFAR-10 binary batches and an ImageNet class-folder tree (two classes, small JPEGs)
-/// under `root` in the official layouts.
+/// Writes CIFAR-10 binary batches and an ImageNet class-folder tree (two classes) under `root`
+/// in the official layouts.
 fn generate_datasets(root: &std::path::Path) -> Result<()> {
-    let cifar = root.join("cifar-10-batches-bin");
-    std::fs::create_dir_all(&cifar)?;
-    let record = |i: usize| {
-        let mut r = vec![(i % 10) as u8];
-        r.extend((0..3072).map(|j| ((i * 31 + j * 7) % 256) as u8));
-        r
-    };
-    for f in [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ] {
-        let bytes: Vec<u8> = (0..8).flat_map(record).collect();
-        std::fs::write(cifar.join(f), bytes)?;
-    }
-    for split in ["train", "val"] {
-        for (k, class) in ["n01440764", "n01443537"].iter().enumerate() {
-            let d = root.join("imagenet").join(split).join(class);
-            std::fs::create_dir_all(&d)?;
-            for i in 0..2u32 {
-                let img = image::RgbImage::from_fn(300 + i, 260, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, (k * 120) as u8]));
-                img.save(d.join(format!("{class}_{i}.JPEG")))?;
-            }
-        }
-    }
+    crate::test_files::write_cifar10(root, 8)?;
+    crate::test_files::write_imagenet(root, 2, 2)?;
     Ok(())
 }
 

@@ -757,8 +757,8 @@ mod tests {
     #[test]
     fn every_preset_runs_one_step_on_generated_files() {
         let root = temp_dir("bnn-presets");
-        write_cifar10(&root, 4);
-        write_imagenet(&root, 2, 2);
+        write_cifar10(&root, 4).unwrap();
+        write_imagenet(&root, 2, 2).unwrap();
         for p in BNN_PRESETS {
             let out = root.join(format!("runs/{}", p.name));
             let a = PresetArgs {

@@ -10,7 +10,6 @@ mod nas;
 mod nn;
 mod prune;
 mod sfda;
-#[cfg(test)]
 mod test_files;
 mod vit;
 

@@ -877,8 +877,8 @@ mod tests {
     #[test]
     fn every_preset_runs_one_step_on_generated_files() {
         let root = crate::test_files::temp_dir("prune-presets");
-        crate::test_files::write_cifar10(&root, 4);
-        crate::test_files::write_imagenet(&root, 2, 2);
+        crate::test_files::write_cifar10(&root, 4).unwrap();
+        crate::test_files::write_imagenet(&root, 2, 2).unwrap();
         for p in PRUNE_PRESETS {
             let out = root.join(format!("runs/{}", p.name));
             let W {
