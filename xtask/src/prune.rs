@@ -732,6 +732,17 @@ pub struct PresetArgs {
     pub quiet: bool,
 }
 
+/// Trains the dense prunable model `cfg.model` from scratch with `cfg` (cosine schedule to 0)
+/// into `cfg.out_dir`: the base that `run_one` then prunes.
+fn train_dense(mut cfg: TrainConfig, d: &StandardData) -> Result<()> {
+    let vs = VarStore::new(cfg.seed, &Device::Cpu);
+    let model = Arch::from_name(&cfg.model)?.build(&d.model_config, &vs.root(), &StandardFactory)?;
+    cfg.schedule = Schedule::cosine(0.0);
+    cfg.command = nn_core::report::command_line();
+    Trainer::new(cfg, model.as_ref(), &vs)?.fit(&d.train, Some(&d.test))?;
+    Ok(())
+}
+
 fn find_preset(name: &str) -> Result<&'static PrunePreset> {
     PRUNE_PRESETS.iter().find(|p| p.name == name).with_context(|| {
         format!(
@@ -778,19 +789,15 @@ fn preset(a: &PresetArgs) -> Result<Option<PruneReport>> {
             spec.train_subset = a.train_subset;
             spec.test_subset = a.test_subset;
             let d = standard_data(&spec)?;
-            let vs = VarStore::new(a.seed, &Device::Cpu);
-            let model = Arch::from_name(p.model)?.build(&d.model_config, &vs.root(), &StandardFactory)?;
             let mut cfg = TrainConfig::new(p.model, p.dataset, a.base_epochs.unwrap_or(p.base_epochs), &base);
             cfg.batch_size = batch_size;
             cfg.seed = a.seed;
             cfg.optimizer = OptimizerConfig::sgd_nesterov(p.base_lr, p.base_weight_decay);
-            cfg.schedule = Schedule::cosine(0.0);
             cfg.overwrite = a.overwrite;
             cfg.quiet = a.quiet;
             cfg.stop_after_steps = a.max_steps;
-            cfg.command = nn_core::report::command_line();
             eprintln!("{}: training the dense {} first ({})", p.name, p.model, base.display());
-            Trainer::new(cfg, model.as_ref(), &vs)?.fit(&d.train, Some(&d.test))?;
+            train_dense(cfg, &d)?;
             base
         }
     };
@@ -827,15 +834,11 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<(f64, f64, f64)> {
     let mut spec = DataSpec::new("mnist", 128, seed);
     spec.train_subset = Some(10_000);
     let d = standard_data(&spec)?;
-    let vs = VarStore::new(seed, &Device::Cpu);
-    let model = Arch::from_name("resnet20")?.build(&d.model_config, &vs.root(), &StandardFactory)?;
     let mut cfg = TrainConfig::new("resnet20", "mnist", epochs, &base);
     cfg.seed = seed;
     cfg.optimizer = OptimizerConfig::sgd_nesterov(0.1, 5e-4);
-    cfg.schedule = Schedule::cosine(0.0);
     cfg.overwrite = true;
-    cfg.command = nn_core::report::command_line();
-    Trainer::new(cfg, model.as_ref(), &vs)?.fit(&d.train, Some(&d.test))?;
+    train_dense(cfg, &d)?;
     let r = run_one(&RunArgs {
         method: "l1".into(),
         seed,
