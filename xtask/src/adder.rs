@@ -3,12 +3,13 @@
 //! addition/multiplication/energy counts, and a section of `docs/results/adder-nets.md`), the
 //! CNN vs ANN vs ANN+PKKD comparison over seeds, and the papers' presets.
 
+use crate::cli::DataArgs;
 use adder_nets::pkkd::{PkkdConfig, PkkdLoss, PkkdPair};
 use adder_nets::{AdaptiveLr, AdderConfig, AdderCounts, AdderFactory};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use nn_core::candle_core::{Device, Tensor, Var};
-use nn_core::experiment::{standard_data, summary_markdown, DataSpec};
+use nn_core::experiment::{standard_data, summary_markdown};
 use nn_core::models::{create_model, MODEL_NAMES};
 use nn_core::ops::Conv2dOpts;
 use nn_core::train::{Callback, OptimizerConfig, Schedule, TrainConfig, TrainSummary, Trainer};
@@ -158,12 +159,8 @@ pub struct Common {
     /// PKKD: matched layers (default: the last body conv of every stage).
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<String>,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Stop after this many optimizer steps (smoke runs of the long presets).
@@ -402,11 +399,7 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
         bail!("unknown method `{method}`; valid: cnn, ann, pkkd");
     }
     let r = resolve(c)?;
-    let mut spec = DataSpec::new(&r.dataset, r.batch_size, c.seed);
-    spec.data_dir = c.data.clone();
-    spec.train_subset = c.train_subset;
-    spec.test_subset = c.test_subset;
-    let d = standard_data(&spec)?;
+    let d = standard_data(&c.data.spec(&r.dataset, r.batch_size, c.seed))?;
     let mc = d.model_config;
     let dev = Device::Cpu;
     let vs = VarStore::new(c.seed, &dev);
@@ -499,12 +492,7 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
     if let Some(p) = &pair {
         notes += &format!(" PKKD {:?}.", p.config);
     }
-    if let Some(k) = c.train_subset {
-        notes += &format!(" Class-balanced training subset of {k} images.");
-    }
-    if let Some(k) = c.test_subset {
-        notes += &format!(" Class-balanced test subset of {k} images.");
-    }
+    c.data.append_subset_note(&mut notes);
     if c.no_results {
         eprintln!("summary: {}/summary.json", out.display());
     } else {
@@ -537,8 +525,8 @@ fn write_summary(
         if let Some(p) = pkkd {
             m.insert("pkkd".into(), serde_json::to_value(p)?);
         }
-        m.insert("train_subset".into(), serde_json::to_value(c.train_subset)?);
-        m.insert("test_subset".into(), serde_json::to_value(c.test_subset)?);
+        m.insert("train_subset".into(), serde_json::to_value(c.data.train_subset)?);
+        m.insert("test_subset".into(), serde_json::to_value(c.data.test_subset)?);
     }
     std::fs::create_dir_all(out)?;
     let p = out.join("summary.json");
@@ -574,7 +562,7 @@ fn compare(a: CompareArgs) -> Result<()> {
     let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
-        "## CNN vs ANN vs ANN+PKKD: {} on {}\n\nBudget per run: {} epochs, batch {}, SGD Nesterov (momentum 0.9) lr {} cosine, weight decay {}, adaptive-LR eta {}{}{}; seeds {:?}. \
+        "## CNN vs ANN vs ANN+PKKD: {} on {}\n\nBudget per run: {} epochs, batch {}, SGD Nesterov (momentum 0.9) lr {} cosine, weight decay {}, adaptive-LR eta {}{}; seeds {:?}. \
          Mean +- sample std of the final test top-1. PKKD: sigma_ann {}, sigma_cnn {}, feature weight {}, KD weight {}, T {}.\n\n\
          | method | test top-1 % (mean +- std) | per seed | multiplications / image | additions / image | energy uJ / image | mean wall s |\n|---|---|---|---|---|---|---|\n",
         r.model,
@@ -584,8 +572,7 @@ fn compare(a: CompareArgs) -> Result<()> {
         r.lr,
         r.weight_decay,
         c.eta,
-        c.train_subset.map_or(String::new(), |n| format!(", class-balanced training subset of {n} images")),
-        c.test_subset.map_or(String::new(), |n| format!(", test subset of {n} images")),
+        c.data.subset_clause(),
         a.seeds,
         c.sigma_ann,
         c.sigma_cnn,
@@ -664,9 +651,10 @@ fn check_presets() -> Result<()> {
                 kd_weight: 1.0,
                 temperature: 4.0,
                 layers: Vec::new(),
-                train_subset: None,
-                test_subset: None,
-                data: if p.dataset == "mnist" { None } else { Some(tmp.clone()) },
+                data: DataArgs {
+                    data: if p.dataset == "mnist" { None } else { Some(tmp.clone()) },
+                    ..Default::default()
+                },
                 out: Some(tmp.join(format!("run-{}-{method}", p.name))),
                 stop_after_steps: Some(1),
                 overwrite: true,
@@ -729,9 +717,10 @@ pub fn demo(epochs: usize, seed: u64) -> Result<()> {
         kd_weight: 1.0,
         temperature: 4.0,
         layers: Vec::new(),
-        train_subset: Some(10000),
-        test_subset: None,
-        data: None,
+        data: DataArgs {
+            train_subset: Some(10000),
+            ..Default::default()
+        },
         out: Some(PathBuf::from("runs/demo-adder-lenet5bn-mnist")),
         stop_after_steps: None,
         overwrite: true,

@@ -2,10 +2,11 @@
 //! LNS, train BiMLP; each writes `runs/<name>/summary.json` (nn-core's schema plus `method`
 //! and the binary counts) and a section of `docs/results/bnn-core.md`.
 
+use crate::cli::DataArgs;
 use anyhow::{bail, Context, Result};
 use bnn_core::{BiMlp, BiMlpConfig, BinaryConfig, BinaryCounts, BinaryFactory, FdaCallback, LnsCallback, LnsRegistry};
 use clap::{Args, Subcommand};
-use nn_core::experiment::{standard_data, summary_markdown, DataSpec, StandardData};
+use nn_core::experiment::{standard_data, summary_markdown, StandardData};
 use nn_core::models::{create_model, MODEL_NAMES};
 use nn_core::train::{Callback, Checkpoint, OptimizerConfig, Schedule, TrainConfig, TrainSummary, Trainer};
 use nn_core::{Model, VarStore};
@@ -162,18 +163,13 @@ pub struct PresetArgs {
     pub lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Data root searched first (e.g. one holding `imagenet/train`, `imagenet/val`).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Stop after this many optimizer steps (a smoke run: no results table is written).
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
     #[arg(long)]
     pub overwrite: bool,
     #[arg(long)]
@@ -218,12 +214,8 @@ pub struct Common {
     /// Use AdamW instead of SGD.
     #[arg(long)]
     pub adamw: bool,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long)]
@@ -324,8 +316,6 @@ fn preset_common(p: &BnnPreset, a: &PresetArgs) -> Common {
         lr: a.lr.unwrap_or(p.lr),
         weight_decay: p.weight_decay,
         adamw: p.adamw,
-        train_subset: a.train_subset,
-        test_subset: a.test_subset,
         data: a.data.clone(),
         out: a.out.clone(),
         overwrite: a.overwrite,
@@ -366,11 +356,7 @@ fn data(c: &Common) -> Result<StandardData> {
     if c.epochs == 0 || c.batch_size < 2 {
         bail!("--epochs must be >= 1 and --batch-size >= 2");
     }
-    let mut spec = DataSpec::new(&c.dataset, c.batch_size, c.seed);
-    spec.data_dir = c.data.clone();
-    spec.train_subset = c.train_subset;
-    spec.test_subset = c.test_subset;
-    standard_data(&spec)
+    standard_data(&c.data.spec(&c.dataset, c.batch_size, c.seed))
 }
 
 fn config(c: &Common, model: &str, out: &PathBuf) -> TrainConfig {
@@ -449,12 +435,7 @@ fn fit_and_report(
         counts.ops,
         counts.size_bytes / 1024.0
     );
-    if let Some(k) = c.train_subset {
-        n += &format!(" Class-balanced training subset of {k} images.");
-    }
-    if let Some(k) = c.test_subset {
-        n += &format!(" Class-balanced test subset of {k} images.");
-    }
+    c.data.append_subset_note(&mut n);
     if c.max_steps.is_some() {
         eprintln!(
             "smoke run (--max-steps): summary in {}/summary.json, no results table written",
@@ -511,15 +492,14 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
     let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
-        "## Experiment A: quantizers on binary (W1A1) {}, {}\n\nBudget: {} epochs per run, batch {}, SGD Nesterov lr {} cosine, weight decay {}{}{}; seeds {:?}. Mean +- sample std of the final test top-1.\n\n| method | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
+        "## Experiment A: quantizers on binary (W1A1) {}, {}\n\nBudget: {} epochs per run, batch {}, SGD Nesterov lr {} cosine, weight decay {}{}; seeds {:?}. Mean +- sample std of the final test top-1.\n\n| method | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
         a.model,
         c.dataset,
         c.epochs,
         c.batch_size,
         c.lr,
         c.weight_decay,
-        c.train_subset.map_or(String::new(), |n| format!(", class-balanced training subset of {n} images")),
-        c.test_subset.map_or(String::new(), |n| format!(", test subset of {n} images")),
+        c.data.subset_clause(),
         a.seeds
     );
     for (m, accs, walls) in &rows {
@@ -667,9 +647,7 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<f64> {
         lr: 0.1,
         weight_decay: 5e-4,
         adamw: false,
-        train_subset: None,
-        test_subset: None,
-        data: None,
+        data: DataArgs::default(),
         out: Some(PathBuf::from("runs/demo-bnn-lenet5-mnist")),
         overwrite: true,
         resume: false,
@@ -768,11 +746,12 @@ mod tests {
                 batch_size: Some(2),
                 lr: None,
                 seed: 0,
-                data: Some(root.clone()),
+                data: DataArgs {
+                    data: Some(root.clone()),
+                    ..Default::default()
+                },
                 out: Some(out.clone()),
                 max_steps: Some(1),
-                train_subset: None,
-                test_subset: None,
                 overwrite: true,
                 resume: false,
                 quiet: true,

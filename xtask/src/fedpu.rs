@@ -3,6 +3,7 @@
 //! Every run writes `runs/<name>/summary.json` and keeps its checkpoint, so `--resume`
 //! continues an interrupted run and the grid skips finished ones.
 
+use crate::cli::DataArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fed_pu::engine::{FedConfig, ModelBuilder, Simulation};
@@ -78,19 +79,14 @@ pub struct Common {
     /// FedPU PU-term weight (official code: puW).
     #[arg(long, default_value_t = 1.0)]
     pub pu_weight: f64,
-    /// Class-balanced subset of the training split (all of it when absent).
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
     /// Clients trained in parallel.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Evaluate every this many rounds (0: after the last round only).
     #[arg(long, default_value_t = 0)]
     pub eval_every: usize,
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub resume: bool,
     #[arg(long)]
@@ -247,8 +243,14 @@ fn strategy(c: &Common) -> Result<Strategy> {
 /// One run; returns its summary (also written to `out/summary.json`).
 fn run_one(c: &Common, method: &str, seed: u64, out: &PathBuf) -> Result<serde_json::Value> {
     let t0 = Instant::now();
-    let train = Arc::new(load(&c.dataset, Split::Train, c.train_subset, seed, &c.data)?);
-    let test = Arc::new(load(&c.dataset, Split::Test, c.test_subset, seed.wrapping_add(1), &c.data)?);
+    let train = Arc::new(load(&c.dataset, Split::Train, c.data.train_subset, seed, &c.data.data)?);
+    let test = Arc::new(load(
+        &c.dataset,
+        Split::Test,
+        c.data.test_subset,
+        seed.wrapping_add(1),
+        &c.data.data,
+    )?);
     let k = train.num_classes;
     let parts = match c.partition.as_str() {
         "iid" => iid(train.len(), c.clients, seed)?,

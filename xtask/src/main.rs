@@ -5,6 +5,7 @@
 mod adder;
 mod bnn;
 mod bnn_deploy;
+mod cli;
 mod fedpu;
 mod nas;
 mod nn;

@@ -1,9 +1,10 @@
 //! nn-core commands: train, demo, bench, summary, list.
 
+use crate::cli::DataArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use nn_core::candle_core::{DType, Device, Tensor};
-use nn_core::experiment::{standard_data, summary_markdown, DataSpec};
+use nn_core::experiment::{standard_data, summary_markdown};
 use nn_core::models::{create_model, ModelConfig, MODEL_NAMES};
 use nn_core::train::{OptimizerConfig, Schedule, TrainConfig, Trainer};
 use nn_core::{StandardFactory, VarStore};
@@ -66,18 +67,11 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value.
     #[arg(long)]
     pub clip: Option<f64>,
-    /// Train on a class-balanced subset of this many images.
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    /// Evaluate on a class-balanced subset of this many test images.
-    #[arg(long)]
-    pub test_subset: Option<usize>,
     /// No random crop / flip.
     #[arg(long)]
     pub no_augment: bool,
-    /// Data directory searched first.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -312,10 +306,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", r.model, r.dataset)));
-    let mut spec = DataSpec::new(&r.dataset, r.batch_size, a.seed);
-    spec.data_dir = a.data.clone();
-    spec.train_subset = a.train_subset;
-    spec.test_subset = a.test_subset;
+    let mut spec = a.data.spec(&r.dataset, r.batch_size, a.seed);
     spec.augment = !a.no_augment;
     spec.device = device.clone();
     let data = standard_data(&spec)?;
@@ -348,13 +339,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .file_name()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "run".into());
-    let mut notes = String::new();
-    if let Some(n) = a.train_subset {
-        notes += &format!("Class-balanced training subset of {n} images. ");
-    }
-    if let Some(n) = a.test_subset {
-        notes += &format!("Class-balanced test subset of {n} images. ");
-    }
+    let notes = a.data.subset_note();
     let page = nn_core::report::write_section(
         &a.results,
         "nn-core results",

@@ -2,6 +2,7 @@
 //! selection at a rate, fine-tune, and report accuracy before/after with parameters and MACs
 //! removed; benchmark physically pruned models against the dense one.
 
+use crate::cli::DataArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use nn_core::candle_core::{DType, Device, Tensor};
@@ -59,12 +60,8 @@ pub struct Common {
     /// ManiDP: target fraction of channels a gate keeps open (0.6 removes about half the MACs).
     #[arg(long, default_value_t = 0.6)]
     pub target_kept: f64,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub overwrite: bool,
     #[arg(long)]
@@ -164,11 +161,7 @@ fn load_data(c: &Common, dataset: &str, seed: u64) -> Result<StandardData> {
     if c.batch_size < 2 {
         bail!("--batch-size must be >= 2");
     }
-    let mut spec = DataSpec::new(dataset, c.batch_size, seed);
-    spec.data_dir = c.data.clone();
-    spec.train_subset = c.train_subset;
-    spec.test_subset = c.test_subset;
-    standard_data(&spec)
+    standard_data(&c.data.spec(dataset, c.batch_size, seed))
 }
 
 /// Builds `arch` through `factory` and loads the trained weights of `base` (the factory's
@@ -713,19 +706,14 @@ pub struct PresetArgs {
     pub target_kept: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Data root (cifar10/..., imagenet/{train,val}/...).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Run directory (default runs/<preset>-s<seed>).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Stop every training phase after this many steps (smoke test).
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
     #[arg(long)]
     pub overwrite: bool,
     #[arg(long)]
@@ -784,11 +772,7 @@ fn preset(a: &PresetArgs) -> Result<Option<PruneReport>> {
         }
         None => {
             let base = out.join("base");
-            let mut spec = DataSpec::new(p.dataset, batch_size, a.seed);
-            spec.data_dir = a.data.clone();
-            spec.train_subset = a.train_subset;
-            spec.test_subset = a.test_subset;
-            let d = standard_data(&spec)?;
+            let d = standard_data(&a.data.spec(p.dataset, batch_size, a.seed))?;
             let mut cfg = TrainConfig::new(p.model, p.dataset, a.base_epochs.unwrap_or(p.base_epochs), &base);
             cfg.batch_size = batch_size;
             cfg.seed = a.seed;
@@ -814,8 +798,6 @@ fn preset(a: &PresetArgs) -> Result<Option<PruneReport>> {
             scop_epochs: 1,
             knockoff_rank: 64,
             target_kept: a.target_kept.unwrap_or(p.target_kept),
-            train_subset: a.train_subset,
-            test_subset: a.test_subset,
             data: a.data.clone(),
             overwrite: a.overwrite,
             quiet: a.quiet,
@@ -852,9 +834,10 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<(f64, f64, f64)> {
             scop_epochs: 1,
             knockoff_rank: 64,
             target_kept: 0.6,
-            train_subset: Some(10_000),
-            test_subset: None,
-            data: None,
+            data: DataArgs {
+                train_subset: Some(10_000),
+                ..Default::default()
+            },
             overwrite: true,
             quiet: false,
             max_steps: None,
@@ -890,7 +873,7 @@ mod tests {
             else {
                 panic!("not a preset command")
             };
-            a.data = Some(root.clone());
+            a.data.data = Some(root.clone());
             a.out = Some(out.clone());
             let r = preset(&a).unwrap_or_else(|e| panic!("preset {}: {e:#}", p.name)).expect("a report");
             assert_eq!(r.model, p.model);

@@ -2,6 +2,7 @@
 //! CIFAR-size variants (and an nn-core CNN of similar MACs for comparison), and benchmark the
 //! forward pass at 224x224 against PyTorch/timm. Results go to `docs/results/vit-survey-zoo.md`.
 
+use crate::cli::DataArgs;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use nn_core::candle_core::{DType, Device, Tensor};
@@ -122,12 +123,8 @@ pub struct TrainArgs {
     pub label_smoothing: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long)]
-    pub train_subset: Option<usize>,
-    #[arg(long)]
-    pub test_subset: Option<usize>,
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long)]
@@ -337,11 +334,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.epochs == 0 || a.batch_size < 2 {
         bail!("--epochs must be >= 1 and --batch-size >= 2");
     }
-    let mut spec = DataSpec::new(&a.dataset, a.batch_size, a.seed);
-    spec.data_dir = a.data.clone();
-    spec.train_subset = a.train_subset;
-    spec.test_subset = a.test_subset;
-    let d = standard_data(&spec)?;
+    let d = standard_data(&a.data.spec(&a.dataset, a.batch_size, a.seed))?;
     let mc = d.model_config;
     let vs = VarStore::new(a.seed, &Device::Cpu);
     let is_cnn = nn_core::models::MODEL_NAMES.iter().any(|(n, _)| *n == a.model);
@@ -421,9 +414,7 @@ fn train(a: TrainArgs) -> Result<()> {
         if is_cnn { 0.0 } else { a.drop_path },
         a.batch_size
     );
-    if let Some(k) = a.train_subset {
-        notes += &format!(" Class-balanced training subset of {k} images.");
-    }
+    a.data.append_subset_note(&mut notes);
     if !a.note.is_empty() {
         notes += &format!(" {}", a.note);
     }

@@ -1,0 +1,51 @@
+//! Splits a convolution's training cost into forward, input gradient and weight gradient
+//! (medians over a few runs) on the ResNet-20 shapes: `cargo run --release -p nn-core
+//! --example conv_parts`. The weight-gradient column runs with a constant input, the
+//! input-gradient column with a constant weight.
+use candle_core::{Device, Tensor, Var};
+use nn_core::ops::{conv2d, Conv2dOpts};
+use std::time::Instant;
+
+fn median_ms(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[runs / 2])
+}
+
+fn main() -> candle_core::Result<()> {
+    nn_core::alloc::tune_allocator();
+    let dev = Device::Cpu;
+    let shapes = [
+        (16, 32, 16, 1),
+        (32, 16, 32, 1),
+        (64, 8, 64, 1),
+        (16, 28, 16, 1),
+        (32, 14, 32, 1),
+        (64, 7, 64, 1),
+    ];
+    println!(
+        "{:<22} {:>8} {:>10} {:>10} {:>8}",
+        "shape (batch 128)", "fwd ms", "+dX ms", "+dW ms", "all ms"
+    );
+    for (cin, hw, cout, s) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (128, cin, hw, hw), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev)?;
+        let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+        let o = Conv2dOpts::new(s, 1);
+        let fwd = median_ms(7, || conv2d(&x, &w, o).map(|_| ()))?;
+        let dx = median_ms(7, || conv2d(xv.as_tensor(), &w, o)?.sum_all()?.backward().map(|_| ()))?;
+        let dw = median_ms(7, || conv2d(&x, wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ()))?;
+        let all = median_ms(7, || conv2d(xv.as_tensor(), wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ()))?;
+        println!(
+            "{:<22} {fwd:>8.2} {dx:>10.2} {dw:>10.2} {all:>8.2}",
+            format!("{cin}ch@{hw}x{hw}->{cout} s{s}")
+        );
+    }
+    Ok(())
+}
