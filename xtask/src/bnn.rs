@@ -435,6 +435,7 @@ fn fit_and_report(
         counts.ops,
         counts.size_bytes / 1024.0
     );
+    n.truncate(n.trim_end().len());
     c.data.append_subset_note(&mut n);
     if c.max_steps.is_some() {
         eprintln!(

@@ -340,12 +340,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "run".into());
     let notes = a.data.subset_note();
-    let page = nn_core::report::write_section(
-        &a.results,
-        "nn-core results",
-        &name,
-        &summary_markdown(&name, &summary, notes.trim()),
-    )?;
+    let page = nn_core::report::write_section(&a.results, "nn-core results", &name, &summary_markdown(&name, &summary, &notes))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("summary: {}/summary.json; table: {}", out.display(), page.display());
     Ok(())

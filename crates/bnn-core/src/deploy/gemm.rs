@@ -483,6 +483,39 @@ mod tests {
     }
 
     #[test]
+    fn every_kernel_matches_portable_on_blocks_with_leftover_columns() {
+        // xor_popcount_block directly: full 4-column tiles plus leftover columns, an output
+        // stride wider than N, and more than 31 vectors per row (several byte-counter flushes)
+        let mut rng = Lcg::new(11);
+        let (m, n, k, ldo) = (5, 7, 8200, 9);
+        let (a, b) = (random_signs(&mut rng, m * k), random_signs(&mut rng, n * k));
+        let (pa, pb) = (PackedMatrix::from_f32(&a, m, k), PackedMatrix::from_f32(&b, n, k));
+        let wpr = pa.words_per_row();
+        let mut want = vec![u32::MAX; m * ldo];
+        xor_popcount_block(Kernel::Portable, &pa.data, m, &pb.data, n, wpr, &mut want, ldo);
+        let kernels = Kernel::available();
+        eprintln!("kernels tested: {:?}", kernels.iter().map(|k| k.name()).collect::<Vec<_>>());
+        for kernel in kernels {
+            let mut got = vec![u32::MAX; m * ldo];
+            xor_popcount_block(kernel, &pa.data, m, &pb.data, n, wpr, &mut got, ldo);
+            assert_eq!(got, want, "kernel {}", kernel.name());
+        }
+    }
+
+    #[test]
+    fn byte_counters_do_not_overflow_when_every_bit_differs() {
+        // all bits differ: every byte counter gains the maximum 8 per step, the worst case of
+        // the 31-step flush
+        for &(m, n, k) in &[(3, 5, 8192), (2, 4, 31 * 256), (1, 4, 32 * 256 + 64)] {
+            let pa = PackedMatrix::from_f32(&vec![-1.0; m * k], m, k);
+            let pb = PackedMatrix::from_f32(&vec![1.0; n * k], n, k);
+            for kernel in Kernel::available() {
+                assert_eq!(bgemm(&pa, &pb, kernel), vec![-(k as i32); m * n], "kernel {} K {k}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
     fn mismatched_k_is_rejected() {
         let a = PackedMatrix::from_f32(&[1.0; 10], 1, 10);
         let b = PackedMatrix::from_f32(&[1.0; 11], 1, 11);
