@@ -163,9 +163,10 @@ pub struct Common {
     pub data: DataArgs,
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Stop after this many optimizer steps (smoke runs of the long presets).
-    #[arg(long)]
-    pub stop_after_steps: Option<usize>,
+    /// Stop after this many optimizer steps (smoke runs of the long presets); `--max-steps`
+    /// as in the other runners (`--stop-after-steps` is kept as an alias).
+    #[arg(long, alias = "stop-after-steps")]
+    pub max_steps: Option<usize>,
     #[arg(long)]
     pub overwrite: bool,
     #[arg(long)]
@@ -175,7 +176,7 @@ pub struct Common {
     /// Results page the run's section goes to.
     #[arg(long, default_value = RESULTS)]
     pub results: String,
-    /// Write no results section (smoke runs).
+    /// Write no results section (implied by --max-steps).
     #[arg(long)]
     pub no_results: bool,
 }
@@ -416,7 +417,7 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
     cfg.overwrite = c.overwrite;
     cfg.resume = c.resume;
     cfg.quiet = c.quiet;
-    cfg.stop_after_steps = c.stop_after_steps;
+    cfg.stop_after_steps = c.max_steps;
     cfg.command = nn_core::report::command_line();
     let chw = (mc.in_channels, mc.image_size, mc.image_size);
 
@@ -493,8 +494,9 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
         notes += &format!(" PKKD {:?}.", p.config);
     }
     c.data.append_subset_note(&mut notes);
-    if c.no_results {
-        eprintln!("summary: {}/summary.json", out.display());
+    if c.no_results || c.max_steps.is_some() {
+        // a partial (--max-steps) run is not a result
+        eprintln!("summary: {}/summary.json (no results section written)", out.display());
     } else {
         let page = nn_core::report::write_section(&c.results, TITLE, &name, &summary_markdown(&name, &summary, &notes))?;
         eprintln!("summary: {}/summary.json; table: {}", out.display(), page.display());
@@ -656,7 +658,7 @@ fn check_presets() -> Result<()> {
                     ..Default::default()
                 },
                 out: Some(tmp.join(format!("run-{}-{method}", p.name))),
-                stop_after_steps: Some(1),
+                max_steps: Some(1),
                 overwrite: true,
                 resume: false,
                 quiet: true,
@@ -722,7 +724,7 @@ pub fn demo(epochs: usize, seed: u64) -> Result<()> {
             ..Default::default()
         },
         out: Some(PathBuf::from("runs/demo-adder-lenet5bn-mnist")),
-        stop_after_steps: None,
+        max_steps: None,
         overwrite: true,
         resume: false,
         quiet: false,
@@ -738,4 +740,36 @@ pub fn demo(epochs: usize, seed: u64) -> Result<()> {
         v["energy_uj"].as_f64().unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(subcommand)]
+        c: AdderCommand,
+    }
+
+    fn train_args(extra: &[&str]) -> Result<TrainArgs, clap::Error> {
+        let mut argv = vec!["adder", "train"];
+        argv.extend_from_slice(extra);
+        match W::try_parse_from(argv)?.c {
+            AdderCommand::Train(a) => Ok(a),
+            _ => unreachable!("parsed a train command"),
+        }
+    }
+
+    #[test]
+    fn max_steps_has_the_old_name_as_alias_and_shared_data_flags() {
+        let a = train_args(&["--max-steps", "3", "--train-subset", "100", "--data", "/d"]).unwrap();
+        assert_eq!(a.common.max_steps, Some(3));
+        assert_eq!(a.common.data.train_subset, Some(100));
+        assert_eq!(a.common.data.data, Some(PathBuf::from("/d")));
+        assert_eq!(train_args(&["--stop-after-steps", "5"]).unwrap().common.max_steps, Some(5));
+        assert!(train_args(&["--max-steps", "x"]).is_err());
+        assert!(train_args(&["--no-such-flag"]).is_err());
+    }
 }
