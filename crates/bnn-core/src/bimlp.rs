@@ -1,29 +1,37 @@
 //! BiMLP (Xu et al., NeurIPS 2022): a binary vision MLP on the Wave-MLP layout (Tang et al.,
-//! CVPR 2022).
+//! CVPR 2022), following the authors' released MindSpore evaluation code
+//! (`mindspore-ai/models`, `research/cv/BiMLP/src/bimlp.py`; no training code was released).
 //!
-//! * Stem, downsampling convolutions and classifier are full precision.
+//! * Stem (conv, BN, RPReLU), downsampling convolutions and classifier are full precision.
 //! * [`BinaryFc`]: every binary FC (a 1x1, or depthwise 1x7 / 7x1, binary convolution on NCHW
 //!   maps) has a learnable bias before it and BN, a residual and RPReLU after it:
 //!   `y = RPReLU(BN(BinConv(x + b)) + S(x))`.
 //! * Universal shortcut `S` (BiMLP, Sec. 3.3): identity when the channel count is kept; when a
 //!   layer expands `c -> r c` the input channels are tiled `r` times; when it reduces
-//!   `r c -> c` groups of `r` consecutive channels are averaged. Without it (the ablation) such
-//!   layers have no residual.
-//! * Multi-branch binary block (BiMLP, Sec. 3.2): the token mixer of Wave-MLP's phase-aware
-//!   token mixing with binary projections, as three branches: a channel FC branch, and two
-//!   phase-aware token-mixing branches, each `BinaryFc` amplitude `z` and phase `t` (1x1),
-//!   `[z cos t, z sin t]` interleaved per channel, then a binary depthwise 1x7 (resp. 7x1)
-//!   `2c -> c` FC; the branches are merged with learnable per-channel weights (initialised 1/3)
-//!   and projected by a last binary FC. The plain ablation ([`BiMlpConfig::multi_branch`]
-//!   false) chains the same pieces in one path (channel FC, H mixing, W mixing, projection).
-//! * Block: `x + Mixer(BN(x))`, then `x + MLP(BN(x))` with a binary channel MLP `c -> 4c -> c`.
-//! * Downsampling (BiMLP, Sec. 3.3): a full-precision 1x1 convolution, then the mean of max
-//!   pools with kernels 2, 3, 5, 7 at stride 2 (padding `k / 2` for odd `k`, and `H mod 2`
-//!   for `k = 2`, so all four outputs have size `ceil(H / 2)`), then BN.
+//!   `r c -> c` groups of `r` consecutive channels are averaged. In a [`BinaryMlp`] the first
+//!   FC's shortcut passes through its own BN and RPReLU (as the released `Mlp`). Without
+//!   universal shortcuts (the ablation) channel-changing layers have no residual.
+//! * Token mixer: Wave-MLP's phase-aware token mixing with binary projections. A channel FC
+//!   branch and two phase branches (H: 1x7, W: 7x1), each `BinaryFc` amplitude `z` and phase
+//!   `t` (1x1), `[z cos t ; z sin t]` concatenated along channels, then a binary grouped
+//!   (`groups = c`) `2c -> c` token FC. The branches are merged with Wave-MLP's input-dependent
+//!   weights, a softmax over the three branches per channel of a binary `BinaryMlp`
+//!   `c -> c/4 -> 3c` applied to the global average of `h + w + c + x`, plus the input:
+//!   `h a_0 + w a_1 + c a_2 + x`, then a binary projection.
+//! * Multi-branch block (BiMLP, Sec. 3.2): `x + Mixer(BN(x))`, then with `m = BN(x)`:
+//!   `x + w_0 B_h(m) + w_1 B_w(m) + (1 - w_0 - w_1) MLP(m)` where `B_h`, `B_w` are binary
+//!   depthwise 1x7 / 7x1 FCs with identity shortcuts, `MLP` the binary channel MLP
+//!   `c -> 4c -> c` and `w_0, w_1` two learnable scalars initialised to 0. The ablation
+//!   ([`BiMlpConfig::multi_branch`] false) keeps only `x + MLP(m)`.
+//! * Downsampling (BiMLP, Sec. 3.3): a full-precision 1x1 convolution, BN, RPReLU, then the
+//!   mean of max pools with kernels 2, 3, 5, 7 at stride 2 with "same" padding (output
+//!   `ceil(H / 2)`, the extra padding row/column at the bottom/right).
 //!
-//! The official code was not available to us; the layout above follows the paper's text as
-//! summarised in issue 3, and the phase branches follow Wave-MLP's PATM (amplitude and phase
-//! by 1x1 FCs, cos/sin modulation, grouped 1x7 / 7x1 token FCs).
+//! Deviations from the released code: BN everywhere (its BiMLP-M uses GroupNorm(1) for the
+//! block, stem and downsampling norms); activations binarised by the chosen quantizer's sign
+//! (the released quantizer rounds `clip(x, -1, 1)` to `{-1, 0, 1}`); depthwise weights binarised
+//! with a per-output-channel scale (the released XNOR scale, the mean of `|W|` over input
+//! channels, leaves a one-input-per-group kernel at full precision).
 
 use crate::binary::{BinaryConv2d, LearnableBias, RPRelu};
 use crate::factory::BinaryFactory;
@@ -151,13 +159,15 @@ impl UniversalShortcut {
     }
 }
 
-/// `RPReLU(BN(BinConv(x + b)) + S(x))`.
+/// `RPReLU(BN(BinConv(x + b)) + S(x))`, the shortcut optionally through its own BN and RPReLU.
 pub struct BinaryFc {
     bias: LearnableBias,
     conv: Arc<BinaryConv2d>,
     bn: BatchNorm,
     shortcut: UniversalShortcut,
+    shortcut_norm: Option<(BatchNorm, RPRelu)>,
     act: RPRelu,
+    out_channels: usize,
 }
 
 impl BinaryFc {
@@ -167,12 +177,30 @@ impl BinaryFc {
             conv: f.binary_conv2d(&vp.pp("fc"), cfg)?,
             bn: BatchNorm::new(&vp.pp("bn"), cfg.out_channels)?,
             shortcut: UniversalShortcut::new(cfg.in_channels, cfg.out_channels, universal_shortcut),
+            shortcut_norm: None,
             act: RPRelu::new(&vp.pp("act"), cfg.out_channels)?,
+            out_channels: cfg.out_channels,
         })
     }
     /// A 1x1 binary FC.
     pub fn pointwise(vp: &VarPath, cin: usize, cout: usize, us: bool, f: &BinaryFactory) -> Result<Self> {
         Self::new(vp, Conv2dConfig::new(cin, cout, 1), us, f)
+    }
+    /// A binary depthwise FC along W (`1 x 7`, `along_w`) or H (`7 x 1`) over `cin` inputs
+    /// in `c` groups (`cin / c` inputs per group), `cin -> c`.
+    pub fn token(vp: &VarPath, cin: usize, c: usize, along_w: bool, us: bool, f: &BinaryFactory) -> Result<Self> {
+        let mut cfg = Conv2dConfig::new(cin, c, 1).groups(c);
+        (cfg.kernel, cfg.padding) = if along_w { ((1, 7), (0, 3)) } else { ((7, 1), (3, 0)) };
+        Self::new(vp, cfg, us, f)
+    }
+    /// Passes the universal shortcut through its own BN and RPReLU (the first FC of the
+    /// released `Mlp`); no-op without a shortcut.
+    pub fn with_shortcut_norm(mut self, vp: &VarPath) -> Result<Self> {
+        let c = self.out_channels;
+        if !matches!(self.shortcut, UniversalShortcut::None) {
+            self.shortcut_norm = Some((BatchNorm::new(&vp.pp("short_bn"), c)?, RPRelu::new(&vp.pp("short_act"), c)?));
+        }
+        Ok(self)
     }
 }
 
@@ -181,22 +209,47 @@ impl ModuleT for BinaryFc {
         let y = self.conv.forward_t(&self.bias.forward_t(x, train)?, train)?;
         let y = self.bn.forward_t(&y, train)?;
         let y = match self.shortcut.apply(x)? {
-            Some(s) => (y + s)?,
+            Some(s) => {
+                let s = match &self.shortcut_norm {
+                    Some((bn, act)) => act.forward_t(&bn.forward_t(&s, train)?, train)?,
+                    None => s,
+                };
+                (y + s)?
+            }
             None => y,
         };
         self.act.forward_t(&y, train)
     }
 }
 
-/// `[z cos t, z sin t]` interleaved per channel: `[N, C, H, W]` -> `[N, 2C, H, W]`.
-fn phase_modulate(z: &Tensor, t: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = z.dims4()?;
-    let a = z.mul(&t.cos()?)?;
-    let b = z.mul(&t.sin()?)?;
-    Tensor::stack(&[a, b], 2)?.reshape((n, 2 * c, h, w))
+/// The released `Mlp`: a binary FC `cin -> hidden` whose universal shortcut passes through
+/// its own BN and RPReLU, then a binary FC `hidden -> cout` with a plain universal shortcut.
+pub struct BinaryMlp {
+    fc1: BinaryFc,
+    fc2: BinaryFc,
 }
 
-/// A phase-aware token-mixing branch along H (`1 x 7`) or W (`7 x 1`).
+impl BinaryMlp {
+    pub fn new(vp: &VarPath, cin: usize, hidden: usize, cout: usize, us: bool, f: &BinaryFactory) -> Result<Self> {
+        Ok(Self {
+            fc1: BinaryFc::pointwise(&vp.pp("fc1"), cin, hidden, us, f)?.with_shortcut_norm(&vp.pp("fc1"))?,
+            fc2: BinaryFc::pointwise(&vp.pp("fc2"), hidden, cout, us, f)?,
+        })
+    }
+}
+
+impl ModuleT for BinaryMlp {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.fc2.forward_t(&self.fc1.forward_t(x, train)?, train)
+    }
+}
+
+/// `[z cos t ; z sin t]` concatenated along channels: `[N, C, H, W]` -> `[N, 2C, H, W]`.
+fn phase_modulate(z: &Tensor, t: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[z.mul(&t.cos()?)?, z.mul(&t.sin()?)?], 1)
+}
+
+/// A phase-aware token-mixing branch along W (`1 x 7`) or H (`7 x 1`).
 struct PhaseBranch {
     amp: BinaryFc,
     phase: BinaryFc,
@@ -205,106 +258,92 @@ struct PhaseBranch {
 
 impl PhaseBranch {
     fn new(vp: &VarPath, c: usize, along_w: bool, us: bool, f: &BinaryFactory) -> Result<Self> {
-        let mut cfg = Conv2dConfig::new(2 * c, c, 1).groups(c);
-        if along_w {
-            cfg.kernel = (1, 7);
-            cfg.padding = (0, 3);
-        } else {
-            cfg.kernel = (7, 1);
-            cfg.padding = (3, 0);
-        }
         Ok(Self {
             amp: BinaryFc::pointwise(&vp.pp("amp"), c, c, us, f)?,
             phase: BinaryFc::pointwise(&vp.pp("phase"), c, c, us, f)?,
-            token: BinaryFc::new(&vp.pp("token"), cfg, us, f)?,
+            token: BinaryFc::token(&vp.pp("token"), 2 * c, c, along_w, us, f)?,
         })
     }
-    fn forward(&self, z_in: &Tensor, t_in: &Tensor, train: bool) -> Result<Tensor> {
-        let z = self.amp.forward_t(z_in, train)?;
-        let t = self.phase.forward_t(t_in, train)?;
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let z = self.amp.forward_t(x, train)?;
+        let t = self.phase.forward_t(x, train)?;
         self.token.forward_t(&phase_modulate(&z, &t)?, train)
     }
 }
 
-/// The token mixer: multi-branch (channel, H, W branches merged with learnable weights) or the
-/// plain single path, followed by a binary projection.
+/// The token mixer: channel, H and W branches merged with input-dependent weights (a softmax
+/// over the branches, per channel), plus the input, then a binary projection.
 pub struct TokenMixer {
     channel: BinaryFc,
     h: PhaseBranch,
     w: PhaseBranch,
-    merge: Option<Var>,
+    reweight: BinaryMlp,
     proj: BinaryFc,
     c: usize,
-    name: String,
 }
 
 impl TokenMixer {
     pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &BinaryFactory) -> Result<Self> {
         let us = cfg.universal_shortcut;
+        if c % 4 != 0 {
+            candle_core::bail!("BiMLP token mixer: {c} channels, need a multiple of 4 (reweighting MLP c -> c/4 -> 3c)");
+        }
         Ok(Self {
             channel: BinaryFc::pointwise(&vp.pp("channel"), c, c, us, f)?,
             h: PhaseBranch::new(&vp.pp("h"), c, true, us, f)?,
             w: PhaseBranch::new(&vp.pp("w"), c, false, us, f)?,
-            merge: if cfg.multi_branch {
-                Some(vp.param("merge", &[3, c], Init::Const(1.0 / 3.0), ParamKind::NormWeight)?)
-            } else {
-                None
-            },
+            reweight: BinaryMlp::new(&vp.pp("reweight"), c, c / 4, 3 * c, us, f)?,
             proj: BinaryFc::pointwise(&vp.pp("proj"), c, c, us, f)?,
             c,
-            name: vp.full_name("merge"),
         })
     }
 }
 
 impl ModuleT for TokenMixer {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = match &self.merge {
-            Some(m) => {
-                let c = self.channel.forward_t(x, train)?;
-                let h = self.h.forward(x, x, train)?;
-                let w = self.w.forward(x, x, train)?;
-                if nn_core::summary::is_recording() {
-                    nn_core::summary::record(|| nn_core::summary::LayerStat {
-                        name: self.name.clone(),
-                        kind: "BranchMerge".into(),
-                        out_shape: c.dims().to_vec(),
-                        params: m.elem_count(),
-                        ..Default::default()
-                    });
-                }
-                let m = m.as_tensor();
-                let wt = |i: usize| -> Result<Tensor> { m.get(i)?.reshape((1, self.c, 1, 1)) };
-                ((c.broadcast_mul(&wt(0)?)? + h.broadcast_mul(&wt(1)?)?)? + w.broadcast_mul(&wt(2)?)?)?
-            }
-            None => {
-                let c = self.channel.forward_t(x, train)?;
-                let h = self.h.forward(&c, x, train)?;
-                self.w.forward(&h, x, train)?
-            }
-        };
+        let c = self.channel.forward_t(x, train)?;
+        let h = self.h.forward(x, train)?;
+        let w = self.w.forward(x, train)?;
+        let n = x.dim(0)?;
+        let pooled = (((&h + &w)? + &c)? + x)?.mean_keepdim(3)?.mean_keepdim(2)?;
+        // [N, 3C, 1, 1] -> [N, C, 3]: channel i's weight of branch k at 3 i + k
+        let a = nn_core::layers::functional::softmax_last_dim(&self.reweight.forward_t(&pooled, train)?.reshape((n, self.c, 3))?)?;
+        let wt = |k: usize| a.narrow(2, k, 1)?.reshape((n, self.c, 1, 1));
+        let y = (((h.broadcast_mul(&wt(0)?)? + w.broadcast_mul(&wt(1)?)?)? + c.broadcast_mul(&wt(2)?)?)? + x)?;
         self.proj.forward_t(&y, train)
     }
 }
 
-/// One BiMLP block.
+/// One BiMLP block: token mixing, then the multi-branch channel part.
 pub struct BiMlpBlock {
     norm1: BatchNorm,
     mixer: TokenMixer,
     norm2: BatchNorm,
-    fc1: BinaryFc,
-    fc2: BinaryFc,
+    mlp: BinaryMlp,
+    /// The depthwise 1x7 / 7x1 branches and their merge weights `[w_0, w_1]` (multi-branch).
+    branches: Option<(BinaryFc, BinaryFc, Var)>,
+    name: String,
 }
 
 impl BiMlpBlock {
     pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &BinaryFactory) -> Result<Self> {
-        let hidden = c * cfg.mlp_ratio;
+        let us = cfg.universal_shortcut;
+        let branches = if cfg.multi_branch {
+            Some((
+                BinaryFc::token(&vp.pp("sfc_h"), c, c, true, us, f)?,
+                BinaryFc::token(&vp.pp("sfc_w"), c, c, false, us, f)?,
+                vp.param("branch_weight", &[2], Init::ZEROS, ParamKind::NormWeight)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             norm1: BatchNorm::new(&vp.pp("norm1"), c)?,
             mixer: TokenMixer::new(&vp.pp("mixer"), c, cfg, f)?,
             norm2: BatchNorm::new(&vp.pp("norm2"), c)?,
-            fc1: BinaryFc::pointwise(&vp.pp("mlp.fc1"), c, hidden, cfg.universal_shortcut, f)?,
-            fc2: BinaryFc::pointwise(&vp.pp("mlp.fc2"), hidden, c, cfg.universal_shortcut, f)?,
+            mlp: BinaryMlp::new(&vp.pp("mlp"), c, c * cfg.mlp_ratio, c, us, f)?,
+            branches,
+            name: vp.full_name("branch_weight"),
         })
     }
 }
@@ -312,15 +351,36 @@ impl BiMlpBlock {
 impl ModuleT for BiMlpBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = (x + self.mixer.forward_t(&self.norm1.forward_t(x, train)?, train)?)?;
-        let y = self.fc1.forward_t(&self.norm2.forward_t(&x, train)?, train)?;
-        x + self.fc2.forward_t(&y, train)?
+        let m = self.norm2.forward_t(&x, train)?;
+        let a = self.mlp.forward_t(&m, train)?;
+        let Some((bh, bw, wt)) = &self.branches else {
+            return x + a;
+        };
+        let b = bh.forward_t(&m, train)?;
+        let c = bw.forward_t(&m, train)?;
+        if nn_core::summary::is_recording() {
+            nn_core::summary::record(|| nn_core::summary::LayerStat {
+                name: self.name.clone(),
+                kind: "BranchMerge".into(),
+                out_shape: a.dims().to_vec(),
+                params: wt.elem_count(),
+                ..Default::default()
+            });
+        }
+        let (w0, w1) = (wt.as_tensor().narrow(0, 0, 1)?, wt.as_tensor().narrow(0, 1, 1)?);
+        // w_0 B_h + w_1 B_w + (1 - w_0 - w_1) MLP
+        let rest = (w0.affine(-1.0, 1.0)? - &w1)?;
+        let merged = ((b.broadcast_mul(&w0)? + c.broadcast_mul(&w1)?)? + a.broadcast_mul(&rest)?)?;
+        x + merged
     }
 }
 
-/// Full-precision 1x1 conv, mean of max pools (k = 2, 3, 5, 7, stride 2), BN.
+/// Full-precision 1x1 conv, BN, RPReLU, then the mean of "same"-padded max pools (k = 2, 3,
+/// 5, 7, stride 2).
 pub struct Downsample {
     conv: Conv2d,
     bn: BatchNorm,
+    act: RPRelu,
 }
 
 impl Downsample {
@@ -328,17 +388,37 @@ impl Downsample {
         Ok(Self {
             conv: Conv2d::new(&vp.pp("conv"), Conv2dConfig::new(cin, cout, 1).bias(true))?,
             bn: BatchNorm::new(&vp.pp("bn"), cout)?,
+            act: RPRelu::new(&vp.pp("act"), cout)?,
         })
     }
 }
 
-/// Mean of the max pools with kernels 2, 3, 5, 7 at stride 2, padded so all give `ceil(H/2)`.
+/// `(before, after)` padding of a "same" stride-2 window of size `k` over `len` positions
+/// (output `ceil(len / 2)`, the odd remainder after).
+fn same_padding(len: usize, k: usize) -> (usize, usize) {
+    let total = ((len.div_ceil(2) - 1) * 2 + k).saturating_sub(len);
+    (total / 2, total - total / 2)
+}
+
+/// Mean of the max pools with kernels 2, 3, 5, 7 at stride 2 with "same" padding (all give
+/// `ceil(H/2)`; padded positions never win the max).
 pub fn multi_max_pool(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
+    let (n, c, h, w) = x.dims4()?;
     let mut acc: Option<Tensor> = None;
     for k in [2usize, 3, 5, 7] {
-        let pad = |s: usize| if k == 2 { s % 2 } else { k / 2 };
-        let p = nn_core::ops::max_pool2d(x, (k, k), (2, 2), (pad(h), pad(w)))?;
+        let ((top, bottom), (left, right)) = (same_padding(h, k), same_padding(w, k));
+        // the pool pads symmetrically by (top, left); the extra bottom row / right column
+        // are filled with the lowest f32 so that they never win the max
+        let mut xp = x.clone();
+        if bottom > top {
+            let fill = Tensor::full(f32::MIN, (n, c, bottom - top, w), x.device())?.to_dtype(x.dtype())?;
+            xp = Tensor::cat(&[&xp, &fill], 2)?;
+        }
+        if right > left {
+            let fill = Tensor::full(f32::MIN, (n, c, xp.dim(2)?, right - left), x.device())?.to_dtype(x.dtype())?;
+            xp = Tensor::cat(&[&xp, &fill], 3)?;
+        }
+        let p = nn_core::ops::max_pool2d(&xp, (k, k), (2, 2), (top, left))?;
         acc = Some(match acc {
             Some(a) => (a + p)?,
             None => p,
@@ -349,8 +429,10 @@ pub fn multi_max_pool(x: &Tensor) -> Result<Tensor> {
 
 impl ModuleT for Downsample {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward_t(x, train)?;
-        self.bn.forward_t(&multi_max_pool(&y)?, train)
+        let y = self
+            .act
+            .forward_t(&self.bn.forward_t(&self.conv.forward_t(x, train)?, train)?, train)?;
+        multi_max_pool(&y)
     }
 }
 
@@ -359,6 +441,7 @@ pub struct BiMlp {
     name: String,
     stem: Conv2d,
     stem_bn: BatchNorm,
+    stem_act: RPRelu,
     stages: Vec<(Option<Downsample>, Vec<BiMlpBlock>)>,
     norm: BatchNorm,
     head: Linear,
@@ -374,6 +457,7 @@ impl BiMlp {
             Conv2dConfig::new(mc.in_channels, cfg.dims[0], k).stride(s).padding(p).bias(true),
         )?;
         let stem_bn = BatchNorm::new(&vp.pp("stem.bn"), cfg.dims[0])?;
+        let stem_act = RPRelu::new(&vp.pp("stem.act"), cfg.dims[0])?;
         let mut stages = Vec::new();
         for (i, (&n, &c)) in cfg.layers.iter().zip(cfg.dims.iter()).enumerate() {
             let down = if i > 0 {
@@ -391,6 +475,7 @@ impl BiMlp {
             name: cfg.name.clone(),
             stem,
             stem_bn,
+            stem_act,
             stages,
             norm: BatchNorm::new(&vp.pp("norm"), d)?,
             head: Linear::new(&vp.pp("head"), d, mc.num_classes, true)?,
@@ -408,7 +493,8 @@ impl Model for BiMlp {
         Ok(self.forward_stages(x, train)?.pop().expect("pooled features"))
     }
     fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut x = self.stem_bn.forward_t(&self.stem.forward_t(x, train)?, train)?;
+        let x = self.stem_bn.forward_t(&self.stem.forward_t(x, train)?, train)?;
+        let mut x = self.stem_act.forward_t(&x, train)?;
         let mut outs = Vec::new();
         for (down, blocks) in &self.stages {
             if let Some(d) = down {
@@ -458,9 +544,30 @@ mod tests {
             let y = multi_max_pool(&x)?;
             assert_eq!(y.dims(), &[1, 2, s.div_ceil(2), s.div_ceil(2)]);
         }
-        // constant input: every pool gives the constant
-        let x = Tensor::ones((1, 1, 6, 6), DType::F32, &Device::Cpu)?;
-        assert!((multi_max_pool(&x)?.mean_all()?.to_scalar::<f32>()? - 1.0).abs() < 1e-6);
+        // constant negative input: every pool gives the constant (padding never wins the max)
+        for s in [6usize, 7] {
+            let x = (Tensor::ones((1, 1, s, s), DType::F32, &Device::Cpu)? * -5.0)?;
+            let y = multi_max_pool(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(y.iter().all(|v| (v + 5.0).abs() < 1e-6), "{s}: {y:?}");
+        }
+        // "same" padding: the odd remainder goes after (bottom / right)
+        assert_eq!(same_padding(8, 2), (0, 0));
+        assert_eq!(same_padding(8, 3), (0, 1));
+        assert_eq!(same_padding(8, 7), (2, 3));
+        assert_eq!(same_padding(7, 2), (0, 1));
+        assert_eq!(same_padding(7, 5), (2, 2));
+        // window i of k = 3 on an even map covers 2i..2i+2: a ramp along W gives 2i+2 (the
+        // last window's third position is padding)
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)?
+            .reshape((1, 1, 1, 8))?
+            .repeat((1, 1, 8, 1))?;
+        let p3 = nn_core::ops::max_pool2d(
+            &Tensor::cat(&[&x, &Tensor::full(f32::MIN, (1, 1, 8, 1), &Device::Cpu)?], 3)?,
+            (1, 3),
+            (1, 2),
+            (0, 0),
+        )?;
+        assert_eq!(p3.flatten_all()?.to_vec1::<f32>()?[..4], [2.0, 4.0, 6.0, 7.0]);
         Ok(())
     }
 }

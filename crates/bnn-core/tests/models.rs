@@ -58,8 +58,17 @@ fn bimlp_small_and_plain_get_gradients() -> Result<()> {
             let vs = VarStore::new(3, &dev);
             let f = BinaryFactory::new(BinaryConfig::from_method(method)?);
             let m = BiMlp::new(&vs.root(), &ModelConfig::new(1, 10, 28), &cfg, &f)?;
-            check_all_params_get_gradients(&m, &vs, &input(4, 1, 28)?)
-                .map_err(|e| candle_core::Error::Msg(format!("{} {method}: {e}", cfg.name)))?;
+            // the released initialisation puts zero weight on the depthwise branches, which
+            // then get no gradient at the first step: move the weights off zero to check the
+            // wiring
+            for p in vs.trainable().iter().filter(|p| p.name.ends_with("branch_weight")) {
+                p.var.set(&Tensor::new(&[0.3f32, 0.2], &dev)?)?;
+            }
+            // images with different brightness, so that the globally pooled features fed to
+            // the reweighting MLP differ in sign across the batch (its BN normalises over it)
+            let offsets = Tensor::new(&[-1.5f32, -0.5, 0.5, 1.5], &dev)?.reshape((4, 1, 1, 1))?;
+            let x = input(4, 1, 28)?.broadcast_add(&offsets)?;
+            check_all_params_get_gradients(&m, &vs, &x).map_err(|e| candle_core::Error::Msg(format!("{} {method}: {e}", cfg.name)))?;
         }
     }
     Ok(())
@@ -113,21 +122,47 @@ fn bimlp_counts_are_pinned() -> Result<()> {
             .map(|l| l.out_shape[1])
             .sum();
         assert_eq!(k.float_params + k.binary_params, vs.num_params() + scales, "{}", cfg.name);
-        let want = match cfg.name.as_str() {
-            "bimlp-small" => (361_800 + 1824, 1_464_960, 2_050_048, 18_837_504),
+        // Pinned by hand in two steps. The counts of the first implementation (before the
+        // released code's block), then what the released layout adds, per block of width c
+        // on an h x w map: binary weights 14c (depthwise 1x7 and 7x1 branches) + c^2
+        // (reweighting MLP c -> c/4 -> 3c); float parameters 14c + 22c (those layers' biases,
+        // BNs, RPReLUs and weight scales) + 20c (BN + RPReLU on the channel MLP's tiled
+        // shortcut) + 2 (branch weights) - 3c (the former static merge); binary MACs
+        // 14c hw + c^2 (the reweighting MLP runs on the pooled 1 x 1 map); plus an RPReLU
+        // after the stem and after every downsampling (3 parameters per channel).
+        let added = |hw: [usize; 4]| {
+            let (mut float, mut binary, mut bops) = (3 * cfg.dims[0] + 3 * cfg.dims[1..].iter().sum::<usize>(), 0, 0);
+            for s in 0..4 {
+                let c = cfg.dims[s];
+                float += cfg.layers[s] * (53 * c + 2);
+                binary += cfg.layers[s] * (14 * c + c * c);
+                bops += cfg.layers[s] * (14 * c * hw[s] + c * c);
+            }
+            (float, binary, bops as u64)
+        };
+        let (first, hw) = match cfg.name.as_str() {
+            "bimlp-small" => ((361_800 + 1824, 1_464_960, 2_050_048, 18_837_504), [256, 64, 16, 4]),
             "bimlp-s" => (
-                1_000_232 + 3 * (2 * 64 + 2 * 128 + 4 * 320 + 2 * 512),
-                13_723_136,
-                119_930_880,
-                2_228_215_808,
+                (
+                    1_000_232 + 3 * (2 * 64 + 2 * 128 + 4 * 320 + 2 * 512),
+                    13_723_136,
+                    119_930_880,
+                    2_228_215_808,
+                ),
+                [3136, 784, 196, 49],
             ),
             _ => (
-                1_248_552 + 3 * (2 * 64 + 3 * 128 + 10 * 320 + 3 * 512),
-                26_295_808,
-                119_930_880,
-                4_287_840_256,
+                (
+                    1_248_552 + 3 * (2 * 64 + 3 * 128 + 10 * 320 + 3 * 512),
+                    26_295_808,
+                    119_930_880,
+                    4_287_840_256,
+                ),
+                [3136, 784, 196, 49],
             ),
         };
+        let (df, db, dops) = added(hw);
+        let want = (first.0 + df, first.1 + db, first.2, first.3 + dops);
         assert_eq!((k.float_params, k.binary_params, k.flops, k.bops), want, "{}", cfg.name);
     }
     Ok(())
