@@ -25,6 +25,10 @@ pub enum BnnCommand {
     /// Experiment A: every quantizer x every seed on the same budget (finished runs are
     /// skipped, so the grid resumes), then the mean +- std table in docs/results/bnn-core.md.
     ExpA(ExpAArgs),
+    /// Experiment C: the small BiMLP against its plain ablation (no multi-branch blocks, no
+    /// universal shortcuts) and a binary ResNet-20 over seeds on one budget (finished runs are
+    /// skipped), then accuracy and OPs side by side in docs/results/bnn-core.md.
+    ExpC(ExpCArgs),
     /// Binary GEMM (bit-packed XNOR-popcount) vs candle f32 matmul, 1 and 2 threads.
     BenchGemm(crate::bnn_deploy::BenchGemmArgs),
     /// Export a trained binary ResNet run to the packed inference engine's file format.
@@ -195,6 +199,27 @@ pub struct ExpAArgs {
     pub common: Common,
 }
 
+/// Options of `cargo xtask bnn exp-c`.
+#[derive(Args, Debug, Clone)]
+pub struct ExpCArgs {
+    /// BiMLP variants (`bimlp-small`, `bimlp-small-plain`, ...) or nn-core backbones trained
+    /// binary with the same quantizer (`resnet20`, ...).
+    #[arg(long, value_delimiter = ',', default_value = "bimlp-small,bimlp-small-plain,resnet20")]
+    pub models: Vec<String>,
+    /// Quantizer of every model: ste, approxsign, fda, fda-noise.
+    #[arg(long, default_value = "ste")]
+    pub quantizer: String,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Prefix of the run directories (<runs-dir>/<prefix>-<dataset>-<model>-s<seed>).
+    #[arg(long, default_value = "bnn-exp-c")]
+    pub prefix: String,
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// Options shared by every bnn run.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
@@ -288,6 +313,7 @@ pub fn run(cmd: BnnCommand) -> Result<()> {
         BnnCommand::Lns(a) => lns(a),
         BnnCommand::Bimlp(a) => bimlp(a),
         BnnCommand::ExpA(a) => exp_a(a),
+        BnnCommand::ExpC(a) => exp_c(a),
         BnnCommand::Preset(a) => preset(a),
         BnnCommand::BenchGemm(a) => crate::bnn_deploy::bench_gemm(a),
         BnnCommand::Export(a) => crate::bnn_deploy::export_cmd(a),
@@ -459,6 +485,24 @@ fn write_summary(out: &std::path::Path, s: &TrainSummary, method: &str, counts: 
     std::fs::write(&p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))
 }
 
+/// The summary of the grid run in `out`: read back when a completed run of the same epochs is
+/// there, otherwise trained by `run` with `common` pointed at `out` and `seed`.
+fn grid_run(common: &Common, seed: u64, out: &std::path::Path, run: impl FnOnce(Common) -> Result<()>) -> Result<serde_json::Value> {
+    let done = std::fs::read(out.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v["completed"].as_bool() == Some(true) && v["epochs"].as_u64() == Some(common.epochs as u64));
+    if let Some(v) = done {
+        return Ok(v);
+    }
+    let mut c = common.clone();
+    c.seed = seed;
+    c.out = Some(out.to_path_buf());
+    c.overwrite = !c.resume;
+    run(c)?;
+    Ok(serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?)
+}
+
 fn exp_a(a: ExpAArgs) -> Result<()> {
     let mut rows = Vec::new();
     for method in &a.methods {
@@ -466,25 +510,13 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         let mut walls = Vec::new();
         for &seed in &a.seeds {
             let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, a.common.dataset, method));
-            let done = std::fs::read(out.join("summary.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .filter(|v| v["completed"].as_bool() == Some(true) && v["epochs"].as_u64() == Some(a.common.epochs as u64));
-            let v = match done {
-                Some(v) => v,
-                None => {
-                    let mut c = a.common.clone();
-                    c.seed = seed;
-                    c.out = Some(out.clone());
-                    c.overwrite = !c.resume;
-                    train(TrainArgs {
-                        model: a.model.clone(),
-                        quantizer: method.clone(),
-                        common: c,
-                    })?;
-                    serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?
-                }
-            };
+            let v = grid_run(&a.common, seed, &out, |c| {
+                train(TrainArgs {
+                    model: a.model.clone(),
+                    quantizer: method.clone(),
+                    common: c,
+                })
+            })?;
             accs.push(v["test_top1"].as_f64().context("summary without test_top1")?);
             walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
         }
@@ -524,6 +556,77 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
     );
     let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
     println!("{t}");
+    eprintln!("table: {}", page.display());
+    Ok(())
+}
+
+fn exp_c(a: ExpCArgs) -> Result<()> {
+    let c = &a.common;
+    let mut t = format!(
+        "## Experiment C: BiMLP vs its plain ablation vs binary ResNet-20, {}\n\nBudget: {} epochs per run, batch {}, {} lr {} cosine, weight decay {}{}; quantizer `{}`; seeds {:?}. Mean +- sample std of the final test top-1; counts per image at inference (OPs = FLOPs + BOPs/64).\n\n| model | test top-1 % (mean +- std) | per seed | binary params | float params | OPs | mean wall s |\n|---|---|---|---|---|---|---|\n",
+        c.dataset,
+        c.epochs,
+        c.batch_size,
+        if c.adamw { "AdamW" } else { "SGD Nesterov" },
+        c.lr,
+        c.weight_decay,
+        c.data.subset_clause(),
+        a.quantizer,
+        a.seeds
+    );
+    let stats = nn_core::experiment::mean_std;
+    let mut complete = true;
+    for model in &a.models {
+        let (mut accs, mut walls, mut counts) = (Vec::new(), Vec::new(), serde_json::Value::Null);
+        for &seed in &a.seeds {
+            let out = a.runs_dir.join(format!("{}-{}-{}-s{seed}", a.prefix, c.dataset, model));
+            let v = grid_run(c, seed, &out, |common| {
+                if model.starts_with("bimlp") {
+                    bimlp(BimlpArgs {
+                        variant: model.clone(),
+                        quantizer: a.quantizer.clone(),
+                        common,
+                    })
+                } else {
+                    train(TrainArgs {
+                        model: model.clone(),
+                        quantizer: a.quantizer.clone(),
+                        common,
+                    })
+                }
+            })?;
+            let done = v["completed"].as_bool() == Some(true);
+            complete &= done;
+            // a stopped (--max-steps) run has no test accuracy
+            let acc = v["test_top1"].as_f64();
+            accs.push(if done {
+                acc.context("summary without test_top1")?
+            } else {
+                acc.unwrap_or(f64::NAN)
+            });
+            walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
+            counts = v["binary_counts"].clone();
+        }
+        let (mean, sd) = stats(&accs);
+        t += &format!(
+            "| {model} | {mean:.2} +- {sd:.2} | {} | {} | {} | {:.4e} | {:.0} |\n",
+            accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+            counts["binary_params"],
+            counts["float_params"],
+            counts["ops"].as_f64().unwrap_or(f64::NAN),
+            stats(&walls).0
+        );
+    }
+    t += &format!(
+        "\nThe paper's ablation claim: the multi-branch blocks and universal shortcuts raise the accuracy of the binary MLP at almost the same OPs.\n\n```\n{}\n```\n",
+        nn_core::report::command_line()
+    );
+    println!("{t}");
+    if !complete || c.max_steps.is_some() {
+        eprintln!("partial runs (--max-steps): table printed, not written");
+        return Ok(());
+    }
+    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
     eprintln!("table: {}", page.display());
     Ok(())
 }
@@ -681,6 +784,43 @@ mod tests {
 
     fn parse(a: &[&str]) -> std::result::Result<BnnCommand, clap::Error> {
         W::try_parse_from(std::iter::once("bnn").chain(a.iter().copied())).map(|w| w.c)
+    }
+
+    #[test]
+    fn exp_c_runs_every_model_and_prints_the_table() {
+        let dir = temp_dir("bnn-exp-c");
+        let dir_s = dir.to_string_lossy().to_string();
+        let BnnCommand::ExpC(a) = parse(&[
+            "exp-c",
+            "--dataset",
+            "mnist",
+            "--models",
+            "bimlp-small,bimlp-small-plain,lenet5-bn",
+            "--seeds",
+            "0",
+            "--batch-size",
+            "4",
+            "--train-subset",
+            "40",
+            "--test-subset",
+            "20",
+            "--max-steps",
+            "1",
+            "--runs-dir",
+            &dir_s,
+            "--quiet",
+        ])
+        .unwrap() else {
+            panic!("not exp-c")
+        };
+        exp_c(a).unwrap();
+        for m in ["bimlp-small", "bimlp-small-plain", "lenet5-bn"] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join(format!("bnn-exp-c-mnist-{m}-s0/summary.json"))).unwrap()).unwrap();
+            assert!(v["binary_counts"]["ops"].as_f64().unwrap() > 0.0, "{m}");
+            assert_eq!(v["completed"].as_bool(), Some(false), "{m}: a 1-step run is not complete");
+        }
+        assert!(parse(&["exp-c", "--models", "bimlp-small", "--seeds", "x"]).is_err());
     }
 
     #[test]
