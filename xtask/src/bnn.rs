@@ -29,6 +29,9 @@ pub enum BnnCommand {
     /// universal shortcuts) and a binary ResNet-20 over seeds on one budget (finished runs are
     /// skipped), then accuracy and OPs side by side in docs/results/bnn-core.md.
     ExpC(ExpCArgs),
+    /// Experiment B: per seed, an STE binary network trained from scratch, then fine-tuned for
+    /// the same budget with and without LNS (finished runs are skipped), then the table.
+    ExpB(ExpBArgs),
     /// Binary GEMM (bit-packed XNOR-popcount) vs candle f32 matmul, 1 and 2 threads.
     BenchGemm(crate::bnn_deploy::BenchGemmArgs),
     /// Export a trained binary ResNet run to the packed inference engine's file format.
@@ -199,6 +202,31 @@ pub struct ExpAArgs {
     pub common: Common,
 }
 
+/// Options of `cargo xtask bnn exp-b`.
+#[derive(Args, Debug, Clone)]
+pub struct ExpBArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    /// Epochs of the STE pretraining of each seed's base network (default: --epochs).
+    #[arg(long)]
+    pub pretrain_epochs: Option<usize>,
+    /// Flip rate of the noisy labels sign(W*).
+    #[arg(long, default_value_t = 0.1)]
+    pub rho: f64,
+    /// Weight of the LNS loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub lambda: f64,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// Prefix of the run directories (<runs-dir>/<prefix>-<dataset>-{ste,finetune,lns}-s<seed>).
+    #[arg(long, default_value = "bnn-exp-b")]
+    pub prefix: String,
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// Options of `cargo xtask bnn exp-c`.
 #[derive(Args, Debug, Clone)]
 pub struct ExpCArgs {
@@ -314,6 +342,7 @@ pub fn run(cmd: BnnCommand) -> Result<()> {
         BnnCommand::Bimlp(a) => bimlp(a),
         BnnCommand::ExpA(a) => exp_a(a),
         BnnCommand::ExpC(a) => exp_c(a),
+        BnnCommand::ExpB(a) => exp_b(a),
         BnnCommand::Preset(a) => preset(a),
         BnnCommand::BenchGemm(a) => crate::bnn_deploy::bench_gemm(a),
         BnnCommand::Export(a) => crate::bnn_deploy::export_cmd(a),
@@ -560,6 +589,93 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
     Ok(())
 }
 
+/// Test top-1 of a grid run's summary: required of a completed run, NaN for a stopped
+/// (`--max-steps`) one, which has none.
+fn grid_top1(v: &serde_json::Value) -> Result<f64> {
+    let acc = v["test_top1"].as_f64();
+    if v["completed"].as_bool() == Some(true) {
+        acc.context("summary without test_top1")
+    } else {
+        Ok(acc.unwrap_or(f64::NAN))
+    }
+}
+
+fn exp_b(a: ExpBArgs) -> Result<()> {
+    let c = &a.common;
+    let mut pre = c.clone();
+    pre.epochs = a.pretrain_epochs.unwrap_or(c.epochs);
+    let stats = nn_core::experiment::mean_std;
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("ste (pretrained base)", vec![], vec![]),
+        ("finetune", vec![], vec![]),
+        ("lns", vec![], vec![]),
+    ];
+    let mut complete = true;
+    for &seed in &a.seeds {
+        let run = |tag: &str| a.runs_dir.join(format!("{}-{}-{tag}-s{seed}", a.prefix, c.dataset));
+        let base = run("ste");
+        let mut vs = vec![grid_run(&pre, seed, &base, |common| {
+            train(TrainArgs {
+                model: a.model.clone(),
+                quantizer: "ste".into(),
+                common,
+            })
+        })?];
+        for no_lns in [true, false] {
+            let out = run(if no_lns { "finetune" } else { "lns" });
+            vs.push(grid_run(c, seed, &out, |common| {
+                lns(LnsArgs {
+                    from: base.clone(),
+                    no_lns,
+                    rho: a.rho,
+                    lambda: a.lambda,
+                    common,
+                })
+            })?);
+        }
+        for (row, v) in rows.iter_mut().zip(&vs) {
+            complete &= v["completed"].as_bool() == Some(true);
+            row.1.push(grid_top1(v)?);
+            row.2.push(v["wall_s"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let mut t = format!(
+        "## Experiment B: LNS on binary {}, {}\n\nPer seed: an STE binary network trained for {} epochs, then fine-tuned from it for {} epochs (batch {}, {} lr {} cosine, weight decay {}{}) without LNS (`finetune`) and with LNS (rho {}, lambda {}); seeds {:?}. Mean +- sample std of the final test top-1.\n\n| run | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
+        a.model,
+        c.dataset,
+        pre.epochs,
+        c.epochs,
+        c.batch_size,
+        if c.adamw { "AdamW" } else { "SGD Nesterov" },
+        c.lr,
+        c.weight_decay,
+        c.data.subset_clause(),
+        a.rho,
+        a.lambda,
+        a.seeds
+    );
+    for (name, accs, walls) in &rows {
+        let (mean, sd) = stats(accs);
+        t += &format!(
+            "| {name} | {mean:.2} +- {sd:.2} | {} | {:.0} |\n",
+            accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+            stats(walls).0
+        );
+    }
+    t += &format!(
+        "\nThe paper's claim: fine-tuning with LNS beats fine-tuning without it from the same binary network.\n\n```\n{}\n```\n",
+        nn_core::report::command_line()
+    );
+    println!("{t}");
+    if !complete || c.max_steps.is_some() {
+        eprintln!("partial runs (--max-steps): table printed, not written");
+        return Ok(());
+    }
+    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
+    eprintln!("table: {}", page.display());
+    Ok(())
+}
+
 fn exp_c(a: ExpCArgs) -> Result<()> {
     let c = &a.common;
     let mut t = format!(
@@ -595,15 +711,8 @@ fn exp_c(a: ExpCArgs) -> Result<()> {
                     })
                 }
             })?;
-            let done = v["completed"].as_bool() == Some(true);
-            complete &= done;
-            // a stopped (--max-steps) run has no test accuracy
-            let acc = v["test_top1"].as_f64();
-            accs.push(if done {
-                acc.context("summary without test_top1")?
-            } else {
-                acc.unwrap_or(f64::NAN)
-            });
+            complete &= v["completed"].as_bool() == Some(true);
+            accs.push(grid_top1(&v)?);
             walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
             counts = v["binary_counts"].clone();
         }
@@ -784,6 +893,42 @@ mod tests {
 
     fn parse(a: &[&str]) -> std::result::Result<BnnCommand, clap::Error> {
         W::try_parse_from(std::iter::once("bnn").chain(a.iter().copied())).map(|w| w.c)
+    }
+
+    #[test]
+    fn exp_b_pretrains_then_finetunes_with_and_without_lns() {
+        let dir = temp_dir("bnn-exp-b");
+        let dir_s = dir.to_string_lossy().to_string();
+        let BnnCommand::ExpB(a) = parse(&[
+            "exp-b",
+            "--model",
+            "lenet5-bn",
+            "--dataset",
+            "mnist",
+            "--seeds",
+            "0",
+            "--batch-size",
+            "4",
+            "--train-subset",
+            "40",
+            "--test-subset",
+            "20",
+            "--max-steps",
+            "1",
+            "--runs-dir",
+            &dir_s,
+            "--quiet",
+        ])
+        .unwrap() else {
+            panic!("not exp-b")
+        };
+        exp_b(a).unwrap();
+        for tag in ["ste", "finetune", "lns"] {
+            let p = dir.join(format!("bnn-exp-b-mnist-{tag}-s0/summary.json"));
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            assert_eq!(v["completed"].as_bool(), Some(false), "{tag}");
+        }
+        assert!(parse(&["exp-b", "--rho", "x"]).is_err());
     }
 
     #[test]
