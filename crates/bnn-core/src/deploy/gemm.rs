@@ -14,7 +14,7 @@
 //!   (`_mm256_shuffle_epi8`): both operands are split once into low- and high-nibble planes,
 //!   so a 256-bit step is two `xor`s, two lookups and two byte adds; a `2 x 4` register tile;
 //!   byte counts widened with `vpsadbw` every 31 steps; the words that do not fill a 256-bit
-//!   vector go through `popcnt`. Below 8 words per row it uses the `popcnt` loops.
+//!   vector go through `popcnt`. Below 16 words per row it uses the `popcnt` loops.
 //! - [`Kernel::Popcnt`]: the 64-bit `popcnt` instruction; rows of up to 12 words (`K <= 768`,
 //!   every convolution of ResNet-20) use a loop specialised to the word count, fully unrolled,
 //!   with the row of `A` in registers; longer rows a 2 x 4 register tile.
@@ -63,10 +63,10 @@ impl Kernel {
     }
 
     /// The kernel used by default: `BNN_KERNEL` (`portable`, `popcnt`, `avx2`) when set and
-    /// available, otherwise `popcnt` where available, otherwise portable. On this project's
-    /// machine (AMD Zen 3, four scalar ALUs that each run `popcnt`) `popcnt` was as fast or
-    /// faster than the AVX2 nibble table up to `K = 1024`, which covers every convolution of
-    /// ResNet-20; AVX2 won only at `K = 4096` (`cargo xtask bnn bench-gemm`,
+    /// available, otherwise `avx2` where available, then `popcnt`, then portable. The AVX2
+    /// kernel runs the `popcnt` loops below 16 words per row (every convolution of ResNet-20)
+    /// and its nibble-plane path above, which was 1.9x faster than `popcnt` at `K = 1024` and
+    /// 2.2x at `K = 4096` on this project's machine (`cargo xtask bnn bench-gemm`,
     /// docs/results/bnn-deploy.md).
     pub fn best() -> Kernel {
         if let Ok(s) = std::env::var("BNN_KERNEL") {
@@ -74,11 +74,10 @@ impl Kernel {
                 return k;
             }
         }
-        if Kernel::Popcnt.is_available() {
-            Kernel::Popcnt
-        } else {
-            Kernel::Portable
-        }
+        [Kernel::Avx2, Kernel::Popcnt]
+            .into_iter()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::Portable)
     }
 
     pub fn parse(s: &str) -> Option<Kernel> {
@@ -257,6 +256,7 @@ fn block_scalar(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "popcnt")]
+#[inline(never)]
 fn block_popcnt(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
     drive_any(a, m, b, n, wpr, out, ldo)
 }
@@ -275,9 +275,13 @@ fn block_popcnt(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 fn block_avx2(a: &[u64], m: usize, b: &[u64], n: usize, wpr: usize, out: &mut [u32], ldo: usize) {
-    if wpr < 8 {
-        // under two vectors per dot product the table lookups do not pay off
-        return drive_any(a, m, b, n, wpr, out, ldo);
+    if wpr < 16 {
+        // under four vectors per dot product the splitting and the reductions do not pay off:
+        // at K = 576 (9 words, ResNet-20's last stage) this path took 2.66 ms against 1.62 ms
+        // for the popcnt loops (docs/results/bnn-deploy.md, 2026-12-05). Through the separate
+        // popcnt-only function: compiled inline here, LLVM vectorises those loops with AVX2
+        // and a table popcount, which is slower on this machine.
+        return block_popcnt(a, m, b, n, wpr, out, ldo);
     }
     let vecs = wpr / 4;
     let tail = vecs * 4;
