@@ -895,31 +895,30 @@ mod tests {
         W::try_parse_from(std::iter::once("bnn").chain(a.iter().copied())).map(|w| w.c)
     }
 
-    #[test]
-    fn exp_b_pretrains_then_finetunes_with_and_without_lns() {
-        let dir = temp_dir("bnn-exp-b");
-        let dir_s = dir.to_string_lossy().to_string();
-        let BnnCommand::ExpB(a) = parse(&[
-            "exp-b",
-            "--model",
-            "lenet5-bn",
-            "--dataset",
-            "mnist",
-            "--seeds",
-            "0",
-            "--batch-size",
-            "4",
+    /// A grid command `cmd` as a smoke run: MNIST subsets, one seed, one step per run, run
+    /// directories under `dir`.
+    fn smoke(cmd: &str, dir: &std::path::Path, extra: &[&str]) -> BnnCommand {
+        let dir = dir.to_string_lossy().to_string();
+        let mut argv = vec![cmd, "--dataset", "mnist", "--seeds", "0", "--batch-size", "4"];
+        argv.extend([
             "--train-subset",
             "40",
             "--test-subset",
             "20",
             "--max-steps",
             "1",
-            "--runs-dir",
-            &dir_s,
             "--quiet",
-        ])
-        .unwrap() else {
+            "--runs-dir",
+            &dir,
+        ]);
+        argv.extend_from_slice(extra);
+        parse(&argv).unwrap()
+    }
+
+    #[test]
+    fn exp_b_pretrains_then_finetunes_with_and_without_lns() {
+        let dir = temp_dir("bnn-exp-b");
+        let BnnCommand::ExpB(a) = smoke("exp-b", &dir, &["--model", "lenet5-bn"]) else {
             panic!("not exp-b")
         };
         exp_b(a).unwrap();
@@ -934,28 +933,7 @@ mod tests {
     #[test]
     fn exp_c_runs_every_model_and_prints_the_table() {
         let dir = temp_dir("bnn-exp-c");
-        let dir_s = dir.to_string_lossy().to_string();
-        let BnnCommand::ExpC(a) = parse(&[
-            "exp-c",
-            "--dataset",
-            "mnist",
-            "--models",
-            "bimlp-small,bimlp-small-plain,lenet5-bn",
-            "--seeds",
-            "0",
-            "--batch-size",
-            "4",
-            "--train-subset",
-            "40",
-            "--test-subset",
-            "20",
-            "--max-steps",
-            "1",
-            "--runs-dir",
-            &dir_s,
-            "--quiet",
-        ])
-        .unwrap() else {
+        let BnnCommand::ExpC(a) = smoke("exp-c", &dir, &["--models", "bimlp-small,bimlp-small-plain,lenet5-bn"]) else {
             panic!("not exp-c")
         };
         exp_c(a).unwrap();
