@@ -662,18 +662,8 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
             stats(walls).0
         );
     }
-    t += &format!(
-        "\nThe paper's claim: fine-tuning with LNS beats fine-tuning without it from the same binary network.\n\n```\n{}\n```\n",
-        nn_core::report::command_line()
-    );
-    println!("{t}");
-    if !complete || c.max_steps.is_some() {
-        eprintln!("partial runs (--max-steps): table printed, not written");
-        return Ok(());
-    }
-    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
-    eprintln!("table: {}", page.display());
-    Ok(())
+    let claim = "The paper's claim: fine-tuning with LNS beats fine-tuning without it from the same binary network.";
+    finish_grid_table(t, claim, complete && c.max_steps.is_none(), &format!("{}-{}", a.prefix, c.dataset))
 }
 
 fn exp_c(a: ExpCArgs) -> Result<()> {
@@ -726,16 +716,20 @@ fn exp_c(a: ExpCArgs) -> Result<()> {
             stats(&walls).0
         );
     }
-    t += &format!(
-        "\nThe paper's ablation claim: the multi-branch blocks and universal shortcuts raise the accuracy of the binary MLP at almost the same OPs.\n\n```\n{}\n```\n",
-        nn_core::report::command_line()
-    );
+    let claim = "The paper's ablation claim: the multi-branch blocks and universal shortcuts raise the accuracy of the binary MLP at almost the same OPs.";
+    finish_grid_table(t, claim, complete && c.max_steps.is_none(), &format!("{}-{}", a.prefix, c.dataset))
+}
+
+/// Appends the paper's claim and the command to a grid's table, prints it and, when every run
+/// completed, writes it into the results page as section `key` (partial runs are not results).
+fn finish_grid_table(mut t: String, claim: &str, complete: bool, key: &str) -> Result<()> {
+    t += &format!("\n{claim}\n\n```\n{}\n```\n", nn_core::report::command_line());
     println!("{t}");
-    if !complete || c.max_steps.is_some() {
+    if !complete {
         eprintln!("partial runs (--max-steps): table printed, not written");
         return Ok(());
     }
-    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
+    let page = nn_core::report::write_section(RESULTS, "bnn-core results", key, &t)?;
     eprintln!("table: {}", page.display());
     Ok(())
 }
