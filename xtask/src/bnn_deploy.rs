@@ -1,18 +1,18 @@
-//! bnn-core deploy commands: the binary GEMM benchmark, export of a trained binary ResNet to
-//! the packed engine, inference with exactness checks against candle, the end-to-end speed and
+//! bnn-core deploy commands: the binary GEMM benchmark, export of a trained binary ResNet or
+//! BiMLP to the packed engine, inference with exactness checks against candle, the end-to-end speed and
 //! memory comparison. Every command writes its section of `docs/results/bnn-deploy.md`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use bnn_core::deploy::format;
 use bnn_core::deploy::gemm::{bgemm_into, Kernel};
-use bnn_core::deploy::{export, PackedMatrix, PackedResNet};
-use bnn_core::{BinaryConfig, BinaryFactory};
+use bnn_core::deploy::{export, DeployedModel, PackedBiMlp, PackedMatrix, PackedResNet};
+use bnn_core::{BiMlp, BiMlpConfig, BinaryConfig, BinaryFactory};
 use clap::Args;
 use nn_core::candle_core::{DType, Device, Tensor};
 use nn_core::experiment::{standard_data, DataSpec};
 use nn_core::models::{create_model, ModelConfig};
 use nn_core::train::{Checkpoint, TrainConfig};
-use nn_core::{Model, VarStore};
+use nn_core::{LayerFactory, Model, VarStore};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -220,6 +220,20 @@ fn bnn_core_rand(n: usize, seed: u64) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------------
 // loading a trained run
 
+/// nn-core's registry model `name`, or a BiMLP (`bimlp-small`, ...), built with `f`.
+fn any_model(name: &str, mc: &ModelConfig, vs: &VarStore, f: &dyn LayerFactory) -> Result<Box<dyn Model>> {
+    match BiMlpConfig::by_name(name) {
+        Ok(cfg) => Ok(Box::new(BiMlp::new(&vs.root(), mc, &cfg, f)?)),
+        Err(_) => Ok(create_model(name, mc, &vs.root(), f)?),
+    }
+}
+
+/// An exported model: a packed ResNet or a packed BiMLP.
+enum Exported {
+    ResNet(PackedResNet),
+    BiMlp(PackedBiMlp),
+}
+
 /// A trained binary run: its config, method, data shapes and variables.
 struct TrainedRun {
     dir: PathBuf,
@@ -272,12 +286,20 @@ impl TrainedRun {
     fn candle_model(&self) -> Result<(Box<dyn Model>, VarStore)> {
         let vs = VarStore::new(0, &Device::Cpu);
         let f = BinaryFactory::new(self.binary_config()?);
-        let m = create_model(&self.config.model, &self.model_config, &vs.root(), &f)?;
+        let m = any_model(&self.config.model, &self.model_config, &vs, &f)?;
         vs.load_tensors(&self.vars, true)?;
         Ok((m, vs))
     }
-    fn export(&self) -> Result<PackedResNet> {
-        export::export_resnet(&self.vars, &self.config.model, &self.model_config, &self.binary_config()?).map_err(|e| anyhow!("{e}"))
+    fn export(&self) -> Result<Exported> {
+        let bc = self.binary_config()?;
+        Ok(match BiMlpConfig::by_name(&self.config.model) {
+            Ok(cfg) => {
+                Exported::BiMlp(PackedBiMlp::export(&self.vars, &self.model_config, &cfg, &bc, Kernel::best()).map_err(|e| anyhow!("{e}"))?)
+            }
+            Err(_) => Exported::ResNet(
+                export::export_resnet(&self.vars, &self.config.model, &self.model_config, &bc).map_err(|e| anyhow!("{e}"))?,
+            ),
+        })
     }
 }
 
@@ -287,7 +309,8 @@ impl TrainedRun {
 /// Options of `cargo xtask bnn export`.
 #[derive(Args, Debug, Clone)]
 pub struct ExportArgs {
-    /// Run directory of a trained binary ResNet (`cargo xtask bnn train --model resnet20 ...`).
+    /// Run directory of a trained binary ResNet (`cargo xtask bnn train --model resnet20 ...`) or
+    /// BiMLP (`cargo xtask bnn bimlp ...`).
     #[arg(long)]
     pub run: PathBuf,
     /// Output file (default: <run>/model.bnn.safetensors).
@@ -309,26 +332,40 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
     source.insert("run".to_string(), run.dir.display().to_string());
     source.insert("method".to_string(), run.method.clone());
     source.insert("dataset".to_string(), run.config.dataset.clone());
-    let bytes = format::save(&packed, source, &out)?;
-    // it must load back to the same model
-    let (back, _) = format::load(&out)?;
-    if back != packed {
-        bail!("{} does not load back to the exported model", out.display());
-    }
+    let (bytes, bin_f32, bin_packed, param_bytes) = match &packed {
+        Exported::ResNet(p) => {
+            let bytes = format::save(p, source, &out)?;
+            // it must load back to the same model
+            let (back, _) = format::load(&out)?;
+            if &back != p {
+                bail!("{} does not load back to the exported model", out.display());
+            }
+            let (mut bin_f32, mut bin_packed) = (0usize, 0usize);
+            for b in &p.blocks {
+                for c in [&b.conv1, &b.conv2] {
+                    bin_f32 += c.geom.k() * c.geom.cout * 4;
+                    bin_packed += c.weights.data.len() * 8;
+                }
+            }
+            (bytes, bin_f32, bin_packed, p.param_bytes())
+        }
+        Exported::BiMlp(p) => {
+            let bytes = p.save(source, &out)?;
+            let (back, _) = PackedBiMlp::load(&out, Kernel::best())?;
+            if !back.same_as(p) {
+                bail!("{} does not load back to the exported model", out.display());
+            }
+            let (bin_packed, bin_f32) = p.binary_weight_bytes();
+            (bytes, bin_f32, bin_packed, p.param_bytes())
+        }
+    };
     // sizes: the float model of the same architecture as safetensors, and the binary layers alone
     let tmp = std::env::temp_dir().join(format!("bnn-deploy-float-{}.safetensors", std::process::id()));
     let vs = VarStore::new(0, &Device::Cpu);
-    let _m = create_model(&run.config.model, &run.model_config, &vs.root(), &nn_core::StandardFactory)?;
+    let _m = any_model(&run.config.model, &run.model_config, &vs, &nn_core::StandardFactory)?;
     vs.save(&tmp)?;
     let float_bytes = file_size(&tmp)?;
     let _ = std::fs::remove_file(&tmp);
-    let (mut bin_f32, mut bin_packed) = (0usize, 0usize);
-    for b in &packed.blocks {
-        for c in [&b.conv1, &b.conv2] {
-            bin_f32 += c.geom.k() * c.geom.cout * 4;
-            bin_packed += c.weights.data.len() * 8;
-        }
-    }
     let body = format!(
         "## Export of `{}`\n\nModel `{}` ({} method) trained on {} ({}). Exported file `{}`: **{bytes} bytes** ({:.1} KiB), vs the float \
          {} as a safetensors file of its parameters and BatchNorm buffers: {float_bytes} bytes ({:.1} KiB), **{:.1}x smaller**. Binary \
@@ -345,7 +382,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         float_bytes as f64 / 1024.0,
         float_bytes as f64 / bytes as f64,
         bin_f32 as f64 / bin_packed as f64,
-        packed.param_bytes(),
+        param_bytes,
         nn_core::report::command_line()
     );
     println!("{body}");
@@ -409,21 +446,22 @@ fn argmax(v: &[f32]) -> usize {
 
 pub fn infer(a: InferArgs) -> Result<()> {
     let kernel = kernel_arg(&a.kernel)?;
-    let (m, arch) = format::load(&a.model)?;
+    let m = DeployedModel::load(&a.model, kernel)?;
+    let (in_channels, image_size, num_classes) = m.io();
     let mut spec = DataSpec::new(&a.dataset, a.batch_size.max(2), 0);
     spec.data_dir = a.data.clone();
     spec.train_subset = Some(16);
     spec.test_subset = a.test_subset;
     let d = standard_data(&spec)?;
     let mc = d.model_config;
-    if (mc.in_channels, mc.image_size, mc.num_classes) != (m.in_channels, m.image_size, m.num_classes) {
+    if (mc.in_channels, mc.image_size, mc.num_classes) != (in_channels, image_size, num_classes) {
         bail!(
             "{} expects {} x {} x {} inputs and {} classes, {} has {} x {} x {} and {}",
             a.model.display(),
-            m.in_channels,
-            m.image_size,
-            m.image_size,
-            m.num_classes,
+            in_channels,
+            image_size,
+            image_size,
+            num_classes,
             a.dataset,
             mc.in_channels,
             mc.image_size,
@@ -434,7 +472,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
     let reference = if a.no_reference {
         None
     } else {
-        a.reference.clone().or_else(|| arch.source.get("run").map(PathBuf::from))
+        a.reference.clone().or_else(|| m.source().get("run").map(PathBuf::from))
     };
     let candle = match &reference {
         Some(r) => Some(load_run(r, a.data.as_deref())?.candle_model()?),
@@ -454,7 +492,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
         let t0 = Instant::now();
         let logits = m.forward(&hb.images, b, kernel).map_err(|e| anyhow!("{e}"))?;
         t_engine += ms(t0);
-        let k = m.num_classes;
+        let k = num_classes;
         for i in 0..b {
             if argmax(&logits[i * k..(i + 1) * k]) == hb.labels[i] as usize {
                 correct += 1;
@@ -514,7 +552,7 @@ pub fn infer(a: InferArgs) -> Result<()> {
             "\nExactness against the candle forward pass (bnn-core layers on nn-core's `{}`, eval mode) of the same trained run `{}`: candle \
              top-1 {:.2}% ({:.1} images/s); **same argmax on {agree} / {n} images**; logits within 1e-3 relative on **{within} / {n} images** (per image: max |engine - \
              candle| / max |candle logit|); worst image {max_abs:.3e} absolute, {max_rel:.3e} relative.\n",
-            m.model,
+            m.name(),
             r.display(),
             100.0 * correct_ref as f64 / n as f64,
             n as f64 / (t_candle / 1e3)
@@ -577,18 +615,18 @@ pub struct BenchDeployArgs {
 }
 
 pub fn bench_deploy(a: BenchDeployArgs) -> Result<()> {
-    let (packed, arch) = format::load(&a.model)?;
-    let run_dir = arch
-        .source
+    let kernel = Kernel::best();
+    let packed = DeployedModel::load(&a.model, kernel)?;
+    let run_dir = packed
+        .source()
         .get("run")
         .map(PathBuf::from)
         .context("the model file does not record its training run")?;
     let run = load_run(&run_dir, a.data.as_deref())?;
     let (bin, _vs) = run.candle_model()?;
     let vs_f = VarStore::new(0, &Device::Cpu);
-    let float = create_model(&run.config.model, &run.model_config, &vs_f.root(), &nn_core::StandardFactory)?;
-    let kernel = Kernel::best();
-    let (c, s) = (packed.in_channels, packed.image_size);
+    let float = any_model(&run.config.model, &run.model_config, &vs_f, &nn_core::StandardFactory)?;
+    let (c, s, _) = packed.io();
     let start_load = loadavg();
     let mut table = String::from(
         "| batch | threads | packed engine img/s | candle binary img/s | nn-core float img/s | packed / candle binary | packed / float | same, fastest runs: / candle binary | / float |\n|---|---|---|---|---|---|---|---|---|\n",
@@ -682,12 +720,12 @@ pub fn bench_deploy(a: BenchDeployArgs) -> Result<()> {
          the same trained binary model run through candle (bnn-core layers on nn-core's backbone, eval mode) vs the float {} of nn-core \
          (StandardFactory, nn-core's im2col + gemm convolutions), all on the same random input. Images/s from the median of {} interleaved \
          timed runs after one warm-up (batch 1: 20 images per run). Load average at start {start_load}, at end {} (shared machine).\n\n{table}{mem}\n```\n{}\n```\n",
-        packed.model,
+        packed.name(),
         a.model.display(),
         run_dir.display(),
         run.config.dataset,
         kernel.name(),
-        packed.model,
+        packed.name(),
         a.runs,
         loadavg(),
         nn_core::report::command_line()
@@ -725,28 +763,24 @@ fn rss_kib() -> (f64, f64) {
 /// Prints `rss_before_kib peak_kib` after loading the model and one forward pass.
 pub fn mem_probe(a: MemProbeArgs) -> Result<()> {
     let (before, _) = rss_kib();
-    let (packed, arch) = format::load(&a.model)?;
-    let (c, s, b) = (packed.in_channels, packed.image_size, a.batch);
+    let packed = DeployedModel::load(&a.model, Kernel::best())?;
+    let (c, s, num_classes) = packed.io();
+    let b = a.batch;
     let x = bnn_core_rand(b * c * s * s, 3);
     match a.engine.as_str() {
         "packed" => {
             packed.forward(&x, b, Kernel::best()).map_err(|e| anyhow!("{e}"))?;
         }
         "candle-binary" | "float" => {
-            let run_dir = arch.source.get("run").map(PathBuf::from).context("no training run recorded")?;
+            let run_dir = packed.source().get("run").map(PathBuf::from).context("no training run recorded")?;
             let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json"))?)?;
-            let mc = ModelConfig::new(c, packed.num_classes, s);
+            let mc = ModelConfig::new(c, num_classes, s);
             let vs = VarStore::new(0, &Device::Cpu);
             let m = if a.engine == "float" {
-                create_model(&cfg.model, &mc, &vs.root(), &nn_core::StandardFactory)?
+                any_model(&cfg.model, &mc, &vs, &nn_core::StandardFactory)?
             } else {
-                let method = arch.source.get("method").cloned().unwrap_or_else(|| "ste".into());
-                let m = create_model(
-                    &cfg.model,
-                    &mc,
-                    &vs.root(),
-                    &BinaryFactory::new(BinaryConfig::from_method(&method)?),
-                )?;
+                let method = packed.source().get("method").cloned().unwrap_or_else(|| "ste".into());
+                let m = any_model(&cfg.model, &mc, &vs, &BinaryFactory::new(BinaryConfig::from_method(&method)?))?;
                 let ck = Checkpoint::load(&run_dir.join(nn_core::train::trainer::CHECKPOINT_FILE))?;
                 vs.load_tensors(&ck.model, true)?;
                 m

@@ -33,19 +33,18 @@
 //! with a per-output-channel scale (the released XNOR scale, the mean of `|W|` over input
 //! channels, leaves a one-input-per-group kernel at full precision).
 
-use crate::binary::{BinaryConv2d, LearnableBias, RPRelu};
-use crate::factory::BinaryFactory;
+use crate::binary::{LearnableBias, RPRelu};
 use candle_core::{Result, Tensor, Var};
 use candle_nn::ModuleT;
+use nn_core::factory::{LayerFactory, LayerRole};
 use nn_core::init::Init;
-use nn_core::layers::{BatchNorm, Conv2d, Conv2dConfig, GlobalAvgPool, Linear};
+use nn_core::layers::{BatchNorm, BoxedLayer, Conv2d, Conv2dConfig, GlobalAvgPool, Linear};
 use nn_core::models::ModelConfig;
 use nn_core::var_store::{ParamKind, VarPath};
 use nn_core::Model;
-use std::sync::Arc;
 
 /// Structure of a BiMLP.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BiMlpConfig {
     pub name: String,
     /// Blocks per stage.
@@ -162,7 +161,10 @@ impl UniversalShortcut {
 /// `RPReLU(BN(BinConv(x + b)) + S(x))`, the shortcut optionally through its own BN and RPReLU.
 pub struct BinaryFc {
     bias: LearnableBias,
-    conv: Arc<BinaryConv2d>,
+    /// The binary convolution, a `LayerRole::Body` convolution of the factory (a trainable
+    /// [`BinaryConv2d`](crate::BinaryConv2d) from [`BinaryFactory`](crate::BinaryFactory), or a
+    /// packed one from [`PackedFactory`](crate::deploy::PackedFactory) for inference).
+    conv: BoxedLayer,
     bn: BatchNorm,
     shortcut: UniversalShortcut,
     shortcut_norm: Option<(BatchNorm, RPRelu)>,
@@ -171,10 +173,10 @@ pub struct BinaryFc {
 }
 
 impl BinaryFc {
-    pub fn new(vp: &VarPath, cfg: Conv2dConfig, universal_shortcut: bool, f: &BinaryFactory) -> Result<Self> {
+    pub fn new(vp: &VarPath, cfg: Conv2dConfig, universal_shortcut: bool, f: &dyn LayerFactory) -> Result<Self> {
         Ok(Self {
             bias: LearnableBias::new(&vp.pp("move"), cfg.in_channels)?,
-            conv: f.binary_conv2d(&vp.pp("fc"), cfg)?,
+            conv: f.conv2d(&vp.pp("fc"), cfg, LayerRole::Body)?,
             bn: BatchNorm::new(&vp.pp("bn"), cfg.out_channels)?,
             shortcut: UniversalShortcut::new(cfg.in_channels, cfg.out_channels, universal_shortcut),
             shortcut_norm: None,
@@ -183,12 +185,12 @@ impl BinaryFc {
         })
     }
     /// A 1x1 binary FC.
-    pub fn pointwise(vp: &VarPath, cin: usize, cout: usize, us: bool, f: &BinaryFactory) -> Result<Self> {
+    pub fn pointwise(vp: &VarPath, cin: usize, cout: usize, us: bool, f: &dyn LayerFactory) -> Result<Self> {
         Self::new(vp, Conv2dConfig::new(cin, cout, 1), us, f)
     }
     /// A binary depthwise FC along W (`1 x 7`, `along_w`) or H (`7 x 1`) over `cin` inputs
     /// in `c` groups (`cin / c` inputs per group), `cin -> c`.
-    pub fn token(vp: &VarPath, cin: usize, c: usize, along_w: bool, us: bool, f: &BinaryFactory) -> Result<Self> {
+    pub fn token(vp: &VarPath, cin: usize, c: usize, along_w: bool, us: bool, f: &dyn LayerFactory) -> Result<Self> {
         let mut cfg = Conv2dConfig::new(cin, c, 1).groups(c);
         (cfg.kernel, cfg.padding) = if along_w { ((1, 7), (0, 3)) } else { ((7, 1), (3, 0)) };
         Self::new(vp, cfg, us, f)
@@ -230,7 +232,7 @@ pub struct BinaryMlp {
 }
 
 impl BinaryMlp {
-    pub fn new(vp: &VarPath, cin: usize, hidden: usize, cout: usize, us: bool, f: &BinaryFactory) -> Result<Self> {
+    pub fn new(vp: &VarPath, cin: usize, hidden: usize, cout: usize, us: bool, f: &dyn LayerFactory) -> Result<Self> {
         Ok(Self {
             fc1: BinaryFc::pointwise(&vp.pp("fc1"), cin, hidden, us, f)?.with_shortcut_norm(&vp.pp("fc1"))?,
             fc2: BinaryFc::pointwise(&vp.pp("fc2"), hidden, cout, us, f)?,
@@ -257,7 +259,7 @@ struct PhaseBranch {
 }
 
 impl PhaseBranch {
-    fn new(vp: &VarPath, c: usize, along_w: bool, us: bool, f: &BinaryFactory) -> Result<Self> {
+    fn new(vp: &VarPath, c: usize, along_w: bool, us: bool, f: &dyn LayerFactory) -> Result<Self> {
         Ok(Self {
             amp: BinaryFc::pointwise(&vp.pp("amp"), c, c, us, f)?,
             phase: BinaryFc::pointwise(&vp.pp("phase"), c, c, us, f)?,
@@ -283,7 +285,7 @@ pub struct TokenMixer {
 }
 
 impl TokenMixer {
-    pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &BinaryFactory) -> Result<Self> {
+    pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &dyn LayerFactory) -> Result<Self> {
         let us = cfg.universal_shortcut;
         if c % 4 != 0 {
             candle_core::bail!("BiMLP token mixer: {c} channels, need a multiple of 4 (reweighting MLP c -> c/4 -> 3c)");
@@ -326,7 +328,7 @@ pub struct BiMlpBlock {
 }
 
 impl BiMlpBlock {
-    pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &BinaryFactory) -> Result<Self> {
+    pub fn new(vp: &VarPath, c: usize, cfg: &BiMlpConfig, f: &dyn LayerFactory) -> Result<Self> {
         let us = cfg.universal_shortcut;
         let branches = if cfg.multi_branch {
             Some((
@@ -450,7 +452,7 @@ pub struct BiMlp {
 }
 
 impl BiMlp {
-    pub fn new(vp: &VarPath, mc: &ModelConfig, cfg: &BiMlpConfig, f: &BinaryFactory) -> Result<Self> {
+    pub fn new(vp: &VarPath, mc: &ModelConfig, cfg: &BiMlpConfig, f: &dyn LayerFactory) -> Result<Self> {
         let (k, s, p) = cfg.stem;
         let stem = Conv2d::new(
             &vp.pp("stem.conv"),

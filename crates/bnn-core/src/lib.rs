@@ -17,7 +17,8 @@
 //! - [`deploy`]: the binary inference engine: bit packing, binary GEMM
 //!   `K - 2 popcount(a xor b)` (AVX2 / `popcnt` / portable), exact binary conv2d with the
 //!   zero-padding correction, export of trained binary ResNets with scales and BatchNorm folded,
-//!   and a checksummed model file.
+//!   packed binary layers for any factory-built backbone ([`deploy::PackedFactory`]: the packed
+//!   BiMLP, dense and depthwise binary FCs), and a checksummed model file.
 //!
 //! ## Why each dependency is here
 //! - `nn-core`: layers, kernels (convolution, pooling, ReLU), the layer factory, backbones, the

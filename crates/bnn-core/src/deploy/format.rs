@@ -1,6 +1,8 @@
 //! The packed model file: one safetensors file.
 //!
 //! Metadata (the safetensors header's `__metadata__`):
+//! - `kind`: `resnet` (this module; files without `kind` are ResNets) or `bimlp`
+//!   ([`crate::deploy::bimlp`]);
 //! - `format`: `compact-vision/bnn-deploy`; `version`: [`VERSION`];
 //! - `arch`: JSON [`Arch`]: model name, input and output sizes, every layer's geometry and
 //!   activation kinds (no numbers that are also tensors);
@@ -33,6 +35,8 @@ use std::path::Path;
 
 pub const FORMAT: &str = "compact-vision/bnn-deploy";
 pub const VERSION: u32 = 2;
+/// Metadata value of `kind` for ResNet files (files without `kind` are ResNets).
+pub const KIND: &str = "resnet";
 
 /// The architecture stored in the metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +108,7 @@ impl Entry {
     }
 }
 
-fn digest<'a>(version: &str, arch: &str, tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+pub(crate) fn digest<'a>(version: &str, arch: &str, tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
     let mut h = Sha256::new();
     h.update(version.as_bytes());
     h.update([0]);
@@ -242,6 +246,7 @@ pub fn to_bytes_version(m: &PackedResNet, source: BTreeMap<String, String>, vers
     );
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("kind".to_string(), KIND.to_string());
     meta.insert("version".to_string(), version);
     meta.insert("arch".to_string(), arch_json);
     meta.insert("sha256".to_string(), sum);
@@ -256,10 +261,15 @@ pub fn to_bytes_version(m: &PackedResNet, source: BTreeMap<String, String>, vers
 /// Writes `m` to `path` (via a temporary file and a rename).
 pub fn save(m: &PackedResNet, source: BTreeMap<String, String>, path: &Path) -> Result<u64, FormatError> {
     let bytes = to_bytes(m, source)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &bytes).map_err(|e| FormatError(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| FormatError(format!("renaming {} to {}: {e}", tmp.display(), path.display())))?;
+    write_atomically(path, &bytes)?;
     Ok(bytes.len() as u64)
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| FormatError(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| FormatError(format!("renaming {} to {}: {e}", tmp.display(), path.display())))
 }
 
 /// Reads a model file written by [`save`].
@@ -268,8 +278,23 @@ pub fn load(path: &Path) -> Result<(PackedResNet, Arch), FormatError> {
     from_bytes(&bytes).map_err(|e| FormatError(format!("{}: {}", path.display(), e.0)))
 }
 
-/// Parses the bytes of a model file, checking format, version and checksum.
-pub fn from_bytes(bytes: &[u8]) -> Result<(PackedResNet, Arch), FormatError> {
+/// The model kind stored in the metadata's `kind` (absent in files written before BiMLP export:
+/// they are ResNets).
+pub fn kind_of(bytes: &[u8]) -> Result<String, FormatError> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| FormatError(format!("not a valid safetensors file (truncated or corrupted?): {e:?}")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    Ok(meta.get("kind").cloned().unwrap_or_else(|| KIND.to_string()))
+}
+
+/// A model file whose format, kind, version and checksum were checked.
+pub(crate) struct Checked<'a> {
+    pub arch_json: String,
+    pub tensors: HashMap<String, TensorView<'a>>,
+}
+
+/// Parses the safetensors bytes and checks format, `kind`, version and checksum.
+pub(crate) fn open_checked<'a>(bytes: &'a [u8], kind: &str) -> Result<Checked<'a>, FormatError> {
     let err = |s: String| FormatError(s);
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| err(format!("not a valid safetensors file (truncated or corrupted?): {e:?}")))?;
@@ -279,6 +304,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(PackedResNet, Arch), FormatError> {
         Some(f) if f == FORMAT => {}
         Some(f) => return Err(err(format!("format `{f}` is not `{FORMAT}`"))),
         None => return Err(err(format!("a safetensors file but not a `{FORMAT}` model (no `format` metadata)"))),
+    }
+    let stored_kind = meta.get("kind").map(String::as_str).unwrap_or(KIND);
+    if stored_kind != kind {
+        return Err(err(format!("a `{stored_kind}` model, not a `{kind}` model")));
     }
     let field = |k: &str| meta.get(k).ok_or_else(|| err(format!("metadata lacks `{k}`")));
     let version = field("version")?;
@@ -300,13 +329,21 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(PackedResNet, Arch), FormatError> {
     if &got != want {
         return Err(err(format!("corrupted: checksum mismatch (stored {want}, computed {got})")));
     }
-    let arch: Arch = serde_json::from_str(arch_json).map_err(|e| err(format!("unreadable architecture: {e}")))?;
-    let map: HashMap<String, TensorView> = items.into_iter().collect();
-    let m = build(&arch, &map).map_err(err)?;
+    Ok(Checked {
+        arch_json: arch_json.clone(),
+        tensors: items.into_iter().collect(),
+    })
+}
+
+/// Parses the bytes of a ResNet model file, checking format, kind, version and checksum.
+pub fn from_bytes(bytes: &[u8]) -> Result<(PackedResNet, Arch), FormatError> {
+    let checked = open_checked(bytes, KIND)?;
+    let arch: Arch = serde_json::from_str(&checked.arch_json).map_err(|e| FormatError(format!("unreadable architecture: {e}")))?;
+    let m = build(&arch, &checked.tensors).map_err(FormatError)?;
     Ok((m, arch))
 }
 
-fn f32s(map: &HashMap<String, TensorView>, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+pub(crate) fn f32s(map: &HashMap<String, TensorView>, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
     let v = map.get(name).ok_or_else(|| format!("missing tensor `{name}`"))?;
     if v.dtype() != Dtype::F32 || v.shape() != shape {
         return Err(format!(

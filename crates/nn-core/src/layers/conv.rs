@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::ModuleT;
 
 /// Hyper-parameters of a 2-D convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Conv2dConfig {
     pub in_channels: usize,
     pub out_channels: usize,
