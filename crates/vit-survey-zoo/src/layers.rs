@@ -158,7 +158,7 @@ pub fn conv_macs(c: &Conv2d, h: usize, w: usize) -> (u64, usize, usize) {
 
 /// GELU (exact, erf form), as `nn.GELU`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    nn_core::ops::rowwise::gelu_erf(x)
 }
 
 /// The transformer MLP: `fc2(act(fc1(x)))` with hidden width `hidden`.
@@ -186,17 +186,18 @@ impl Mlp {
 /// Scaled dot-product attention, Eq. (1) of the survey: softmax(Q K^T * scale + bias) V.
 ///
 /// `q`: `[B, H, Nq, d]`, `k`: `[B, H, Nk, d]`, `v`: `[B, H, Nk, dv]`; `bias` broadcasts to
-/// `[B, H, Nq, Nk]`. The softmax is nn-core's differentiable one.
+/// `[B, H, Nq, Nk]`. The softmax is nn-core's fused one and the products run in parallel over
+/// batch and heads (`nn_core::ops::matmul::batched_matmul`), both with gradients.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     let scores = attention_probs(q, k, scale, bias)?;
-    scores.matmul(&v.contiguous()?)
+    nn_core::ops::matmul::batched_matmul(&scores, &v.contiguous()?)
 }
 
 /// The attention matrix softmax(Q K^T * scale + bias), `[B, H, Nq, Nk]`.
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     let q = (q.contiguous()? * scale)?;
     let kt = k.contiguous()?.transpose(D::Minus2, D::Minus1)?;
-    let mut s = q.matmul(&kt)?;
+    let mut s = nn_core::ops::matmul::batched_matmul(&q, &kt)?;
     if let Some(b) = bias {
         s = s.broadcast_add(b)?;
     }

@@ -37,7 +37,7 @@ impl Activation {
                 let neg = (x - &pos)?;
                 pos + (neg * slope)?
             }
-            Activation::Gelu => x.gelu_erf(),
+            Activation::Gelu => crate::ops::rowwise::gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::Sigmoid => candle_nn::ops::sigmoid(x),
             Activation::Tanh => x.tanh(),

@@ -1,12 +1,24 @@
 //! Differentiable functional forms of operations whose candle versions record no backward
-//! (`candle_nn::ops::softmax_last_dim`, `layer_norm`, `rms_norm` are forward-only), written
-//! with candle's primitive ops so gradients reach every input.
+//! (`candle_nn::ops::softmax_last_dim`, `layer_norm`, `rms_norm` are forward-only). Softmax
+//! over the last dimension and layer normalisation run the fused multi-threaded CPU kernels of
+//! [`crate::ops::rowwise`] for f32 on CPU; the `*_composed` forms, written with candle's
+//! primitive ops, serve every other case (and are the reference the fused kernels are tested
+//! against).
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Softmax along `dim`, with gradients (the max is subtracted for stability and detached,
-/// which leaves the result and its gradient unchanged).
+/// Softmax along `dim`, with gradients.
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if dim + 1 == x.rank() {
+        crate::ops::rowwise::softmax_last_dim(x)
+    } else {
+        softmax_composed(x, dim)
+    }
+}
+
+/// Softmax along `dim` from candle's primitive ops (the max is subtracted for stability and
+/// detached, which leaves the result and its gradient unchanged).
+pub fn softmax_composed(x: &Tensor, dim: usize) -> Result<Tensor> {
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(dim)?;
@@ -15,7 +27,7 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Softmax along the last dimension, with gradients.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    softmax(x, x.rank() - 1)
+    crate::ops::rowwise::softmax_last_dim(x)
 }
 
 /// Log-softmax along `dim`, with gradients.
@@ -29,6 +41,11 @@ pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 /// Layer normalisation over the last dimension: (x - mean) / sqrt(var + eps) * gamma + beta,
 /// with the biased variance (as PyTorch), gradients to x, gamma and beta.
 pub fn layer_norm(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    crate::ops::rowwise::layer_norm(x, gamma, beta, eps)
+}
+
+/// [`layer_norm`] from candle's primitive ops.
+pub fn layer_norm_composed(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let x32 = if matches!(x.dtype(), DType::F16 | DType::BF16) {
         x.to_dtype(DType::F32)?
     } else {

@@ -39,13 +39,22 @@
 //! are expressible there (square stride/padding/dilation), otherwise the tensors are moved
 //! to CPU/f32, processed and moved back (both moves have backward in candle); pooling
 //! always takes the move-to-CPU route.
+//!
+//! # Other kernels
+//! * [`activation`]: single-pass ReLU and its backward.
+//! * [`batch_norm`]: BatchNorm's fused training-mode forward and backward.
+//! * [`rowwise`]: softmax, layer normalisation and exact GELU over the last dimension, fused
+//!   and multi-threaded (vectorised `exp`/`erfc`), with backward.
+//! * [`matmul`]: batched matrix products parallel over the batch (attention heads, windows).
 
 pub mod activation;
 pub mod batch_norm;
 mod conv;
 mod depthwise;
 mod elem;
+pub mod matmul;
 mod pool;
+pub mod rowwise;
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
