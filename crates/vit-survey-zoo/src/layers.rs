@@ -431,7 +431,7 @@ pub fn resample_pos_embed(pe: &Tensor, prefix: usize, h: usize, w: usize) -> Res
 /// `[B, C, H, W]` -> `[B, H*W, C]`.
 pub fn flatten_tokens(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+    nn_core::ops::transpose::transpose_last2(&x.reshape((b, c, h * w))?)
 }
 
 /// `[B, H*W, C]` -> `[B, C, H, W]`.
@@ -440,7 +440,7 @@ pub fn tokens_to_map(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     if n != h * w {
         candle_core::bail!("{n} tokens do not form a {h}x{w} grid");
     }
-    x.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))
+    nn_core::ops::transpose::transpose_last2(x)?.reshape((b, c, h, w))
 }
 
 /// Checks an input batch is `[B, in_chans, size, size]`.

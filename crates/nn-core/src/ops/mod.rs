@@ -46,6 +46,7 @@
 //! * [`rowwise`]: softmax, layer normalisation and exact GELU over the last dimension, fused
 //!   and multi-threaded (vectorised `exp`/`erfc`), with backward.
 //! * [`matmul`]: batched matrix products parallel over the batch (attention heads, windows).
+//! * [`transpose`]: blocked, multi-threaded contiguous transpose of the last two dimensions.
 
 pub mod activation;
 pub mod batch_norm;
@@ -55,6 +56,7 @@ mod elem;
 pub mod matmul;
 mod pool;
 pub mod rowwise;
+pub mod transpose;
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
