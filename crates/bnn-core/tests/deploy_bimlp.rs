@@ -50,16 +50,19 @@ fn packed_layers_equal_binary_conv2d_bit_for_bit() -> Result<()> {
                 let b = vs.get(&format!("l{i}.bias")).expect("bias");
                 b.var.set(&Tensor::randn(0f32, 0.3, cfg.out_channels, &Device::Cpu)?)?;
             }
-            let x = input(3, cfg.in_channels, 9, 7)?;
-            let want = trained.forward_t(&x, false)?;
-            for k in Kernel::available() {
-                let pf = PackedFactory::from_trained(bc, &vs.tensors(), KernelCell::new(k)).map_err(candle_core::Error::msg)?;
-                let vs2 = VarStore::new(0, &Device::Cpu);
-                let packed = pf.conv2d(&vs2.root().pp(format!("l{i}")), *cfg, LayerRole::Body)?;
-                assert!(vs2.all().is_empty(), "a packed binary conv creates no variables");
-                let got = packed.forward_t(&x, false)?;
-                assert_eq!(got.dims(), want.dims(), "{cfg:?}");
-                assert_eq!(bits(&got)?, bits(&want)?, "{cfg:?} kernel {k:?} scale {scale_weights}");
+            // a map larger than one GEMM tile (64 pixels), and one smaller than the kernels
+            for (h, w) in [(11usize, 7usize), (2, 3)] {
+                let x = input(3, cfg.in_channels, h, w)?;
+                let want = trained.forward_t(&x, false)?;
+                for k in Kernel::available() {
+                    let pf = PackedFactory::from_trained(bc, &vs.tensors(), KernelCell::new(k)).map_err(candle_core::Error::msg)?;
+                    let vs2 = VarStore::new(0, &Device::Cpu);
+                    let packed = pf.conv2d(&vs2.root().pp(format!("l{i}")), *cfg, LayerRole::Body)?;
+                    assert!(vs2.all().is_empty(), "a packed binary conv creates no variables");
+                    let got = packed.forward_t(&x, false)?;
+                    assert_eq!(got.dims(), want.dims(), "{cfg:?}");
+                    assert_eq!(bits(&got)?, bits(&want)?, "{cfg:?} {h}x{w} kernel {k:?} scale {scale_weights}");
+                }
             }
         }
     }

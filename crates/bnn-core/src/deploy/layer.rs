@@ -5,12 +5,16 @@
 //! computes in evaluation, `conv(sign(x), sign(W)) * alpha [+ b]` on NCHW tensors, with the
 //! integer `conv(sign(x), sign(W))` taken from XNOR-popcount over packed bits instead of a float
 //! convolution:
-//! - dense convolutions with square kernel, stride and padding (every 1x1 FC of BiMLP) run the
-//!   bit-level im2col and binary GEMM of [`PackedConv`] (AVX2 where available);
-//! - grouped, rectangular or dilated ones (BiMLP's depthwise 1x7 / 7x1 token FCs) gather each
-//!   output's receptive field of one group (`K = (cin / groups) kh kw` bits, `(kh, kw, c)` order)
-//!   with a validity mask, so that zero-padded taps count 0 as in the training graph:
-//!   `dot = popcount(mask) - 2 popcount((x xor w) and mask)`.
+//! - pointwise convolutions (1x1, stride 1, no padding: every channel FC of BiMLP) pack each
+//!   pixel's channel signs straight from the NCHW input (the packed pixels are already the rows
+//!   of the binary GEMM) and write `dot * alpha [+ b]` straight into the NCHW output;
+//! - other dense convolutions with square kernel, stride and padding run the bit-level im2col
+//!   and binary GEMM of [`PackedConv`] (AVX2 where available);
+//! - grouped, rectangular or dilated ones (BiMLP's depthwise 1x7 / 7x1 token FCs, `K = (cin /
+//!   groups) kh kw` of 7 or 14) are too short for popcount words: each output plane accumulates
+//!   `sign(W[o, c, tap]) * sign(x)` (the weight sign read from the packed row, the input signs
+//!   as `+-1` bytes) tap by tap over the output range where the tap is inside the input, so
+//!   zero-padded taps count 0 as in the training graph.
 //!
 //! The dot product is an exact integer in both graphs and is then scaled once (`dot * alpha`)
 //! and biased, as candle does, so the outputs are bit-identical.
@@ -22,10 +26,10 @@
 //! the layers read from a model file ([`PackedFactory::from_layers`]).
 
 use crate::deploy::conv::{ConvGeom, Nhwc, PackedConv};
-use crate::deploy::gemm::Kernel;
+use crate::deploy::gemm::{xor_popcount_block, Kernel, ROW_TILE};
 use crate::deploy::pack::{sign_bit, words, PackedMatrix};
 use crate::factory::{BinaryConfig, BinaryFactory};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::ModuleT;
 use nn_core::factory::{LayerFactory, LayerRole};
 use nn_core::layers::{Activation, BoxedLayer, Conv2dConfig};
@@ -170,6 +174,54 @@ impl PackedConvLayer {
         }
     }
 
+    fn is_pointwise(&self) -> bool {
+        let c = &self.config;
+        c.groups == 1 && c.kernel == (1, 1) && c.stride == (1, 1) && c.padding == (0, 0)
+    }
+
+    /// The pointwise fast path: `dot * alpha [+ bias]` for NCHW `x`, NCHW output.
+    fn forward_pointwise(&self, x: &[f32], n: usize, hw: usize) -> Vec<f32> {
+        let (cin, cout) = (self.config.in_channels, self.config.out_channels);
+        let wpr = words(cin);
+        // 1. pack: bit c of pixel p's row = sign of x[b, c, p]; channel planes read contiguously
+        let mut packed = vec![0u64; n * hw * wpr];
+        packed.par_chunks_mut(hw * wpr).enumerate().for_each(|(b, rows)| {
+            for c in 0..cin {
+                let plane = &x[(b * cin + c) * hw..(b * cin + c + 1) * hw];
+                let (word, bit) = (c / 64, c % 64);
+                for (p, &v) in plane.iter().enumerate() {
+                    rows[p * wpr + word] |= sign_bit(v) << bit;
+                }
+            }
+        });
+        // 2. per tile of pixels (inside one image): xor-popcount against all weights, then the
+        //    output transform written into the image's channel planes
+        let mut y = vec![0f32; n * cout * hw];
+        let kernel = self.kernel.get();
+        let tiles = hw.div_ceil(ROW_TILE);
+        y.par_chunks_mut(cout * hw).enumerate().for_each(|(b, img)| {
+            let mut pc = vec![0u32; ROW_TILE * cout];
+            for t in 0..tiles {
+                let p0 = t * ROW_TILE;
+                let rows = (hw - p0).min(ROW_TILE);
+                let a = &packed[(b * hw + p0) * wpr..(b * hw + p0 + rows) * wpr];
+                xor_popcount_block(kernel, a, rows, &self.weights.data, cout, wpr, &mut pc, cout);
+                for o in 0..cout {
+                    let al = self.alpha[o];
+                    let out = &mut img[o * hw + p0..o * hw + p0 + rows];
+                    for (r, v) in out.iter_mut().enumerate() {
+                        let dot = cin as i32 - 2 * pc[r * cout + o] as i32;
+                        *v = dot as f32 * al;
+                    }
+                    if let Some(bias) = &self.bias {
+                        out.iter_mut().for_each(|v| *v += bias[o]);
+                    }
+                }
+            }
+        });
+        y
+    }
+
     /// The exact integer `conv(sign(x), sign(W))` with zero padding for NCHW `x`, NCHW output.
     pub fn forward_i32_nchw(&self, x: &[f32], n: usize, h: usize, w: usize) -> std::result::Result<Vec<i32>, String> {
         let c = &self.config;
@@ -195,44 +247,52 @@ impl PackedConvLayer {
         }
         let (cin, groups) = (c.in_channels, c.groups);
         let (gi, go) = (cin / groups, cout / groups);
-        let k = Self::k(c);
-        let wpr = words(k);
-        let neg: Vec<bool> = x.par_iter().map(|&v| sign_bit(v) == 1).collect();
+        // +-1 per input value; each weight sign is read from the packed row and the plane
+        // accumulates sign(W) * sign(x) tap by tap over the valid output range, so padded taps
+        // add nothing (as the zero-padded float convolution) and the row loops vectorise
+        let signs: Vec<i8> = x.par_iter().map(|&v| 1 - 2 * sign_bit(v) as i8).collect();
+        let (sh, sw, ph, pw, dh, dw) = (c.stride.0, c.stride.1, c.padding.0, c.padding.1, c.dilation.0, c.dilation.1);
+        // output positions o with 0 <= o s + off - p < len
+        let valid = |len: usize, outs: usize, s: usize, off: usize, p: usize| -> (usize, usize) {
+            let lo = p.saturating_sub(off).div_ceil(s).min(outs);
+            let hi = if len + p > off {
+                ((len + p - off - 1) / s + 1).min(outs)
+            } else {
+                0
+            };
+            (lo, hi.max(lo))
+        };
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(bo, plane)| {
             let (b, o) = (bo / cout, bo % cout);
             let g = o / go;
             let wrow = self.weights.row(o);
-            let (mut a, mut m) = (vec![0u64; wpr], vec![0u64; wpr]);
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    a.fill(0);
-                    m.fill(0);
-                    let mut j = 0usize;
-                    for ky in 0..c.kernel.0 {
-                        let iy = (oy * c.stride.0 + ky * c.dilation.0) as isize - c.padding.0 as isize;
-                        for kx in 0..c.kernel.1 {
-                            let ix = (ox * c.stride.1 + kx * c.dilation.1) as isize - c.padding.1 as isize;
-                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                j += gi;
-                                continue;
-                            }
-                            let base = ((b * cin + g * gi) * h + iy as usize) * w + ix as usize;
-                            for ci in 0..gi {
-                                let bit = 1u64 << (j % 64);
-                                m[j / 64] |= bit;
-                                if neg[base + ci * h * w] {
-                                    a[j / 64] |= bit;
+            for ky in 0..c.kernel.0 {
+                let (y_lo, y_hi) = valid(h, oh, sh, ky * dh, ph);
+                for kx in 0..c.kernel.1 {
+                    let (x_lo, x_hi) = valid(w, ow, sw, kx * dw, pw);
+                    if x_lo == x_hi || y_lo == y_hi {
+                        continue;
+                    }
+                    for ci in 0..gi {
+                        let j = (ky * c.kernel.1 + kx) * gi + ci;
+                        let ws = 1 - 2 * ((wrow[j / 64] >> (j % 64)) & 1) as i32;
+                        let xp = &signs[(b * cin + g * gi + ci) * h * w..(b * cin + g * gi + ci + 1) * h * w];
+                        for oy in y_lo..y_hi {
+                            let iy = oy * sh + ky * dh - ph;
+                            let row = &mut plane[oy * ow..(oy + 1) * ow];
+                            if sw == 1 {
+                                let ix0 = x_lo + kx * dw - pw;
+                                let src = &xp[iy * w + ix0..iy * w + ix0 + (x_hi - x_lo)];
+                                for (acc, &v) in row[x_lo..x_hi].iter_mut().zip(src) {
+                                    *acc += ws * v as i32;
                                 }
-                                j += 1;
+                            } else {
+                                for ox in x_lo..x_hi {
+                                    row[ox] += ws * xp[iy * w + ox * sw + kx * dw - pw] as i32;
+                                }
                             }
                         }
                     }
-                    let (mut pc, mut valid) = (0u32, 0u32);
-                    for t in 0..wpr {
-                        pc += ((a[t] ^ wrow[t]) & m[t]).count_ones();
-                        valid += m[t].count_ones();
-                    }
-                    plane[oy * ow + ox] = valid as i32 - 2 * pc as i32;
                 }
             }
         });
@@ -241,6 +301,16 @@ impl PackedConvLayer {
 
     /// `dot * alpha [+ bias]` for NCHW `x`, NCHW output (as values).
     pub fn forward_nchw(&self, x: &[f32], n: usize, h: usize, w: usize) -> std::result::Result<(Vec<f32>, usize, usize), String> {
+        if self.is_pointwise() {
+            if x.len() != n * self.config.in_channels * h * w {
+                return Err(format!(
+                    "packed conv: {} values for {n} x {} x {h} x {w}",
+                    x.len(),
+                    self.config.in_channels
+                ));
+            }
+            return Ok((self.forward_pointwise(x, n, h * w), h, w));
+        }
         let dots = self.forward_i32_nchw(x, n, h, w)?;
         let (oh, ow) = self.output_hw(h, w)?;
         let cout = self.config.out_channels;
@@ -265,9 +335,25 @@ impl PackedConvLayer {
     }
 }
 
+/// Reads the input storage in place and creates the output storage directly (no copies).
+impl CustomOp1 for PackedConvLayer {
+    fn name(&self) -> &'static str {
+        "packed-binary-conv2d"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("packed conv: contiguous f32 input expected"),
+        };
+        let (n, _, h, w) = l.shape().dims4()?;
+        let (y, oh, ow) = self.forward_nchw(x, n, h, w).map_err(candle_core::Error::msg)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, self.config.out_channels, oh, ow))))
+    }
+}
+
 impl ModuleT for PackedConvLayer {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (_, c, _, _) = x.dims4()?;
         if c != self.config.in_channels {
             candle_core::bail!(
                 "packed conv expects {} input channels, got shape {:?}",
@@ -276,11 +362,12 @@ impl ModuleT for PackedConvLayer {
             );
         }
         let (dev, dt) = (x.device().clone(), x.dtype());
-        let v: Vec<f32> = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let (y, oh, ow) = self.forward_nchw(&v, n, h, w).map_err(candle_core::Error::msg)?;
-        Tensor::from_vec(y, (n, self.config.out_channels, oh, ow), &Device::Cpu)?
-            .to_dtype(dt)?
-            .to_device(&dev)
+        let y = x
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(self)?;
+        y.to_dtype(dt)?.to_device(&dev)
     }
 }
 
