@@ -731,7 +731,12 @@ pub fn bench_deploy(a: BenchDeployArgs) -> Result<()> {
         nn_core::report::command_line()
     );
     println!("{body}");
-    nn_core::report::write_section(RESULTS, TITLE, &format!("bench-deploy-{}", run.config.dataset), &body)?;
+    nn_core::report::write_section(
+        RESULTS,
+        TITLE,
+        &format!("bench-deploy-{}-{}", packed.name(), run.config.dataset),
+        &body,
+    )?;
     Ok(())
 }
 

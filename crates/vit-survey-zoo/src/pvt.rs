@@ -115,7 +115,9 @@ pub struct ConvMlp {
 impl ConvMlp {
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let y = self.fc1.forward(x)?;
-        let y = flatten_tokens(&conv_forward(&self.dwconv, &tokens_to_map(&y, h, w)?)?)?;
+        // the 3x3 depthwise conv directly on the tokens (no layout round trip), bias always set
+        let bias = self.dwconv.bias.as_ref().expect("PVTv2 dwconv has a bias").as_tensor();
+        let y = nn_core::ops::depthwise_tokens::depthwise_conv_tokens(&y, self.dwconv.weight.as_tensor(), bias, h, w)?;
         self.fc2.forward(&gelu(&y)?)
     }
     fn macs(&self, h: usize, w: usize) -> u64 {

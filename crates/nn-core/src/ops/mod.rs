@@ -47,11 +47,13 @@
 //!   and multi-threaded (vectorised `exp`/`erfc`), with backward.
 //! * [`matmul`]: batched matrix products parallel over the batch (attention heads, windows).
 //! * [`transpose`]: blocked, multi-threaded contiguous transpose of the last two dimensions.
+//! * [`depthwise_tokens`]: depthwise convolution on channels-last tokens, with backward.
 
 pub mod activation;
 pub mod batch_norm;
 mod conv;
 mod depthwise;
+pub mod depthwise_tokens;
 mod elem;
 pub mod matmul;
 mod pool;

@@ -1,0 +1,284 @@
+//! Depthwise convolution on channels-last tokens `[B, H*W, C]`, stride 1, "same" zero padding,
+//! with backward: the depthwise 3x3 of PVTv2's MLP (and any token model's positional conv)
+//! without leaving the token layout.
+//!
+//! The NCHW route costs a transpose to `[B, C, H, W]`, the convolution and a transpose back; on
+//! PVTv2-B0's first stage (`8 x 3136 x 256`) the two transposes alone took 8-15 ms each next
+//! to 11-16 ms for the convolution (`cargo run --release -p vit-survey-zoo --example
+//! pvt_mlp_profile`). Channels-last, every tap is a multiply-add over `C` contiguous values,
+//! so the inner loops vectorise along channels.
+//!
+//! - forward: `y[p, c] = b[c] + sum_tap w[c, tap] x[p + tap - centre, c]` (taps outside the
+//!   map are zero);
+//! - input gradient: `dx[q, c] = sum_tap w[c, tap] dy[q - tap + centre, c]`;
+//! - weight and bias gradients: `dw[c, tap] = sum_(b, p) dy[p, c] x[p + tap - centre, c]`,
+//!   `db[c] = sum_(b, p) dy[p, c]`, partial sums per image reduced at the end.
+//!
+//! Rows of the output are split over rayon's threads. CPU f32 only; elsewhere the NCHW route.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("depthwise tokens: contiguous f32 {what} expected"),
+    }
+}
+
+/// Geometry: map `h x w`, kernel `kh x kw` (odd), channels `c`.
+#[derive(Clone, Copy)]
+struct Geom {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl Geom {
+    /// `(dy, dx)` offsets of tap `t` from the centre.
+    fn offset(&self, t: usize) -> (isize, isize) {
+        (
+            (t / self.kw) as isize - (self.kh / 2) as isize,
+            (t % self.kw) as isize - (self.kw / 2) as isize,
+        )
+    }
+    fn at(&self, y: usize, x: usize, dy: isize, dx: isize) -> Option<usize> {
+        let (yy, xx) = (y as isize + dy, x as isize + dx);
+        (yy >= 0 && xx >= 0 && (yy as usize) < self.h && (xx as usize) < self.w).then(|| yy as usize * self.w + xx as usize)
+    }
+}
+
+/// `[C, taps]` weights as `[taps, C]`.
+fn taps_major(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for ch in 0..c {
+        for k in 0..taps {
+            t[k * c + ch] = w[ch * taps + k];
+        }
+    }
+    t
+}
+
+/// `out[p] = init[p]? + sum_tap wt[tap] * src[p + sign * offset(tap)]`, per image, rows in
+/// parallel; `sign` = 1 for the forward pass, -1 for the input gradient.
+fn correlate(src: &[f32], wt: &[f32], bias: Option<&[f32]>, n: usize, c: usize, g: Geom, sign: isize) -> Vec<f32> {
+    let hw = g.h * g.w;
+    let taps = g.kh * g.kw;
+    let mut out = vec![0f32; n * hw * c];
+    out.par_chunks_mut(g.w * c).enumerate().for_each(|(row, o)| {
+        let (b, y) = (row / g.h, row % g.h);
+        let img = &src[b * hw * c..(b + 1) * hw * c];
+        crate::ops::elem::simd(|| {
+            for x in 0..g.w {
+                let acc = &mut o[x * c..(x + 1) * c];
+                if let Some(bv) = bias {
+                    acc.copy_from_slice(bv);
+                }
+                for t in 0..taps {
+                    let (dy, dx) = g.offset(t);
+                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
+                        let (wv, xv) = (&wt[t * c..(t + 1) * c], &img[q * c..(q + 1) * c]);
+                        for ((a, &wk), &v) in acc.iter_mut().zip(wv).zip(xv) {
+                            *a += wk * v;
+                        }
+                    }
+                }
+            }
+        });
+    });
+    out
+}
+
+struct DepthwiseTokens {
+    g: Geom,
+}
+
+impl CustomOp3 for DepthwiseTokens {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-tokens"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "input")?;
+        let w = f32s(s2, l2, "weight")?;
+        let b = f32s(s3, l3, "bias")?;
+        let (n, _, c) = l1.shape().dims3()?;
+        let taps = self.g.kh * self.g.kw;
+        let y = correlate(x, &taps_major(w, c, taps), Some(b), n, c, self.g, 1);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &DepthwiseTokensGrad { g: self.g, input: true })?;
+        let dw = x
+            .apply_op3_no_bwd(w, &dy, &DepthwiseTokensGrad { g: self.g, input: false })?
+            .reshape(w.shape())?;
+        let (n, hw, c) = dy.dims3()?;
+        let db = dy.reshape((n * hw, c))?.sum(0)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The input gradient (`input`) or the weight gradient `[C, taps]` from `(x, w, dy)`.
+struct DepthwiseTokensGrad {
+    g: Geom,
+    input: bool,
+}
+
+impl CustomOp3 for DepthwiseTokensGrad {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-tokens-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "input")?;
+        let w = f32s(s2, l2, "weight")?;
+        let dy = f32s(s3, l3, "output gradient")?;
+        let (n, hw, c) = l1.shape().dims3()?;
+        let g = self.g;
+        let taps = g.kh * g.kw;
+        if self.input {
+            let dx = correlate(dy, &taps_major(w, c, taps), None, n, c, g, -1);
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
+        // dw[tap, c] per image, then summed
+        let partial = (0..n)
+            .into_par_iter()
+            .map(|b| {
+                let (img, gimg) = (&x[b * hw * c..(b + 1) * hw * c], &dy[b * hw * c..(b + 1) * hw * c]);
+                let mut acc = vec![0f32; taps * c];
+                crate::ops::elem::simd(|| {
+                    for y in 0..g.h {
+                        for xx in 0..g.w {
+                            let gv = &gimg[(y * g.w + xx) * c..(y * g.w + xx + 1) * c];
+                            for t in 0..taps {
+                                let (dy_, dx_) = g.offset(t);
+                                if let Some(q) = g.at(y, xx, dy_, dx_) {
+                                    for ((a, &d), &v) in acc[t * c..(t + 1) * c].iter_mut().zip(gv).zip(&img[q * c..(q + 1) * c]) {
+                                        *a += d * v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                acc
+            })
+            .reduce(
+                || vec![0f32; taps * c],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        // [taps, C] -> [C, taps]
+        let mut dw = vec![0f32; taps * c];
+        for t in 0..taps {
+            for ch in 0..c {
+                dw[ch * taps + t] = partial[t * c + ch];
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((c, taps))))
+    }
+}
+
+/// Depthwise `kh x kw` convolution (odd kernel, stride 1, zero padding `k / 2`) of tokens
+/// `x: [B, h*w, C]` with `weight: [C, 1, kh, kw]` and `bias: [C]`, returning `[B, h*w, C]`;
+/// with gradients. Equal to transposing to `[B, C, h, w]`, nn-core's depthwise `conv2d` and
+/// transposing back.
+pub fn depthwise_conv_tokens(x: &Tensor, weight: &Tensor, bias: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (n, hw, c) = x.dims3()?;
+    let wd = weight.dims();
+    if hw != h * w || wd.len() != 4 || wd[0] != c || wd[1] != 1 || wd[2] % 2 == 0 || wd[3] % 2 == 0 || bias.dims() != [c] {
+        candle_core::bail!(
+            "depthwise tokens: x {:?} as a {h}x{w} map, weight {wd:?} (want [{c}, 1, odd, odd]), bias {:?}",
+            x.dims(),
+            bias.dims()
+        );
+    }
+    let cpu = x.device().is_cpu() && [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|d| *d == DType::F32);
+    if !cpu {
+        let cfg = crate::layers::Conv2dConfig::new(c, c, wd[2]).groups(c);
+        let mut cfg = cfg;
+        (cfg.kernel, cfg.padding) = ((wd[2], wd[3]), (wd[2] / 2, wd[3] / 2));
+        let map = x.transpose(1, 2)?.contiguous()?.reshape((n, c, h, w))?;
+        let y = crate::layers::conv::conv2d(&map, weight, &cfg)?.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        return y.reshape((n, c, hw))?.transpose(1, 2)?.contiguous();
+    }
+    let g = Geom {
+        h,
+        w,
+        kh: wd[2],
+        kw: wd[3],
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseTokens { g })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn equals_the_nchw_convolution_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, h, w, c, k) in [(2usize, 5usize, 7usize, 19usize, 3usize), (1, 3, 2, 8, 5), (2, 1, 1, 4, 3)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?)?;
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?;
+            let fast = depthwise_conv_tokens(x.as_tensor(), wt.as_tensor(), b.as_tensor(), h, w)?;
+            let cfg = crate::layers::Conv2dConfig::new(c, c, k).groups(c);
+            let map = x.as_tensor().transpose(1, 2)?.reshape((n, c, h, w))?;
+            let slow = crate::layers::conv::conv2d(&map, wt.as_tensor(), &cfg)?
+                .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1))?)?
+                .reshape((n, c, h * w))?
+                .transpose(1, 2)?;
+            let d = (&fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "forward {d}");
+            let gf = fast.mul(&probe)?.sum_all()?.backward()?;
+            let gs = slow.mul(&probe)?.sum_all()?.backward()?;
+            for v in [&x, &wt, &b] {
+                let d = (gf.get(v.as_tensor()).unwrap() - gs.get(v.as_tensor()).unwrap())?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-4, "gradient {d} for {:?}", v.dims());
+            }
+        }
+        let x = Tensor::zeros((1, 6, 4), DType::F32, &dev)?;
+        let e = depthwise_conv_tokens(
+            &x,
+            &Tensor::zeros((4, 1, 3, 3), DType::F32, &dev)?,
+            &Tensor::zeros(4, DType::F32, &dev)?,
+            2,
+            2,
+        );
+        assert!(e.unwrap_err().to_string().contains("2x2 map"));
+        Ok(())
+    }
+}
