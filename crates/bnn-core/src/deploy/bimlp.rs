@@ -15,7 +15,7 @@
 //! `binary.{prefix}.bias`.
 
 use crate::bimlp::{BiMlp, BiMlpConfig};
-use crate::deploy::format::{digest, FormatError, FORMAT, VERSION};
+use crate::deploy::format::{FormatError, VERSION};
 use crate::deploy::gemm::Kernel;
 use crate::deploy::layer::{KernelCell, PackedConvLayer, PackedFactory};
 use crate::deploy::pack::{words, PackedMatrix};
@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use nn_core::layers::Conv2dConfig;
 use nn_core::models::ModelConfig;
 use nn_core::{Model, VarStore};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -231,7 +231,7 @@ impl PackedBiMlp {
     pub fn to_bytes(&self, source: BTreeMap<String, String>) -> Result<Vec<u8>, FormatError> {
         let ferr = |s: String| FormatError(s);
         let arch_json = serde_json::to_string(&self.arch(source)).map_err(|e| ferr(format!("serialising the architecture: {e}")))?;
-        let mut t: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+        let mut t = crate::deploy::format::RawTensors::new();
         let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         for (k, v) in &self.floats {
             let vals: Vec<f32> = v
@@ -250,24 +250,7 @@ impl PackedBiMlp {
                 t.insert(format!("binary.{k}.bias"), (Dtype::F32, vec![b.len()], le_f32(b)));
             }
         }
-        let version = VERSION.to_string();
-        let sum = digest(
-            &version,
-            &arch_json,
-            t.iter().map(|(k, (d, s, b))| (k.as_str(), *d, s.as_slice(), b.as_slice())),
-        );
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), FORMAT.to_string());
-        meta.insert("kind".to_string(), KIND.to_string());
-        meta.insert("version".to_string(), version);
-        meta.insert("arch".to_string(), arch_json);
-        meta.insert("sha256".to_string(), sum);
-        let views = t
-            .iter()
-            .map(|(k, (d, s, b))| TensorView::new(*d, s.clone(), b).map(|v| (k.clone(), v)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ferr(format!("building tensor views: {e:?}")))?;
-        safetensors::tensor::serialize(views, &Some(meta)).map_err(|e| ferr(format!("serialising: {e:?}")))
+        crate::deploy::format::serialize(KIND, VERSION, arch_json, &t)
     }
 
     /// Writes the model to `path` (via a temporary file and a rename); returns the file size.

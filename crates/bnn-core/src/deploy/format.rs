@@ -236,23 +236,34 @@ pub fn to_bytes_version(m: &PackedResNet, source: BTreeMap<String, String>, vers
     }
     put_f32(&mut t, "fc.weight".into(), vec![m.num_classes, arch.features], &m.fc_weight);
     put_f32(&mut t, "fc.bias".into(), vec![m.num_classes], &m.fc_bias);
-    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
-        t.iter().map(|(k, e)| (k.clone(), e.dtype(), e.shape.clone(), e.bytes())).collect();
+    let tensors = t
+        .iter()
+        .map(|(k, e)| (k.clone(), (e.dtype(), e.shape.clone(), e.bytes())))
+        .collect();
+    serialize(KIND, version, arch_json, &tensors)
+}
+
+/// Raw tensors of a model file by name: dtype, shape, little-endian bytes.
+pub(crate) type RawTensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The bytes of a model file: the tensors, and the metadata `format`, `kind`, `version`,
+/// `arch` and the `sha256` checksum over version, architecture and tensors (see the module docs).
+pub(crate) fn serialize(kind: &str, version: u32, arch_json: String, tensors: &RawTensors) -> Result<Vec<u8>, FormatError> {
     let version = version.to_string();
     let sum = digest(
         &version,
         &arch_json,
-        bytes.iter().map(|(k, d, s, b)| (k.as_str(), *d, s.as_slice(), b.as_slice())),
+        tensors.iter().map(|(k, (d, s, b))| (k.as_str(), *d, s.as_slice(), b.as_slice())),
     );
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
-    meta.insert("kind".to_string(), KIND.to_string());
+    meta.insert("kind".to_string(), kind.to_string());
     meta.insert("version".to_string(), version);
     meta.insert("arch".to_string(), arch_json);
     meta.insert("sha256".to_string(), sum);
-    let views = bytes
+    let views = tensors
         .iter()
-        .map(|(k, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (k.clone(), v)))
+        .map(|(k, (d, s, b))| TensorView::new(*d, s.clone(), b).map(|v| (k.clone(), v)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| FormatError(format!("building tensor views: {e:?}")))?;
     safetensors::tensor::serialize(views, &Some(meta)).map_err(|e| FormatError(format!("serialising: {e:?}")))

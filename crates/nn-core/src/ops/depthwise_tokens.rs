@@ -16,15 +16,9 @@
 //!
 //! Rows of the output are split over rayon's threads. CPU f32 only; elsewhere the NCHW route.
 
+use crate::ops::elem::contiguous;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("depthwise tokens: contiguous f32 {what} expected"),
-    }
-}
 
 /// Geometry: map `h x w`, kernel `kh x kw` (odd), channels `c`.
 #[derive(Clone, Copy)]
@@ -107,9 +101,9 @@ impl CustomOp3 for DepthwiseTokens {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "input")?;
-        let w = f32s(s2, l2, "weight")?;
-        let b = f32s(s3, l3, "bias")?;
+        let x = contiguous::<f32>(s1, l1, "input")?;
+        let w = contiguous::<f32>(s2, l2, "weight")?;
+        let b = contiguous::<f32>(s3, l3, "bias")?;
         let (n, _, c) = l1.shape().dims3()?;
         let taps = self.g.kh * self.g.kw;
         let y = correlate(x, &taps_major(w, c, taps), Some(b), n, c, self.g, 1);
@@ -153,9 +147,9 @@ impl CustomOp3 for DepthwiseTokensGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "input")?;
-        let w = f32s(s2, l2, "weight")?;
-        let dy = f32s(s3, l3, "output gradient")?;
+        let x = contiguous::<f32>(s1, l1, "input")?;
+        let w = contiguous::<f32>(s2, l2, "weight")?;
+        let dy = contiguous::<f32>(s3, l3, "output gradient")?;
         let (n, hw, c) = l1.shape().dims3()?;
         let g = self.g;
         let taps = g.kh * g.kw;

@@ -55,17 +55,11 @@ macro_rules! dispatch {
         }
     };
 }
+use crate::ops::elem::contiguous;
 use rayon::prelude::*;
 
 /// Rows per parallel task: at least this many elements per task.
 const MIN_TASK: usize = 1 << 14;
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what}: contiguous f32 tensor expected"),
-    }
-}
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
@@ -254,7 +248,7 @@ impl CustomOp1 for Softmax {
         "fused-softmax-last-dim"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "softmax")?;
+        let x = contiguous::<f32>(s, l, "softmax")?;
         let d = last_dim(l);
         let y = par_rows(x, d, |xs, ys| softmax_rows(xs, ys, d));
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -272,7 +266,10 @@ impl CustomOp2 for SoftmaxGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         check_same(l1, l2, "softmax backward")?;
-        let (y, g) = (f32s(s1, l1, "softmax backward")?, f32s(s2, l2, "softmax backward")?);
+        let (y, g) = (
+            contiguous::<f32>(s1, l1, "softmax backward")?,
+            contiguous::<f32>(s2, l2, "softmax backward")?,
+        );
         let d = last_dim(l1);
         let dx = par_rows2(y, g, d, |ys, gs, out| softmax_grad_rows(ys, gs, out, d));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -319,7 +316,7 @@ impl CustomOp1 for Gelu {
         "fused-gelu-erf"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "gelu")?;
+        let x = contiguous::<f32>(s, l, "gelu")?;
         let y = par_rows(x, 1, gelu_rows);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -336,7 +333,10 @@ impl CustomOp2 for GeluGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         check_same(l1, l2, "gelu backward")?;
-        let (x, g) = (f32s(s1, l1, "gelu backward")?, f32s(s2, l2, "gelu backward")?);
+        let (x, g) = (
+            contiguous::<f32>(s1, l1, "gelu backward")?,
+            contiguous::<f32>(s2, l2, "gelu backward")?,
+        );
         let dx = par_rows2(x, g, 1, gelu_grad_rows);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -430,8 +430,11 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "layer norm")?;
-        let (gamma, beta) = (f32s(s2, l2, "layer norm gamma")?, f32s(s3, l3, "layer norm beta")?);
+        let x = contiguous::<f32>(s1, l1, "layer norm")?;
+        let (gamma, beta) = (
+            contiguous::<f32>(s2, l2, "layer norm gamma")?,
+            contiguous::<f32>(s3, l3, "layer norm beta")?,
+        );
         let d = last_dim(l1);
         if gamma.len() != d || beta.len() != d {
             candle_core::bail!(
@@ -485,9 +488,9 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check_same(l1, l3, "layer norm backward")?;
-        let x = f32s(s1, l1, "layer norm backward")?;
-        let gamma = f32s(s2, l2, "layer norm backward gamma")?;
-        let g = f32s(s3, l3, "layer norm backward")?;
+        let x = contiguous::<f32>(s1, l1, "layer norm backward")?;
+        let gamma = contiguous::<f32>(s2, l2, "layer norm backward gamma")?;
+        let g = contiguous::<f32>(s3, l3, "layer norm backward")?;
         let d = last_dim(l1);
         let eps = self.eps;
         let dx = par_rows2(x, g, d, |xs, gs, out| layer_norm_grad_rows(xs, gs, gamma, out, eps));
