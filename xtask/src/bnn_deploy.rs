@@ -230,8 +230,8 @@ fn any_model(name: &str, mc: &ModelConfig, vs: &VarStore, f: &dyn LayerFactory) 
 
 /// An exported model: a packed ResNet or a packed BiMLP.
 enum Exported {
-    ResNet(PackedResNet),
-    BiMlp(PackedBiMlp),
+    ResNet(Box<PackedResNet>),
+    BiMlp(Box<PackedBiMlp>),
 }
 
 /// A trained binary run: its config, method, data shapes and variables.
@@ -293,12 +293,12 @@ impl TrainedRun {
     fn export(&self) -> Result<Exported> {
         let bc = self.binary_config()?;
         Ok(match BiMlpConfig::by_name(&self.config.model) {
-            Ok(cfg) => {
-                Exported::BiMlp(PackedBiMlp::export(&self.vars, &self.model_config, &cfg, &bc, Kernel::best()).map_err(|e| anyhow!("{e}"))?)
-            }
-            Err(_) => Exported::ResNet(
+            Ok(cfg) => Exported::BiMlp(Box::new(
+                PackedBiMlp::export(&self.vars, &self.model_config, &cfg, &bc, Kernel::best()).map_err(|e| anyhow!("{e}"))?,
+            )),
+            Err(_) => Exported::ResNet(Box::new(
                 export::export_resnet(&self.vars, &self.config.model, &self.model_config, &bc).map_err(|e| anyhow!("{e}"))?,
-            ),
+            )),
         })
     }
 }
@@ -337,7 +337,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
             let bytes = format::save(p, source, &out)?;
             // it must load back to the same model
             let (back, _) = format::load(&out)?;
-            if &back != p {
+            if back != **p {
                 bail!("{} does not load back to the exported model", out.display());
             }
             let (mut bin_f32, mut bin_packed) = (0usize, 0usize);

@@ -40,7 +40,7 @@ use std::path::Path;
 #[derive(Debug)]
 pub enum DeployedModel {
     ResNet(PackedResNet, format::Arch),
-    BiMlp(PackedBiMlp, bimlp::BiMlpArch),
+    BiMlp(Box<PackedBiMlp>, bimlp::BiMlpArch),
 }
 
 impl DeployedModel {
@@ -54,7 +54,7 @@ impl DeployedModel {
         let kind = format::kind_of(bytes)?;
         match kind.as_str() {
             format::KIND => format::from_bytes(bytes).map(|(m, a)| DeployedModel::ResNet(m, a)),
-            bimlp::KIND => PackedBiMlp::from_bytes(bytes, kernel).map(|(m, a)| DeployedModel::BiMlp(m, a)),
+            bimlp::KIND => PackedBiMlp::from_bytes(bytes, kernel).map(|(m, a)| DeployedModel::BiMlp(Box::new(m), a)),
             other => Err(format::FormatError(format!(
                 "unknown model kind `{other}` (this build reads `{}` and `{}`)",
                 format::KIND,

@@ -205,7 +205,8 @@ impl CustomOp3 for DepthwiseTokensGrad {
 pub fn depthwise_conv_tokens(x: &Tensor, weight: &Tensor, bias: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (n, hw, c) = x.dims3()?;
     let wd = weight.dims();
-    if hw != h * w || wd.len() != 4 || wd[0] != c || wd[1] != 1 || wd[2] % 2 == 0 || wd[3] % 2 == 0 || bias.dims() != [c] {
+    if hw != h * w || wd.len() != 4 || wd[0] != c || wd[1] != 1 || wd[2].is_multiple_of(2) || wd[3].is_multiple_of(2) || bias.dims() != [c]
+    {
         candle_core::bail!(
             "depthwise tokens: x {:?} as a {h}x{w} map, weight {wd:?} (want [{c}, 1, odd, odd]), bias {:?}",
             x.dims(),

@@ -104,7 +104,7 @@ fn exp_f32<const F: bool>(x: f32) -> f32 {
     p = fma::<F>(p, r, 8.333_452e-3);
     p = fma::<F>(p, r, 4.166_579_6e-2);
     p = fma::<F>(p, r, 1.666_666_5e-1);
-    p = fma::<F>(p, r, 5.000_000_1e-1);
+    p = fma::<F>(p, r, 0.5);
     let y = fma::<F>(p, r * r, r) + 1.0;
     // 2^n from the integer in t's low bits
     let ni = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
@@ -119,7 +119,7 @@ fn erfc_pos<const F: bool>(z: f32) -> f32 {
     for c in [
         -0.822_152_23,
         1.488_515_9,
-        -1.135_203_98,
+        -1.135_204,
         0.278_868_07,
         -0.186_288_06,
         0.096_784_18,
@@ -610,7 +610,8 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (3, 5, 77), &dev)?;
         let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, 77, &dev)?)?;
         let beta = Var::from_tensor(&Tensor::randn(0f32, 0.3, 77, &dev)?)?;
-        let cases: Vec<(&str, Box<dyn Fn(bool) -> Result<Tensor>>)> = vec![
+        type Case<'a> = (&'a str, Box<dyn Fn(bool) -> Result<Tensor> + 'a>);
+        let cases: Vec<Case> = vec![
             (
                 "softmax",
                 Box::new(|fast| {
