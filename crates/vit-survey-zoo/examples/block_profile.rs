@@ -6,7 +6,7 @@
 use candle_core::{Device, Result, Tensor, D};
 use nn_core::VarStore;
 use std::time::Instant;
-use vit_survey_zoo::layers::{attention_probs, gelu, Block};
+use vit_survey_zoo::layers::{gelu, Block};
 
 fn time<T>(label: &str, total: &mut f64, f: impl Fn() -> Result<T>) -> Result<T> {
     let mut v = Vec::new();
@@ -73,6 +73,5 @@ fn main() -> Result<()> {
     time("gelu (candle gelu_erf)", &mut u, || m.gelu_erf())?;
     let mut whole = 0.0;
     time("whole block forward", &mut whole, || blk.forward(&x, false))?;
-    let _ = attention_probs;
     Ok(())
 }

@@ -115,8 +115,12 @@ pub struct ConvMlp {
 impl ConvMlp {
     fn forward(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let y = self.fc1.forward(x)?;
-        // the 3x3 depthwise conv directly on the tokens (no layout round trip), bias always set
-        let bias = self.dwconv.bias.as_ref().expect("PVTv2 dwconv has a bias").as_tensor();
+        // the 3x3 depthwise conv directly on the tokens (no layout round trip)
+        let bias = match &self.dwconv.bias {
+            Some(b) => b.as_tensor().clone(),
+            None => Tensor::zeros(self.dwconv.config.out_channels, y.dtype(), y.device())?,
+        };
+        let bias = &bias;
         let y = nn_core::ops::depthwise_tokens::depthwise_conv_tokens(&y, self.dwconv.weight.as_tensor(), bias, h, w)?;
         self.fc2.forward(&gelu(&y)?)
     }
