@@ -16,7 +16,7 @@
 //!
 //! Rows of the output are split over rayon's threads. CPU f32 only; elsewhere the NCHW route.
 
-use crate::ops::elem::contiguous;
+use crate::ops::elem::{contiguous, dispatch};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -58,30 +58,55 @@ fn taps_major(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
 /// parallel; `sign` = 1 for the forward pass, -1 for the input gradient.
 fn correlate(src: &[f32], wt: &[f32], bias: Option<&[f32]>, n: usize, c: usize, g: Geom, sign: isize) -> Vec<f32> {
     let hw = g.h * g.w;
-    let taps = g.kh * g.kw;
     let mut out = vec![0f32; n * hw * c];
     out.par_chunks_mut(g.w * c).enumerate().for_each(|(row, o)| {
         let (b, y) = (row / g.h, row % g.h);
         let img = &src[b * hw * c..(b + 1) * hw * c];
-        crate::ops::elem::simd(|| {
-            for x in 0..g.w {
-                let acc = &mut o[x * c..(x + 1) * c];
-                if let Some(bv) = bias {
-                    acc.copy_from_slice(bv);
+        correlate_row(o, img, wt, bias, c, g, y, sign);
+    });
+    out
+}
+
+dispatch! {
+    /// One output row `o` (`w` pixels of `c` channels) of [`correlate`] at map row `y`.
+    #[allow(clippy::too_many_arguments)]
+    fn correlate_row(o: &mut [f32], img: &[f32], wt: &[f32], bias: Option<&[f32]>, c: usize, g: Geom, y: usize, sign: isize) {
+        for x in 0..g.w {
+            let acc = &mut o[x * c..(x + 1) * c];
+            match bias {
+                Some(bv) => acc.copy_from_slice(bv),
+                None => acc.fill(0.0),
+            }
+            for t in 0..g.kh * g.kw {
+                let (dy, dx) = g.offset(t);
+                if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
+                    let (wv, xv) = (&wt[t * c..(t + 1) * c], &img[q * c..(q + 1) * c]);
+                    for ((a, &wk), &v) in acc.iter_mut().zip(wv).zip(xv) {
+                        *a += wk * v;
+                    }
                 }
-                for t in 0..taps {
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// Adds one image's `dy[p, c] x[p + tap - centre, c]` into `acc[tap, c]`.
+    fn weight_grad_image(acc: &mut [f32], img: &[f32], gimg: &[f32], c: usize, g: Geom) {
+        for y in 0..g.h {
+            for xx in 0..g.w {
+                let gv = &gimg[(y * g.w + xx) * c..(y * g.w + xx + 1) * c];
+                for t in 0..g.kh * g.kw {
                     let (dy, dx) = g.offset(t);
-                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
-                        let (wv, xv) = (&wt[t * c..(t + 1) * c], &img[q * c..(q + 1) * c]);
-                        for ((a, &wk), &v) in acc.iter_mut().zip(wv).zip(xv) {
-                            *a += wk * v;
+                    if let Some(q) = g.at(y, xx, dy, dx) {
+                        for ((a, &d), &v) in acc[t * c..(t + 1) * c].iter_mut().zip(gv).zip(&img[q * c..(q + 1) * c]) {
+                            *a += d * v;
                         }
                     }
                 }
             }
-        });
-    });
-    out
+        }
+    }
 }
 
 struct DepthwiseTokens {
@@ -163,21 +188,7 @@ impl CustomOp3 for DepthwiseTokensGrad {
             .map(|b| {
                 let (img, gimg) = (&x[b * hw * c..(b + 1) * hw * c], &dy[b * hw * c..(b + 1) * hw * c]);
                 let mut acc = vec![0f32; taps * c];
-                crate::ops::elem::simd(|| {
-                    for y in 0..g.h {
-                        for xx in 0..g.w {
-                            let gv = &gimg[(y * g.w + xx) * c..(y * g.w + xx + 1) * c];
-                            for t in 0..taps {
-                                let (dy_, dx_) = g.offset(t);
-                                if let Some(q) = g.at(y, xx, dy_, dx_) {
-                                    for ((a, &d), &v) in acc[t * c..(t + 1) * c].iter_mut().zip(gv).zip(&img[q * c..(q + 1) * c]) {
-                                        *a += d * v;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                });
+                weight_grad_image(&mut acc, img, gimg, c, g);
                 acc
             })
             .reduce(
@@ -215,8 +226,7 @@ pub fn depthwise_conv_tokens(x: &Tensor, weight: &Tensor, bias: &Tensor, h: usiz
     }
     let cpu = x.device().is_cpu() && [x.dtype(), weight.dtype(), bias.dtype()].iter().all(|d| *d == DType::F32);
     if !cpu {
-        let cfg = crate::layers::Conv2dConfig::new(c, c, wd[2]).groups(c);
-        let mut cfg = cfg;
+        let mut cfg = crate::layers::Conv2dConfig::new(c, c, wd[2]).groups(c);
         (cfg.kernel, cfg.padding) = ((wd[2], wd[3]), (wd[2] / 2, wd[3] / 2));
         let map = x.transpose(1, 2)?.contiguous()?.reshape((n, c, h, w))?;
         let y = crate::layers::conv::conv2d(&map, weight, &cfg)?.broadcast_add(&bias.reshape((1, c, 1, 1))?)?;

@@ -184,6 +184,35 @@ pub(crate) fn outer_par() -> gemm::Parallelism {
     }
 }
 
+/// Defines `fn name(args)` whose body is compiled twice, for baseline x86-64 and with AVX2+FMA
+/// enabled, the latter chosen at run time where the CPU has it (the crate is built for baseline
+/// x86-64; the body is inlined into both, so its loops vectorise with 256-bit registers).
+/// Prefer it to [`simd`] for large kernels: a closure passed to `simd` is not always inlined
+/// into the AVX2 function, and then runs as baseline code.
+macro_rules! dispatch {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            // `FMA` selects fused multiply-adds in the polynomial helpers (see `fma`)
+            #[inline(always)]
+            fn imp<const FMA: bool>($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    imp::<true>($($a),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features enabled for `avx2`.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            imp::<false>($($a),*)
+        }
+    };
+}
+pub(crate) use dispatch;
+
 /// Runs `f` compiled with AVX2+FMA enabled when the CPU supports it (the crate is built
 /// for baseline x86-64), so that the auto-vectorised inner loops use 256-bit registers.
 #[inline(always)]

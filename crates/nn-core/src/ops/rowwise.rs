@@ -9,7 +9,7 @@
 //! took 9.6 ms (softmax), 6.3 ms (GELU) and 3 ms (LayerNorm) next to 2-16 ms per matrix product
 //! (`cargo run --release -p vit-survey-zoo --example block_profile`). Here each forward is one
 //! pass per row, rows are split over rayon's threads, and the row kernels are compiled twice,
-//! for baseline x86-64 and for AVX2+FMA (selected at run time, [`dispatch`]), with vectorisable
+//! for baseline x86-64 and for AVX2+FMA (selected at run time, `elem::dispatch!`), with vectorisable
 //! `exp` and `erfc`:
 //! - `exp`: Cody-Waite range reduction `x = n ln 2 + r`, the Cephes degree-6 polynomial on
 //!   `|r| <= ln 2 / 2` and `2^n` built in the exponent bits (about 1 ulp; inputs clamped to
@@ -30,32 +30,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-/// Defines `fn name(args)` whose body is compiled twice, for baseline x86-64 and with AVX2+FMA
-/// enabled, the latter chosen at run time where the CPU has it (the crate is built for baseline
-/// x86-64; the body is inlined into both, so its loops vectorise with 256-bit registers).
-macro_rules! dispatch {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($a: $t),*) {
-            // `FMA` selects fused multiply-adds in the polynomial helpers (see `fma`)
-            #[inline(always)]
-            fn imp<const FMA: bool>($($a: $t),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) {
-                    imp::<true>($($a),*)
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features enabled for `avx2`.
-                    return unsafe { avx2($($a),*) };
-                }
-            }
-            imp::<false>($($a),*)
-        }
-    };
-}
-use crate::ops::elem::contiguous;
+use crate::ops::elem::{contiguous, dispatch};
 use rayon::prelude::*;
 
 /// Rows per parallel task: at least this many elements per task.
