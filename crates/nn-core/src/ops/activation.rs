@@ -5,7 +5,7 @@
 //! `dx = dy * [y > 0]`, reading the saved output. Both passes are split over threads.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use crate::ops::elem::par_fill_f32;
 
 const CHUNK: usize = 1 << 15;
 
@@ -24,10 +24,9 @@ impl CustomOp1 for Relu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l).ok_or_else(|| candle_core::Error::Msg("fast relu: contiguous f32 input expected".into()))?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, i)| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = v.max(0.0);
+        let y = par_fill_f32(x.len(), CHUNK, |i, o| {
+            for (o, &v) in o.iter_mut().zip(&x[i * CHUNK..]) {
+                o.write(v.max(0.0));
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -47,14 +46,14 @@ impl CustomOp2 for ReluGrad {
         let msg = || candle_core::Error::Msg("fast relu backward: contiguous f32 tensors expected".into());
         let y = slice(s1, l1).ok_or_else(msg)?;
         let g = slice(s2, l2).ok_or_else(msg)?;
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (y, g))| {
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
+        if g.len() != y.len() {
+            candle_core::bail!("fast relu backward: {} gradients for {} outputs", g.len(), y.len());
+        }
+        let dx = par_fill_f32(y.len(), CHUNK, |i, o| {
+            for ((o, &y), &g) in o.iter_mut().zip(&y[i * CHUNK..]).zip(&g[i * CHUNK..]) {
+                o.write(if y > 0.0 { g } else { 0.0 });
+            }
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -11,6 +11,7 @@
 //! Backward: dbeta = sum dy, dgamma = sum dy * xhat,
 //! dx = gamma / sqrt(var + eps) / m * (m * dy - dbeta - xhat * dgamma).
 
+use crate::ops::elem::{par_fill_f32, SharedOut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -29,10 +30,6 @@ struct FusedBatchNorm {
     eps: f64,
     stats: Arc<Mutex<BatchStats>>,
 }
-
-struct SyncPtr(*mut f32);
-unsafe impl Sync for SyncPtr {}
-unsafe impl Send for SyncPtr {}
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = match s {
@@ -69,8 +66,8 @@ impl CustomOp3 for FusedBatchNorm {
         let beta = cpu_f32(s3, l3, "bias")?;
         let (n, c, inner) = ncl(l1.dims());
         let m = n * inner;
-        let mut y = vec![0f32; x.len()];
-        let yp = SyncPtr(y.as_mut_ptr());
+        let mut y: Vec<f32> = Vec::with_capacity(x.len());
+        let yp = SharedOut(y.spare_capacity_mut().as_mut_ptr());
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -92,14 +89,16 @@ impl CustomOp3 for FusedBatchNorm {
                 for b in 0..n {
                     let off = (b * c + ch) * inner;
                     // SAFETY: each (b, ch) block is written by exactly one task.
-                    let out = unsafe { std::slice::from_raw_parts_mut(yp.0.add(off), inner) };
+                    let out = unsafe { yp.range(off, inner) };
                     for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
-                        *o = v * scale + shift;
+                        o.write(v * scale + shift);
                     }
                 }
                 (mean, var)
             })
             .collect();
+        // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.
+        unsafe { y.set_len(x.len()) };
         let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         st.mean = stats.iter().map(|s| s.0).collect();
         st.var = stats.iter().map(|s| s.1).collect();
@@ -128,8 +127,8 @@ impl CustomOp3 for FusedBatchNorm {
         let xv = cpu_f32(xs, xl, "input")?;
         let gv = cpu_f32(gs, gl, "gradient")?;
         let wv = cpu_f32(ws, wl, "weight")?;
-        let mut dx = vec![0f32; xv.len()];
-        let dxp = SyncPtr(dx.as_mut_ptr());
+        let mut dx: Vec<f32> = Vec::with_capacity(xv.len());
+        let dxp = SharedOut(dx.spare_capacity_mut().as_mut_ptr());
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -154,15 +153,17 @@ impl CustomOp3 for FusedBatchNorm {
                 for b in 0..n {
                     let off = (b * c + ch) * inner;
                     // SAFETY: each (b, ch) block is written by exactly one task.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dxp.0.add(off), inner) };
+                    let out = unsafe { dxp.range(off, inner) };
                     for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
                         let xhat = (xi - mean) * inv;
-                        *o = k * (m * gi - dbeta - xhat * dgamma);
+                        o.write(k * (m * gi - dbeta - xhat * dgamma));
                     }
                 }
                 (dgamma, dbeta)
             })
             .collect();
+        // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.
+        unsafe { dx.set_len(xv.len()) };
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.dims(), dev)?;
         let dgamma = Tensor::from_vec(sums.iter().map(|s| s.0).collect::<Vec<_>>(), c, dev)?;
@@ -247,17 +248,16 @@ impl CustomOp3 for ChannelAffine {
         let scale = cpu_f32(s2, l2, "scale")?;
         let shift = cpu_f32(s3, l3, "shift")?;
         let (_, c, inner) = ncl(l1.dims());
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(inner)
-            .zip(x.par_chunks(inner))
-            .enumerate()
-            .for_each(|(i, (o, xs))| {
-                let ch = i % c;
-                let (a, b) = (scale[ch], shift[ch]);
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * a + b;
-                }
-            });
+        if inner == 0 {
+            return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
+        }
+        let y = par_fill_f32(x.len(), inner, |i, o| {
+            let ch = i % c;
+            let (a, b) = (scale[ch], shift[ch]);
+            for (o, &v) in o.iter_mut().zip(&x[i * inner..]) {
+                o.write(v * a + b);
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -3,7 +3,42 @@
 //! wrapper over the `gemm` crate.
 
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
+/// A `len`-element `f32` output written in parallel chunks of `chunk` elements by
+/// `fill(chunk_index, chunk)`, which must write every element of its chunk (checked in debug
+/// builds only by the contract). Unlike `vec![0.0; len]` nothing is zeroed first: for the
+/// single-pass elementwise ops that pass was a tenth of their time.
+pub(crate) fn par_fill_f32(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, o)| fill(i, o));
+    // SAFETY: every element of the first `len` was initialised by `fill` (its contract).
+    unsafe { y.set_len(len) };
+    y
+}
+
+/// A raw output pointer shared by parallel tasks that write disjoint ranges.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub *mut MaybeUninit<f32>);
+// SAFETY: used only by tasks that write disjoint element ranges.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// The `len` elements from `off`.
+    ///
+    /// # Safety
+    /// No other task may access that range at the same time, and it must lie in the buffer.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, off: usize, len: usize) -> &mut [MaybeUninit<f32>] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}
 
 /// Floating point element handled by the CPU kernels (`f32` for training, `f64` for
 /// high-precision gradient checks).
