@@ -1,7 +1,8 @@
 //! Splits a convolution's training cost into forward, input gradient and weight gradient
 //! (medians over a few runs) on the ResNet-20 shapes: `cargo run --release -p nn-core
 //! --example conv_parts`. The weight-gradient column runs with a constant input, the
-//! input-gradient column with a constant weight.
+//! input-gradient column with a constant weight. An argument such as `64ch@8x8` keeps only
+//! the shapes whose name contains it, and `--all-only` times just the full step (for profiling).
 use candle_core::{Device, Tensor, Var};
 use nn_core::ops::{conv2d, Conv2dOpts};
 use std::time::Instant;
@@ -33,19 +34,28 @@ fn main() -> candle_core::Result<()> {
         "{:<22} {:>8} {:>10} {:>10} {:>8}",
         "shape (batch 128)", "fwd ms", "+dX ms", "+dW ms", "all ms"
     );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all_only = args.iter().any(|a| a == "--all-only");
+    let filter = args.iter().find(|a| !a.starts_with("--"));
     for (cin, hw, cout, s) in shapes {
+        let name = format!("{cin}ch@{hw}x{hw}->{cout} s{s}");
+        if filter.is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
         let x = Tensor::randn(0f32, 1.0, (128, cin, hw, hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev)?;
         let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
         let o = Conv2dOpts::new(s, 1);
+        let step = || conv2d(xv.as_tensor(), wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ());
+        if all_only {
+            println!("{name:<22} {:>8} {:>10} {:>10} {:>8.2}", "-", "-", "-", median_ms(41, step)?);
+            continue;
+        }
         let fwd = median_ms(7, || conv2d(&x, &w, o).map(|_| ()))?;
         let dx = median_ms(7, || conv2d(xv.as_tensor(), &w, o)?.sum_all()?.backward().map(|_| ()))?;
         let dw = median_ms(7, || conv2d(&x, wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ()))?;
-        let all = median_ms(7, || conv2d(xv.as_tensor(), wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ()))?;
-        println!(
-            "{:<22} {fwd:>8.2} {dx:>10.2} {dw:>10.2} {all:>8.2}",
-            format!("{cin}ch@{hw}x{hw}->{cout} s{s}")
-        );
+        let all = median_ms(7, step)?;
+        println!("{name:<22} {fwd:>8.2} {dx:>10.2} {dw:>10.2} {all:>8.2}");
     }
     Ok(())
 }
