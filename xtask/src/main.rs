@@ -94,7 +94,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;

@@ -14,7 +14,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let args: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().expect("a number")).collect();
     let size = args.first().copied().unwrap_or(1024);
     let threads = args.get(1).copied().unwrap_or(2);

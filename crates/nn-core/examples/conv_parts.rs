@@ -20,7 +20,7 @@ fn median_ms(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> can
 }
 
 fn main() -> candle_core::Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let dev = Device::Cpu;
     let shapes = [
         (16, 32, 16, 1),

@@ -13,7 +13,7 @@ fn time<F: FnMut() -> candle_core::Result<()>>(name: &str, n: usize, mut f: F) -
 }
 
 fn main() -> candle_core::Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let dev = Device::Cpu;
     {
         use candle_nn::ModuleT;

@@ -23,7 +23,7 @@ fn ns_per_elem(n: usize, f: impl Fn() -> Result<Tensor>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     println!("{} threads; ns per element (best of 3)", candle_core::utils::get_num_threads());
     for (rows, d) in [(64usize, 256usize), (12288, 197)] {
         let n = rows * d;

@@ -18,7 +18,7 @@ fn time<F: FnMut() -> candle_core::Result<()>>(name: &str, n: usize, mut f: F) -
 }
 
 fn main() -> candle_core::Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let dev = Device::Cpu;
     let vs = VarStore::new(0, &dev);
     let name = std::env::args().nth(1).unwrap_or_else(|| "resnet20".into());

@@ -31,6 +31,7 @@ pub mod models;
 pub mod ops;
 pub mod report;
 pub mod rng;
+pub mod runtime;
 pub mod summary;
 pub mod testing;
 pub mod train;

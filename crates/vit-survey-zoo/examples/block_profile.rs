@@ -24,7 +24,7 @@ fn time<T>(label: &str, total: &mut f64, f: impl Fn() -> Result<T>) -> Result<T>
 }
 
 fn main() -> Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let b: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(16);
     let (n, c, h) = (197usize, 192usize, 3usize);
     let d = c / h;

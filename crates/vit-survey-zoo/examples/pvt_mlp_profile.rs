@@ -23,7 +23,7 @@ fn time<T>(label: &str, f: impl Fn() -> Result<T>) -> Result<T> {
 }
 
 fn main() -> Result<()> {
-    nn_core::alloc::tune_allocator();
+    nn_core::runtime::tune();
     let (b, h, w, c, hid) = (8usize, 56usize, 56usize, 32usize, 256usize);
     let vs = VarStore::new(0, &Device::Cpu);
     let fc1 = Linear::new(&vs.root().pp("fc1"), c, hid, true)?;

@@ -83,15 +83,8 @@ impl Linear {
         if last != self.in_features {
             candle_core::bail!("linear layer expects last dimension {}, got shape {dims:?}", self.in_features);
         }
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, last))?;
-        let mut y = x2.matmul(&self.weight.as_tensor().t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b.as_tensor())?;
-        }
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.out_features;
-        y.reshape(out)
+        // fused product + bias, row-parallel on CPU (nn-core's op)
+        nn_core::ops::linear::linear(x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()))
     }
 
     /// Multiply-accumulates for `rows` input vectors.

@@ -46,22 +46,11 @@ impl Linear {
 
 impl ModuleT for Linear {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
-        let y = match x.rank() {
-            2 => x.matmul(&w.t()?)?,
-            _ => {
-                let dims = x.dims().to_vec();
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w.t()?)?;
-                let mut out = dims.clone();
-                *out.last_mut().unwrap() = self.out_features();
-                y.reshape(out)?
-            }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
-            None => y,
-        };
+        if x.rank() == 0 {
+            candle_core::bail!("linear layer {}: scalar input", self.name);
+        }
+        // fused product + bias (row-parallel on CPU, see crate::ops::linear)
+        let y = crate::ops::linear::linear(x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()))?;
         if summary::is_recording() {
             let tokens: usize = x.dims()[1..x.rank() - 1].iter().product::<usize>().max(1);
             summary::record(|| LayerStat {

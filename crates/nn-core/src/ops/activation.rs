@@ -4,8 +4,8 @@
 //! (four passes and three temporaries per activation); here the backward is one pass,
 //! `dx = dy * [y > 0]`, reading the saved output. Both passes are split over threads.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use crate::ops::elem::par_fill_f32;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 const CHUNK: usize = 1 << 15;
 

@@ -66,23 +66,31 @@ impl CustomOp2 for BatchedMatmul {
         {
             candle_core::bail!("batched matmul: layout exceeds its storage");
         }
-        let mut out = vec![0f32; batch * m * n];
+        let len = batch * m * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         if m * n > 0 {
-            out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
-                let lhs = Mat {
-                    ptr: a[l1.start_offset() + i * bsa..].as_ptr(),
-                    rs: ra as isize,
-                    cs: ca as isize,
-                };
-                let rhs = Mat {
-                    ptr: b[l2.start_offset() + i * bsb..].as_ptr(),
-                    rs: rb as isize,
-                    cs: cb as isize,
-                };
-                // SAFETY: bounds checked above; `c` is this product's m x n output.
-                unsafe { gemm(m, n, k, c.as_mut_ptr(), n, false, lhs, rhs, gemm::Parallelism::None) };
-            });
+            // each product writes its whole m x n output (gemm without accumulation), so the
+            // buffer is not zeroed first
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(m * n)
+                .enumerate()
+                .for_each(|(i, c)| {
+                    let lhs = Mat {
+                        ptr: a[l1.start_offset() + i * bsa..].as_ptr(),
+                        rs: ra as isize,
+                        cs: ca as isize,
+                    };
+                    let rhs = Mat {
+                        ptr: b[l2.start_offset() + i * bsb..].as_ptr(),
+                        rs: rb as isize,
+                        cs: cb as isize,
+                    };
+                    // SAFETY: bounds checked above; `c` is this product's m x n output.
+                    unsafe { gemm(m, n, k, c.as_mut_ptr() as *mut f32, n, false, lhs, rhs, gemm::Parallelism::None) };
+                });
         }
+        // SAFETY: all `batch` products were written above (or the output is empty).
+        unsafe { out.set_len(len) };
         let mut shape = da.to_vec();
         shape[r - 1] = n;
         Ok((CpuStorage::F32(out), Shape::from(shape)))

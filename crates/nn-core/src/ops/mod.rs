@@ -55,6 +55,7 @@ mod conv;
 mod depthwise;
 pub mod depthwise_tokens;
 mod elem;
+pub mod linear;
 pub mod matmul;
 mod pool;
 pub mod rowwise;

@@ -30,25 +30,31 @@ impl CustomOp1 for TransposeLast2 {
         let r = dims.len();
         let (rows, cols) = (dims[r - 2], dims[r - 1]);
         let plane = rows * cols;
-        let mut y = vec![0f32; x.len()];
+        let mut y: Vec<f32> = Vec::with_capacity(x.len());
         if plane > 0 {
-            // tasks: (batch entry, band of TILE output rows = input columns)
-            y.par_chunks_mut(plane).zip(x.par_chunks(plane)).for_each(|(yo, xi)| {
-                yo.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
-                    let c0 = band * TILE;
-                    let cw = (cols - c0).min(TILE);
-                    for r0 in (0..rows).step_by(TILE) {
-                        let rh = (rows - r0).min(TILE);
-                        for c in 0..cw {
-                            let dst = &mut out[c * rows + r0..c * rows + r0 + rh];
-                            for (i, d) in dst.iter_mut().enumerate() {
-                                *d = xi[(r0 + i) * cols + c0 + c];
+            // tasks: (batch entry, band of TILE output rows = input columns); every output
+            // element is written once, so the buffer is not zeroed first
+            y.spare_capacity_mut()[..x.len()]
+                .par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .for_each(|(yo, xi)| {
+                    yo.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
+                        let c0 = band * TILE;
+                        let cw = (cols - c0).min(TILE);
+                        for r0 in (0..rows).step_by(TILE) {
+                            let rh = (rows - r0).min(TILE);
+                            for c in 0..cw {
+                                let dst = &mut out[c * rows + r0..c * rows + r0 + rh];
+                                for (i, d) in dst.iter_mut().enumerate() {
+                                    d.write(xi[(r0 + i) * cols + c0 + c]);
+                                }
                             }
                         }
-                    }
+                    });
                 });
-            });
         }
+        // SAFETY: the bands above cover every element of every plane (or there are none).
+        unsafe { y.set_len(x.len()) };
         let mut shape = dims.to_vec();
         shape.swap(r - 2, r - 1);
         Ok((CpuStorage::F32(y), Shape::from(shape)))

@@ -1,0 +1,52 @@
+//! Process-wide CPU runtime settings to apply once at program start: [`tune`].
+//!
+//! Two things outside nn-core's own kernels cost measurable time on a small CPU:
+//! - glibc's allocator returning large freed buffers to the kernel (see [`crate::alloc`]);
+//! - candle 0.11's elementwise thread pool: after each binary op (`a + b`, broadcast adds)
+//!   its worker threads spin for 25,000 iterations before parking (`candle-bp-*` threads),
+//!   which on 2 cores competes with the rayon threads that run every other op. Profiles of a
+//!   ViT-Ti forward showed 12.6% of all CPU samples and a ResNet-20 training step 6.4% in
+//!   that spinning; with the spin limit at 0 the ViT-Ti forward ran 37.4-37.9 -> 38.8-41.3
+//!   img/s (three alternating runs each, 2 threads, `cargo xtask vit bench`).
+
+/// candle's environment variable for its elementwise pool's spin limit.
+pub const CANDLE_SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// Sets candle's elementwise worker spin limit to 0 (park right away) unless the variable is
+/// already set, in which case the user's value is kept. Returns the value in effect. Must run
+/// before candle's first elementwise op (the pool reads it when it starts) and before other
+/// threads exist (it writes the process environment).
+pub fn tune_candle_pool() -> String {
+    let (value, set) = spin_limit_to_use(std::env::var(CANDLE_SPIN_LIMIT_VAR).ok());
+    if set {
+        std::env::set_var(CANDLE_SPIN_LIMIT_VAR, &value);
+    }
+    value
+}
+
+/// The spin limit to use given the variable's current value, and whether it must be set.
+fn spin_limit_to_use(current: Option<String>) -> (String, bool) {
+    match current {
+        Some(v) => (v, false),
+        None => ("0".into(), true),
+    }
+}
+
+/// Applies [`crate::alloc::tune_allocator`] and [`tune_candle_pool`]; call first thing in
+/// `main` of a training or benchmark program.
+pub fn tune() {
+    crate::alloc::tune_allocator();
+    tune_candle_pool();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_a_value_the_user_set_and_defaults_to_zero() {
+        // (the pure rule: the tests share one process environment)
+        assert_eq!(spin_limit_to_use(Some("123".into())), ("123".to_string(), false));
+        assert_eq!(spin_limit_to_use(None), ("0".to_string(), true));
+    }
+}
