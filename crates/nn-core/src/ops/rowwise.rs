@@ -118,6 +118,77 @@ fn normal_cdf<const F: bool>(x: f32) -> f32 {
     }
 }
 
+/// Elements per block of the block-wise (stage-interleaved) kernels below: four AVX2 vectors.
+const BLOCK: usize = 32;
+
+/// [`exp_f32`] of every element of a block, one stage at a time over the whole block.
+///
+/// Why blocks: one element's `exp`/`erfc` is a chain of ~25 dependent floating-point
+/// operations. A loop that runs each vector's chain to the end keeps only about one chain in
+/// the CPU's floating-point scheduler, so it waits on latencies; running each stage over four
+/// vectors before the next stage gives four independent operations at every step (the GELU
+/// forward took 1.52-1.61 -> 1.28-1.36 ns per element on one thread, `cargo run --release -p
+/// nn-core --example rowwise_speed`; blocks of 16 gained nothing, of 64 no more than 32).
+#[inline(always)]
+fn exp_block<const F: bool>(x: &mut [f32; BLOCK]) {
+    let mut t = [0f32; BLOCK];
+    let mut r = [0f32; BLOCK];
+    for i in 0..BLOCK {
+        x[i] = x[i].clamp(-87.3, 88.3);
+        t[i] = fma::<F>(x[i], LOG2E, ROUND_MAGIC);
+        let n = t[i] - ROUND_MAGIC;
+        r[i] = fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x[i]));
+    }
+    let mut p = [1.987_569_1e-4f32; BLOCK];
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        for i in 0..BLOCK {
+            p[i] = fma::<F>(p[i], r[i], c);
+        }
+    }
+    for i in 0..BLOCK {
+        let y = fma::<F>(p[i], r[i] * r[i], r[i]) + 1.0;
+        let ni = t[i].to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
+        x[i] = y * f32::from_bits(((ni + 127) as u32) << 23);
+    }
+}
+
+/// [`normal_cdf`] of every element of a block, stage by stage (see [`exp_block`]).
+#[inline(always)]
+fn normal_cdf_block<const F: bool>(x: &[f32; BLOCK]) -> [f32; BLOCK] {
+    let mut z = [0f32; BLOCK];
+    let mut t = [0f32; BLOCK];
+    for i in 0..BLOCK {
+        z[i] = x[i].abs() * std::f32::consts::FRAC_1_SQRT_2;
+        t[i] = 1.0 / fma::<F>(0.5, z[i], 1.0);
+    }
+    let mut p = [0.170_872_77f32; BLOCK];
+    for c in [
+        -0.822_152_23,
+        1.488_515_9,
+        -1.135_204,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+        -1.265_512_2,
+    ] {
+        for i in 0..BLOCK {
+            p[i] = fma::<F>(p[i], t[i], c);
+        }
+    }
+    for i in 0..BLOCK {
+        p[i] = fma::<F>(-z[i], z[i], p[i]);
+    }
+    exp_block::<F>(&mut p);
+    let mut out = [0f32; BLOCK];
+    for i in 0..BLOCK {
+        let half_tail = 0.5 * (t[i] * p[i]);
+        out[i] = if x[i] < 0.0 { half_tail } else { 1.0 - half_tail };
+    }
+    out
+}
+
 /// Sum with eight independent accumulators (vectorises; the order differs from a serial sum).
 #[inline(always)]
 fn sum_lanes(x: &[f32]) -> f32 {
@@ -266,7 +337,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 dispatch! {
     /// `y = x Phi(x)`.
     fn gelu_rows(xs: &[f32], ys: &mut [f32]) {
-        for (o, &v) in ys.iter_mut().zip(xs) {
+        let mut xb = xs.chunks_exact(BLOCK);
+        let mut yb = ys.chunks_exact_mut(BLOCK);
+        for (x, y) in (&mut xb).zip(&mut yb) {
+            let x: &[f32; BLOCK] = x.try_into().expect("a block");
+            let cdf = normal_cdf_block::<FMA>(x);
+            for i in 0..BLOCK {
+                y[i] = x[i] * cdf[i];
+            }
+        }
+        for (o, &v) in yb.into_remainder().iter_mut().zip(xb.remainder()) {
             *o = v * normal_cdf::<FMA>(v);
         }
     }
@@ -277,7 +357,22 @@ dispatch! {
     fn gelu_grad_rows(xs: &[f32], gs: &[f32], out: &mut [f32]) {
         // 1 / sqrt(2 pi)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
-        for ((o, &x), &g) in out.iter_mut().zip(xs).zip(gs) {
+        let mut xb = xs.chunks_exact(BLOCK);
+        let mut gb = gs.chunks_exact(BLOCK);
+        let mut ob = out.chunks_exact_mut(BLOCK);
+        for ((x, g), o) in (&mut xb).zip(&mut gb).zip(&mut ob) {
+            let x: &[f32; BLOCK] = x.try_into().expect("a block");
+            let cdf = normal_cdf_block::<FMA>(x);
+            let mut pdf = [0f32; BLOCK];
+            for i in 0..BLOCK {
+                pdf[i] = -0.5 * x[i] * x[i];
+            }
+            exp_block::<FMA>(&mut pdf);
+            for i in 0..BLOCK {
+                o[i] = g[i] * fma::<FMA>(x[i], INV_SQRT_2PI * pdf[i], cdf[i]);
+            }
+        }
+        for ((o, &x), &g) in ob.into_remainder().iter_mut().zip(xb.remainder()).zip(gb.remainder()) {
             let pdf = INV_SQRT_2PI * exp_f32::<FMA>(-0.5 * x * x);
             *o = g * fma::<FMA>(x, pdf, normal_cdf::<FMA>(x));
         }
@@ -546,6 +641,38 @@ mod tests {
         }
         assert!(worst < 2e-6, "gelu relative error {worst} for |x| <= 4");
         assert!(worst_tail < 2e-5, "gelu relative error {worst_tail} for |x| > 4");
+    }
+
+    /// The block-wise kernels do the same operations per element as the scalar ones, in the
+    /// same order: their results are identical, bit for bit, with and without FMA.
+    #[test]
+    fn block_kernels_equal_the_scalar_ones_bit_for_bit() {
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let block: [f32; BLOCK] = std::array::from_fn(|i| x + i as f32 * 0.0123);
+            for fma in [false, true] {
+                let (cdf, mut e) = if fma {
+                    (normal_cdf_block::<true>(&block), block)
+                } else {
+                    (normal_cdf_block::<false>(&block), block)
+                };
+                if fma {
+                    exp_block::<true>(&mut e)
+                } else {
+                    exp_block::<false>(&mut e)
+                }
+                for i in 0..BLOCK {
+                    let (c, ex) = if fma {
+                        (normal_cdf::<true>(block[i]), exp_f32::<true>(block[i]))
+                    } else {
+                        (normal_cdf::<false>(block[i]), exp_f32::<false>(block[i]))
+                    };
+                    assert_eq!(cdf[i].to_bits(), c.to_bits(), "cdf at {} (fma {fma})", block[i]);
+                    assert_eq!(e[i].to_bits(), ex.to_bits(), "exp at {} (fma {fma})", block[i]);
+                }
+            }
+            x += 0.37;
+        }
     }
 
     /// erfc in f64 by its continued fraction / series (reference for the test only).
