@@ -36,6 +36,11 @@ fn main() -> Result<()> {
     let m = time("tokens_to_map (transpose copy)", || tokens_to_map(&y, h, w))?;
     let d = time("dwconv 3x3, 256 ch, 56x56", || conv_forward(&dw, &m))?;
     let f = time("flatten_tokens (transpose copy)", || flatten_tokens(&d))?;
+    let wt = dw.weight.as_tensor();
+    let bias = dw.bias.as_ref().expect("bias").as_tensor();
+    time("dwconv on tokens (channels-last op)", || {
+        nn_core::ops::depthwise_tokens::depthwise_conv_tokens(&y, wt, bias, h, w)
+    })?;
     let g = time("GELU", || gelu(&f))?;
     time("fc2 (256 -> 32)", || fc2.forward(&g))?;
     Ok(())

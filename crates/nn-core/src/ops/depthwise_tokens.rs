@@ -19,6 +19,7 @@
 use crate::ops::elem::{contiguous, dispatch};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Geometry: map `h x w`, kernel `kh x kw` (odd), channels `c`.
 #[derive(Clone, Copy)]
@@ -55,36 +56,70 @@ fn taps_major(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
 }
 
 /// `out[p] = init[p]? + sum_tap wt[tap] * src[p + sign * offset(tap)]`, per image, rows in
-/// parallel; `sign` = 1 for the forward pass, -1 for the input gradient.
+/// parallel; `sign` = 1 for the forward pass, -1 for the input gradient. Every output element
+/// is written once, so the buffer is not zero-filled first.
 fn correlate(src: &[f32], wt: &[f32], bias: Option<&[f32]>, n: usize, c: usize, g: Geom, sign: isize) -> Vec<f32> {
     let hw = g.h * g.w;
-    let mut out = vec![0f32; n * hw * c];
-    out.par_chunks_mut(g.w * c).enumerate().for_each(|(row, o)| {
-        let (b, y) = (row / g.h, row % g.h);
-        let img = &src[b * hw * c..(b + 1) * hw * c];
-        correlate_row(o, img, wt, bias, c, g, y, sign);
-    });
+    let len = n * hw * c;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len > 0 {
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(g.w * c)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let (b, y) = (row / g.h, row % g.h);
+                let img = &src[b * hw * c..(b + 1) * hw * c];
+                correlate_row(o, img, wt, bias, c, g, y, sign);
+            });
+    }
+    // SAFETY: correlate_row writes every element of every row (all channels of all pixels).
+    unsafe { out.set_len(len) };
     out
 }
 
+/// Channels per register block of [`correlate_row`] (four AVX2 vectors).
+const CHANNEL_BLOCK: usize = 32;
+
 dispatch! {
-    /// One output row `o` (`w` pixels of `c` channels) of [`correlate`] at map row `y`.
+    /// One output row `o` (`w` pixels of `c` channels) of [`correlate`] at map row `y`. The
+    /// channels go in blocks of [`CHANNEL_BLOCK`] whose sums stay in registers over all taps
+    /// (one store per output instead of a load and a store per tap): PVTv2-B0's stage-1 conv
+    /// (8 x 3136 tokens, 256 channels, 2 threads) 6.5-7.6 -> 4.2-4.3 ms, `cargo run --release
+    /// -p vit-survey-zoo --example pvt_mlp_profile`.
     #[allow(clippy::too_many_arguments)]
-    fn correlate_row(o: &mut [f32], img: &[f32], wt: &[f32], bias: Option<&[f32]>, c: usize, g: Geom, y: usize, sign: isize) {
+    fn correlate_row(o: &mut [MaybeUninit<f32>], img: &[f32], wt: &[f32], bias: Option<&[f32]>, c: usize, g: Geom, y: usize, sign: isize) {
+        let madd = |a: f32, b: f32, acc: f32| if FMA { a.mul_add(b, acc) } else { a * b + acc };
+        let full = c / CHANNEL_BLOCK * CHANNEL_BLOCK;
         for x in 0..g.w {
-            let acc = &mut o[x * c..(x + 1) * c];
-            match bias {
-                Some(bv) => acc.copy_from_slice(bv),
-                None => acc.fill(0.0),
-            }
-            for t in 0..g.kh * g.kw {
-                let (dy, dx) = g.offset(t);
-                if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
-                    let (wv, xv) = (&wt[t * c..(t + 1) * c], &img[q * c..(q + 1) * c]);
-                    for ((a, &wk), &v) in acc.iter_mut().zip(wv).zip(xv) {
-                        *a += wk * v;
+            let out = &mut o[x * c..(x + 1) * c];
+            for cb in (0..full).step_by(CHANNEL_BLOCK) {
+                let mut acc = [0f32; CHANNEL_BLOCK];
+                if let Some(bv) = bias {
+                    acc.copy_from_slice(&bv[cb..cb + CHANNEL_BLOCK]);
+                }
+                for t in 0..g.kh * g.kw {
+                    let (dy, dx) = g.offset(t);
+                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
+                        let wv = &wt[t * c + cb..][..CHANNEL_BLOCK];
+                        let xv = &img[q * c + cb..][..CHANNEL_BLOCK];
+                        for i in 0..CHANNEL_BLOCK {
+                            acc[i] = madd(wv[i], xv[i], acc[i]);
+                        }
                     }
                 }
+                for (d, &v) in out[cb..cb + CHANNEL_BLOCK].iter_mut().zip(&acc) {
+                    d.write(v);
+                }
+            }
+            for ch in full..c {
+                let mut acc = bias.map_or(0.0, |bv| bv[ch]);
+                for t in 0..g.kh * g.kw {
+                    let (dy, dx) = g.offset(t);
+                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
+                        acc = madd(wt[t * c + ch], img[q * c + ch], acc);
+                    }
+                }
+                out[ch].write(acc);
             }
         }
     }
@@ -250,7 +285,13 @@ mod tests {
     #[test]
     fn equals_the_nchw_convolution_with_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        for (n, h, w, c, k) in [(2usize, 5usize, 7usize, 19usize, 3usize), (1, 3, 2, 8, 5), (2, 1, 1, 4, 3)] {
+        for (n, h, w, c, k) in [
+            (2usize, 5usize, 7usize, 19usize, 3usize),
+            (1, 3, 2, 8, 5),
+            (2, 1, 1, 4, 3),
+            (1, 4, 3, 70, 3),
+            (2, 3, 3, 32, 3),
+        ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev)?)?;
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev)?)?;
