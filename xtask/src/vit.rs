@@ -160,6 +160,10 @@ pub struct BenchArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
+    /// Alternating rounds (all models here, then all in PyTorch); the table reports medians
+    /// over rounds, so a slow period of the shared machine hits both sides alike.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
 }
 
 pub fn run(cmd: VitCommand) -> Result<()> {
@@ -457,49 +461,81 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     let load_before = load();
     let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    let mut ours = Vec::new();
+    let v: Vec<f32> = (0..a.batch * 3 * 224 * 224).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect();
+    let x = Tensor::from_vec(v, (a.batch, 3, 224, 224), &Device::Cpu)?;
+    let mut built = Vec::new();
     for name in &models {
         let vs = VarStore::new(0, &Device::Cpu);
         let m = create_model_with(name, &ModelOptions::new(1000, 224), &vs.root())?;
-        let v: Vec<f32> = (0..a.batch * 3 * 224 * 224).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect();
-        let x = Tensor::from_vec(v, (a.batch, 3, 224, 224), &Device::Cpu)?;
-        m.forward_t(&x, false)?.to_dtype(DType::F32)?;
-        let t = std::time::Instant::now();
-        let mut reps = 0;
-        while reps < 3 || t.elapsed().as_secs_f64() < a.seconds {
-            m.forward_t(&x, false)?.to_dtype(DType::F32)?;
-            reps += 1;
-        }
-        let ips = (reps * a.batch) as f64 / t.elapsed().as_secs_f64();
-        println!("vit-survey-zoo {name}: {ips:.2} img/s");
-        ours.push(ips);
+        built.push((vs, m));
     }
-    let torch = if a.no_torch {
-        Err(anyhow::anyhow!("--no-torch"))
-    } else {
-        torch_bench(&models, threads, a.batch)
+    let rounds = a.rounds as usize;
+    // per model: images/s of each round, ours and PyTorch's
+    let mut ours = vec![Vec::new(); models.len()];
+    let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
+    let mut torch_error = None;
+    for round in 0..rounds {
+        for (i, name) in models.iter().enumerate() {
+            let m = &built[i].1;
+            m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+            let t = std::time::Instant::now();
+            let mut reps = 0;
+            while reps < 3 || t.elapsed().as_secs_f64() < a.seconds {
+                m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+                reps += 1;
+            }
+            let ips = (reps * a.batch) as f64 / t.elapsed().as_secs_f64();
+            println!("round {}/{rounds} vit-survey-zoo {name}: {ips:.2} img/s", round + 1);
+            ours[i].push(ips);
+        }
+        if a.no_torch || torch_error.is_some() {
+            continue;
+        }
+        match torch_bench(&models, threads, a.batch) {
+            Ok(t) => {
+                for (i, name) in models.iter().enumerate() {
+                    if let Some((_, v)) = t.iter().find(|(n, _)| n == name) {
+                        theirs[i].push(*v);
+                    }
+                }
+            }
+            Err(e) => torch_error = Some(e),
+        }
+    }
+    let median = |v: &[f64]| -> Option<f64> {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
     };
     let mut table = format!(
-        "## Forward benchmark, 224x224, batch {}, {threads} threads\n\n| model | MACs (G) | vit-survey-zoo img/s | PyTorch/timm img/s | ratio |\n|---|---|---|---|---|\n",
+        "## Forward benchmark, 224x224, batch {}, {threads} threads\n\n| model | MACs (G) | vit-survey-zoo img/s | PyTorch/timm img/s | ratio of medians | per-round ratios |\n|---|---|---|---|---|---|\n",
         a.batch
     );
     for (i, name) in models.iter().enumerate() {
         let (_, m) = cheap(name, 1000, 224)?;
-        let t = torch.as_ref().ok().and_then(|t| t.iter().find(|(n, _)| n == name).map(|(_, v)| *v));
+        let (o, t) = (median(&ours[i]).unwrap_or(f64::NAN), median(&theirs[i]));
+        let per_round: Vec<f64> = ours[i].iter().zip(&theirs[i]).map(|(a, b)| a / b).collect();
+        let range = match (
+            per_round.iter().cloned().reduce(f64::min),
+            per_round.iter().cloned().reduce(f64::max),
+        ) {
+            (Some(lo), Some(hi)) => format!("{lo:.2}-{hi:.2}x"),
+            _ => "n/a".into(),
+        };
         table += &format!(
-            "| {name} | {:.3} | {:.2} | {} | {} |\n",
+            "| {name} | {:.3} | {o:.2} | {} | {} | {range} |\n",
             m.macs() as f64 / 1e9,
-            ours[i],
             t.map_or("n/a".into(), |v| format!("{v:.2}")),
-            t.map_or("n/a".into(), |v| format!("{:.2}x", ours[i] / v))
+            t.map_or("n/a".into(), |v| format!("**{:.2}x**", o / v)),
         );
     }
-    match &torch {
-        Ok(_) => table += "\nRatio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo). PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py bench`, run by this command on the same machine right after.\n",
-        Err(e) => table += &format!("\nPyTorch reference not run: {e}\n"),
+    match (&torch_error, a.no_torch) {
+        (_, true) => table += "\nPyTorch reference not run: --no-torch\n",
+        (Some(e), _) => table += &format!("\nPyTorch reference not run: {e}\n"),
+        (None, false) => table += &format!("\nImages/s are medians over {rounds} alternating rounds (every model here, then every model in PyTorch, repeated), so that the shared machine's slow periods hit both sides; ratio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo), also given per round. PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py bench`, run by this command on the same machine.\n"),
     }
     table += &format!(
-        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs: absolute numbers are only comparable within this table.\n\n```\n{}\n```\n",
+        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model and round after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs.\n\n```\n{}\n```\n",
         a.seconds,
         load_before,
         load(),
