@@ -1,5 +1,5 @@
 //! Test utilities shared by every crate of the workspace: finite-difference gradient checks and
-//! the "every parameter gets a gradient" check.
+//! the "every parameter gets a gradient" check, the largest elementwise difference.
 
 use crate::model::Model;
 use crate::var_store::VarStore;
@@ -75,4 +75,9 @@ pub fn check_all_params_get_gradients(model: &dyn Model, vs: &VarStore, input: &
             bad.join(", ")
         )
     }
+}
+
+/// Largest absolute elementwise difference of two tensors of the same shape (as f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()
 }

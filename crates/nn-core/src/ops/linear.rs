@@ -268,16 +268,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::testing::max_abs_diff(a, b).unwrap()
     }
 
     /// Values and all three gradients equal candle's composed form, for 3-d inputs, with and

@@ -67,6 +67,10 @@ fn fma<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// Polynomial for `e^r - 1 - r` over `r^2` on the reduced range of [`exp_f32`] (Horner order).
+const EXP_LEAD: f32 = 1.987_569_1e-4;
+const EXP_COEFFS: [f32; 5] = [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
 /// `e^x` (about 1 ulp), branch-free so that loops over it vectorise.
 #[inline(always)]
 fn exp_f32<const F: bool>(x: f32) -> f32 {
@@ -74,34 +78,36 @@ fn exp_f32<const F: bool>(x: f32) -> f32 {
     let t = fma::<F>(x, LOG2E, ROUND_MAGIC);
     let n = t - ROUND_MAGIC;
     let r = fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x));
-    let mut p = 1.987_569_1e-4f32;
-    p = fma::<F>(p, r, 1.398_199_9e-3);
-    p = fma::<F>(p, r, 8.333_452e-3);
-    p = fma::<F>(p, r, 4.166_579_6e-2);
-    p = fma::<F>(p, r, 1.666_666_5e-1);
-    p = fma::<F>(p, r, 0.5);
+    let mut p = EXP_LEAD;
+    for c in EXP_COEFFS {
+        p = fma::<F>(p, r, c);
+    }
     let y = fma::<F>(p, r * r, r) + 1.0;
     // 2^n from the integer in t's low bits
     let ni = t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
     y * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
+/// Leading coefficient and the rest (Horner order) of the polynomial in `t` of [`erfc_pos`].
+const ERFC_LEAD: f32 = 0.170_872_77;
+const ERFC_COEFFS: [f32; 9] = [
+    -0.822_152_23,
+    1.488_515_9,
+    -1.135_204,
+    0.278_868_07,
+    -0.186_288_06,
+    0.096_784_18,
+    0.374_091_96,
+    1.000_023_7,
+    -1.265_512_2,
+];
+
 /// `erfc(z)` for `z >= 0` (Numerical Recipes' `erfcc`, fractional error below 1.2e-7).
 #[inline(always)]
 fn erfc_pos<const F: bool>(z: f32) -> f32 {
     let t = 1.0 / fma::<F>(0.5, z, 1.0);
-    let mut p = 0.170_872_77f32;
-    for c in [
-        -0.822_152_23,
-        1.488_515_9,
-        -1.135_204,
-        0.278_868_07,
-        -0.186_288_06,
-        0.096_784_18,
-        0.374_091_96,
-        1.000_023_7,
-        -1.265_512_2,
-    ] {
+    let mut p = ERFC_LEAD;
+    for c in ERFC_COEFFS {
         p = fma::<F>(p, t, c);
     }
     t * exp_f32::<F>(fma::<F>(-z, z, p))
@@ -139,8 +145,8 @@ fn exp_block<const F: bool>(x: &mut [f32; BLOCK]) {
         let n = t[i] - ROUND_MAGIC;
         r[i] = fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x[i]));
     }
-    let mut p = [1.987_569_1e-4f32; BLOCK];
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+    let mut p = [EXP_LEAD; BLOCK];
+    for c in EXP_COEFFS {
         for i in 0..BLOCK {
             p[i] = fma::<F>(p[i], r[i], c);
         }
@@ -161,18 +167,8 @@ fn normal_cdf_block<const F: bool>(x: &[f32; BLOCK]) -> [f32; BLOCK] {
         z[i] = x[i].abs() * std::f32::consts::FRAC_1_SQRT_2;
         t[i] = 1.0 / fma::<F>(0.5, z[i], 1.0);
     }
-    let mut p = [0.170_872_77f32; BLOCK];
-    for c in [
-        -0.822_152_23,
-        1.488_515_9,
-        -1.135_204,
-        0.278_868_07,
-        -0.186_288_06,
-        0.096_784_18,
-        0.374_091_96,
-        1.000_023_7,
-        -1.265_512_2,
-    ] {
+    let mut p = [ERFC_LEAD; BLOCK];
+    for c in ERFC_COEFFS {
         for i in 0..BLOCK {
             p[i] = fma::<F>(p[i], t[i], c);
         }
@@ -595,16 +591,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::testing::max_abs_diff(a, b).unwrap()
     }
 
     #[test]
