@@ -13,9 +13,13 @@
 pub const CANDLE_SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 
 /// Sets candle's elementwise worker spin limit to 0 (park right away) unless the variable is
-/// already set, in which case the user's value is kept. Returns the value in effect. Must run
-/// before candle's first elementwise op (the pool reads it when it starts) and before other
-/// threads exist (it writes the process environment).
+/// already set, in which case the user's value is kept. Returns the variable's value (candle
+/// falls back to its default of 25,000 if that does not parse as a number).
+///
+/// Call it before candle's first elementwise op (the pool reads the variable when it starts)
+/// and while the program has a single thread: it writes the process environment, which races
+/// with C code reading it on other threads (`std::env::set_var` is `unsafe` in edition 2024
+/// for that reason).
 pub fn tune_candle_pool() -> String {
     let (value, set) = spin_limit_to_use(std::env::var(CANDLE_SPIN_LIMIT_VAR).ok());
     if set {

@@ -173,7 +173,8 @@ pub fn bgemm_into(a: &PackedMatrix, b: &PackedMatrix, kernel: Kernel, out: &mut 
 /// [`bgemm_into`] with the AVX2 kernel, `B` split into nibble planes once up front.
 ///
 /// # Safety
-/// AVX2 and popcnt must be available; `wpr >= 16`.
+/// AVX2 and popcnt must be available. (The caller uses it for `wpr >= 16` only, where it is
+/// faster; smaller rows are still correct.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
 unsafe fn bgemm_avx2_presplit(a: &PackedMatrix, b: &PackedMatrix, nb: usize, out: &mut [i32]) {

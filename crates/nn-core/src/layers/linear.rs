@@ -52,7 +52,12 @@ impl ModuleT for Linear {
         // fused product + bias (row-parallel on CPU, see crate::ops::linear)
         let y = crate::ops::linear::linear(x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()))?;
         if summary::is_recording() {
-            let tokens: usize = x.dims()[1..x.rank() - 1].iter().product::<usize>().max(1);
+            // positions per sample: the dims between the batch and the features (1 for [B, F]
+            // or an unbatched [F])
+            let tokens: usize = x
+                .dims()
+                .get(1..x.rank().saturating_sub(1))
+                .map_or(1, |d| d.iter().product::<usize>().max(1));
             summary::record(|| LayerStat {
                 name: self.name.clone(),
                 kind: "Linear".into(),

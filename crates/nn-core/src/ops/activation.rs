@@ -24,11 +24,14 @@ impl CustomOp1 for Relu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l).ok_or_else(|| candle_core::Error::Msg("fast relu: contiguous f32 input expected".into()))?;
-        let y = par_fill_f32(x.len(), CHUNK, |i, o| {
-            for (o, &v) in o.iter_mut().zip(&x[i * CHUNK..]) {
-                o.write(v.max(0.0));
-            }
-        });
+        // SAFETY: each chunk zips its whole length against the input and writes it.
+        let y = unsafe {
+            par_fill_f32(x.len(), CHUNK, |i, o| {
+                for (o, &v) in o.iter_mut().zip(&x[i * CHUNK..]) {
+                    o.write(v.max(0.0));
+                }
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -49,11 +52,14 @@ impl CustomOp2 for ReluGrad {
         if g.len() != y.len() {
             candle_core::bail!("fast relu backward: {} gradients for {} outputs", g.len(), y.len());
         }
-        let dx = par_fill_f32(y.len(), CHUNK, |i, o| {
-            for ((o, &y), &g) in o.iter_mut().zip(&y[i * CHUNK..]).zip(&g[i * CHUNK..]) {
-                o.write(if y > 0.0 { g } else { 0.0 });
-            }
-        });
+        // SAFETY: each chunk zips its whole length against the outputs and writes it.
+        let dx = unsafe {
+            par_fill_f32(y.len(), CHUNK, |i, o| {
+                for ((o, &y), &g) in o.iter_mut().zip(&y[i * CHUNK..]).zip(&g[i * CHUNK..]) {
+                    o.write(if y > 0.0 { g } else { 0.0 });
+                }
+            })
+        };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

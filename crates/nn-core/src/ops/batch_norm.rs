@@ -44,7 +44,7 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 
 /// (n, c, inner) of an `[N, C, ...]` shape.
 fn ncl(dims: &[usize]) -> (usize, usize, usize) {
-    (dims[0], dims[1], dims[2..].iter().product::<usize>().max(1))
+    (dims[0], dims[1], dims[2..].iter().product::<usize>())
 }
 
 impl CustomOp3 for FusedBatchNorm {
@@ -66,6 +66,9 @@ impl CustomOp3 for FusedBatchNorm {
         let beta = cpu_f32(s3, l3, "bias")?;
         let (n, c, inner) = ncl(l1.dims());
         let m = n * inner;
+        if m == 0 && c > 0 {
+            candle_core::bail!("batch norm (training): no values per channel in an input of shape {:?}", l1.dims());
+        }
         let mut y: Vec<f32> = Vec::with_capacity(x.len());
         let yp = SharedOut(y.spare_capacity_mut().as_mut_ptr());
         let stats: Vec<(f32, f32)> = (0..c)
@@ -251,13 +254,16 @@ impl CustomOp3 for ChannelAffine {
         if inner == 0 {
             return Ok((CpuStorage::F32(vec![]), l1.shape().clone()));
         }
-        let y = par_fill_f32(x.len(), inner, |i, o| {
-            let ch = i % c;
-            let (a, b) = (scale[ch], shift[ch]);
-            for (o, &v) in o.iter_mut().zip(&x[i * inner..]) {
-                o.write(v * a + b);
-            }
-        });
+        // SAFETY: each chunk (one plane of `inner` values) is written whole.
+        let y = unsafe {
+            par_fill_f32(x.len(), inner, |i, o| {
+                let ch = i % c;
+                let (a, b) = (scale[ch], shift[ch]);
+                for (o, &v) in o.iter_mut().zip(&x[i * inner..]) {
+                    o.write(v * a + b);
+                }
+            })
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -38,7 +38,6 @@ fn rows_times(x: &[f32], rows: usize, k: usize, rhs: &[f32], rs: usize, cs: usiz
             .enumerate()
             .for_each(|(t, o)| {
                 let r = o.len() / n;
-                let dst = o.as_mut_ptr() as *mut f32;
                 if let Some(b) = bias {
                     for row in o.chunks_exact_mut(n) {
                         for (d, &v) in row.iter_mut().zip(b) {
@@ -46,6 +45,8 @@ fn rows_times(x: &[f32], rows: usize, k: usize, rhs: &[f32], rs: usize, cs: usiz
                         }
                     }
                 }
+                // (taken after the bias writes, which reborrow `o`)
+                let dst = o.as_mut_ptr() as *mut f32;
                 let lhs = Mat::rm(&x[t * rb * k..], k);
                 let rhs = Mat {
                     ptr: rhs.as_ptr(),
@@ -65,6 +66,10 @@ fn rows_times(x: &[f32], rows: usize, k: usize, rhs: &[f32], rs: usize, cs: usiz
 /// `dW[n, k] = g^T x` for `g [rows, n]`, `x [rows, k]`, split over blocks of the `n` outputs.
 fn weight_grad(g: &[f32], x: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
     let len = n * k;
+    if rows == 0 {
+        // no rows: the gradient is zero (and `g` is empty, so no column views to take)
+        return vec![0.0; len];
+    }
     let mut dw: Vec<f32> = Vec::with_capacity(len);
     if len > 0 {
         let nb = n.div_ceil(2 * rayon::current_num_threads()).max(8);
@@ -79,8 +84,7 @@ fn weight_grad(g: &[f32], x: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32
                     cs: n as isize,
                 };
                 // SAFETY: lhs is the (cnt x rows) transpose view of columns t*nb.. of g, rhs x
-                // (rows x k), dst this task's cnt x k block; gemm writes it (k == 0 and rows == 0
-                // write zeros).
+                // (rows x k), dst this task's cnt x k block, which gemm writes whole.
                 unsafe {
                     gemm(
                         cnt,
@@ -101,13 +105,16 @@ fn weight_grad(g: &[f32], x: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32
     dw
 }
 
-/// Column sums of `g [rows, n]`.
+/// Column sums of `g [rows, n]`: one partial sum per fixed chunk of rows, added in chunk
+/// order (the same result whatever the threads do).
 fn bias_grad(g: &[f32], rows: usize, n: usize) -> Vec<f32> {
-    if n == 0 {
-        return vec![];
+    let mut total = vec![0f32; n];
+    if n == 0 || rows == 0 {
+        return total;
     }
     let rb = rows_per_task(rows);
-    g.par_chunks(rb * n)
+    let parts: Vec<Vec<f32>> = g
+        .par_chunks(rb * n)
         .map(|c| {
             let mut s = vec![0f32; n];
             for row in c.chunks_exact(n) {
@@ -117,15 +124,13 @@ fn bias_grad(g: &[f32], rows: usize, n: usize) -> Vec<f32> {
             }
             s
         })
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        )
+        .collect();
+    for p in parts {
+        for (x, y) in total.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
+    total
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -306,6 +311,26 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// No rows (an empty batch): zero-size output, zero weight and bias gradients; a
+    /// transposed (non-contiguous) weight view is accepted.
+    #[test]
+    fn empty_batches_and_strided_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::zeros((2, 0, 5), DType::F32, &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 5), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 9, &dev)?)?;
+        let y = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()))?;
+        assert_eq!(y.dims(), &[2, 0, 9]);
+        let g = y.sum_all()?.backward()?;
+        assert_eq!(g.get(w.as_tensor()).unwrap().dims(), &[9, 5]);
+        assert_eq!(g.get(w.as_tensor()).unwrap().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        assert_eq!(g.get(b.as_tensor()).unwrap().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let xs = Tensor::randn(0f32, 1.0, (4, 6), &dev)?;
+        let wt = Tensor::randn(0f32, 1.0, (6, 3), &dev)?.t()?;
+        assert!(max_diff(&linear(&xs, &wt, None)?, &xs.matmul(&wt.t()?)?) < 1e-5);
         Ok(())
     }
 
