@@ -105,14 +105,15 @@ fn weight_grad(g: &[f32], x: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32
     dw
 }
 
-/// Column sums of `g [rows, n]`: one partial sum per fixed chunk of rows, added in chunk
-/// order (the same result whatever the threads do).
+/// Column sums of `g [rows, n]`: one partial sum per chunk of 256 rows (a size that does not
+/// depend on the thread count), added in chunk order, so the result is the same on any
+/// number of threads.
 fn bias_grad(g: &[f32], rows: usize, n: usize) -> Vec<f32> {
     let mut total = vec![0f32; n];
     if n == 0 || rows == 0 {
         return total;
     }
-    let rb = rows_per_task(rows);
+    let rb = 256;
     let parts: Vec<Vec<f32>> = g
         .par_chunks(rb * n)
         .map(|c| {
