@@ -83,28 +83,36 @@ const CHANNEL_BLOCK: usize = 32;
 dispatch! {
     /// One output row `o` (`w` pixels of `c` channels) of [`correlate`] at map row `y`. The
     /// channels go in blocks of [`CHANNEL_BLOCK`] whose sums stay in registers over all taps
-    /// (one store per output instead of a load and a store per tap): PVTv2-B0's stage-1 conv
-    /// (8 x 3136 tokens, 256 channels, 2 threads) 6.5-7.6 -> 4.2-4.3 ms, `cargo run --release
-    /// -p vit-survey-zoo --example pvt_mlp_profile`.
+    /// (one store per output instead of a load and a store per tap), and the taps inside the
+    /// map are listed once per pixel, not per block: PVTv2-B0's stage-1 conv (8 x 3136 tokens,
+    /// 256 channels, 2 threads) 6.5-7.6 -> 4.2-4.3 ms with the register blocks, -> 2.8-2.9 ms
+    /// with the tap list, `cargo run --release -p vit-survey-zoo --example pvt_mlp_profile`.
     #[allow(clippy::too_many_arguments)]
     fn correlate_row(o: &mut [MaybeUninit<f32>], img: &[f32], wt: &[f32], bias: Option<&[f32]>, c: usize, g: Geom, y: usize, sign: isize) {
         let madd = |a: f32, b: f32, acc: f32| if FMA { a.mul_add(b, acc) } else { a * b + acc };
         let full = c / CHANNEL_BLOCK * CHANNEL_BLOCK;
+        let taps = g.kh * g.kw;
+        let offsets: Vec<(isize, isize)> = (0..taps).map(|t| g.offset(t)).collect();
+        // (weight row, input pixel) of the taps inside the map, per output pixel
+        let mut valid: Vec<(usize, usize)> = Vec::with_capacity(taps);
         for x in 0..g.w {
+            valid.clear();
+            for (t, &(dy, dx)) in offsets.iter().enumerate() {
+                if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
+                    valid.push((t * c, q * c));
+                }
+            }
             let out = &mut o[x * c..(x + 1) * c];
             for cb in (0..full).step_by(CHANNEL_BLOCK) {
                 let mut acc = [0f32; CHANNEL_BLOCK];
                 if let Some(bv) = bias {
                     acc.copy_from_slice(&bv[cb..cb + CHANNEL_BLOCK]);
                 }
-                for t in 0..g.kh * g.kw {
-                    let (dy, dx) = g.offset(t);
-                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
-                        let wv = &wt[t * c + cb..][..CHANNEL_BLOCK];
-                        let xv = &img[q * c + cb..][..CHANNEL_BLOCK];
-                        for i in 0..CHANNEL_BLOCK {
-                            acc[i] = madd(wv[i], xv[i], acc[i]);
-                        }
+                for &(wo, xo) in &valid {
+                    let wv = &wt[wo + cb..][..CHANNEL_BLOCK];
+                    let xv = &img[xo + cb..][..CHANNEL_BLOCK];
+                    for i in 0..CHANNEL_BLOCK {
+                        acc[i] = madd(wv[i], xv[i], acc[i]);
                     }
                 }
                 for (d, &v) in out[cb..cb + CHANNEL_BLOCK].iter_mut().zip(&acc) {
@@ -113,11 +121,8 @@ dispatch! {
             }
             for ch in full..c {
                 let mut acc = bias.map_or(0.0, |bv| bv[ch]);
-                for t in 0..g.kh * g.kw {
-                    let (dy, dx) = g.offset(t);
-                    if let Some(q) = g.at(y, x, sign * dy, sign * dx) {
-                        acc = madd(wt[t * c + ch], img[q * c + ch], acc);
-                    }
+                for &(wo, xo) in &valid {
+                    acc = madd(wt[wo + ch], img[xo + ch], acc);
                 }
                 out[ch].write(acc);
             }
