@@ -33,6 +33,28 @@ pub enum PruneCommand {
     Preset(PresetArgs),
 }
 
+impl Common {
+    /// Everything that decides a run's result except method and seed, as one string: the base
+    /// run, the pruning and fine-tuning settings and the data subsets.
+    pub fn protocol(&self) -> String {
+        format!(
+            "base={} rate={} finetune_epochs={} lr={} batch={} scop_epochs={} knockoff_rank={} target_kept={} data={:?} train_subset={:?} test_subset={:?} max_steps={:?}",
+            self.base.display(),
+            self.rate,
+            self.finetune_epochs,
+            self.lr,
+            self.batch_size,
+            self.scop_epochs,
+            self.knockoff_rank,
+            self.target_kept,
+            self.data.data,
+            self.data.train_subset,
+            self.data.test_subset,
+            self.max_steps
+        )
+    }
+}
+
 /// Options shared by `run` and `grid`.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
@@ -141,6 +163,10 @@ pub struct PruneReport {
     pub params_removed_pct: f64,
     pub finetune_epochs: usize,
     pub wall_s: f64,
+    /// The settings the run followed ([`Common::protocol`]); `grid` reuses a finished run only
+    /// when they match its own (empty in summaries written before this field existed).
+    #[serde(default)]
+    pub protocol: String,
 }
 
 fn base_config(base: &Path) -> Result<TrainConfig> {
@@ -297,6 +323,7 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 params_removed_pct: -100.0 * gate_params as f64 / dense_params as f64,
                 finetune_epochs: c.finetune_epochs,
                 wall_s: t0.elapsed().as_secs_f64(),
+                protocol: c.protocol(),
             },
         )?
     } else {
@@ -366,6 +393,7 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 params_removed_pct: 100.0 * (1.0 - params as f64 / dense_params as f64),
                 finetune_epochs: c.finetune_epochs,
                 wall_s: t0.elapsed().as_secs_f64(),
+                protocol: c.protocol(),
             },
         )?
     };
@@ -415,6 +443,15 @@ fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<P
     Ok(r)
 }
 
+/// The report of a run in `out` that finished under `protocol`, if there is one.
+fn finished_run(out: &Path, protocol: &str) -> Option<PruneReport> {
+    std::fs::read(out.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| serde_json::from_value::<PruneReport>(v["pruning"].clone()).ok())
+        .filter(|r| r.protocol == protocol)
+}
+
 fn grid(a: &GridArgs) -> Result<()> {
     let base_cfg = base_config(&a.common.base)?;
     let mut rows = Vec::new();
@@ -422,11 +459,10 @@ fn grid(a: &GridArgs) -> Result<()> {
         let mut reps = Vec::new();
         for &seed in &a.seeds {
             let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, base_cfg.model, m));
-            let done = std::fs::read(out.join("summary.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| serde_json::from_value::<PruneReport>(v["pruning"].clone()).ok())
-                .filter(|r| r.finetune_epochs == a.common.finetune_epochs);
+            let done = finished_run(&out, &a.common.protocol());
+            if done.is_none() && out.join("summary.json").exists() {
+                eprintln!("{}: finished with other settings, running it again", out.display());
+            }
             let r = match done {
                 Some(r) => r,
                 None => {
@@ -890,6 +926,58 @@ mod tests {
         let e = format!("{:#}", find_preset("scop-cifar10-resnet57").unwrap_err());
         assert!(e.contains("valid presets: scop-cifar10-resnet56"), "{e}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// `grid` skips a finished run only when base, settings and data subsets all match.
+    #[test]
+    fn grid_reuses_only_runs_of_the_same_protocol() {
+        let parse = |a: &[&str]| match W::try_parse_from(["prune", "grid", "--base", "runs/a"].iter().chain(a).copied())
+            .unwrap()
+            .c
+        {
+            PruneCommand::Grid(g) => g.common,
+            _ => panic!("not a grid"),
+        };
+        let base = parse(&[]);
+        let dir = crate::test_files::temp_dir("prune-grid-protocol");
+        let report = |protocol: String| PruneReport {
+            method: "l1".into(),
+            model: "resnet20".into(),
+            seed: 0,
+            base_top1: 90.0,
+            pruned_top1: Some(50.0),
+            final_top1: 89.0,
+            dense_params: 10,
+            dense_macs: 100,
+            params: 5,
+            macs: 50.0,
+            macs_removed_pct: 50.0,
+            params_removed_pct: 50.0,
+            finetune_epochs: 10,
+            wall_s: 1.0,
+            protocol,
+        };
+        let write = |v: serde_json::Value| std::fs::write(dir.join("summary.json"), serde_json::to_vec(&v).unwrap()).unwrap();
+        write(serde_json::json!({ "pruning": report(base.protocol()) }));
+        assert!(finished_run(&dir, &base.protocol()).is_some());
+        for other in [
+            parse(&["--finetune-epochs", "2"]),
+            parse(&["--train-subset", "1000"]),
+            parse(&["--rate", "0.3"]),
+            parse(&["--lr", "0.01"]),
+            parse(&["--max-steps", "1"]),
+        ] {
+            assert!(finished_run(&dir, &other.protocol()).is_none(), "{}", other.protocol());
+        }
+        let mut other_base = base.clone();
+        other_base.base = "runs/b".into();
+        assert!(finished_run(&dir, &other_base.protocol()).is_none());
+        // A summary written before the protocol was recorded is never reused.
+        let mut old = serde_json::to_value(report(String::new())).unwrap();
+        old.as_object_mut().unwrap().remove("protocol");
+        write(serde_json::json!({ "pruning": old }));
+        assert!(finished_run(&dir, &base.protocol()).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
