@@ -42,6 +42,8 @@ fn imagenet_resnet_parameter_counts() -> Result<()> {
 fn lenet_and_vgg_parameter_counts() -> Result<()> {
     // LeNet-5: 156 + 2416 + 48120 + 10164 + 850
     assert_eq!(count("lenet5", ModelConfig::new(1, 10, 28))?, 61_706);
+    // SHOT's LeNet: conv 1*20*25 + 20, conv 20*50*25 + 50, fc 800*10 + 10
+    assert_eq!(count("lenet-shot", ModelConfig::new(1, 10, 28))?, 520 + 25_050 + 8_010);
     // VGG-small on CIFAR: convs 3*128*9 + 128*128*9 + 128*256*9 + 256*256*9 + 256*512*9 + 512*512*9,
     // BN 2*(128+128+256+256+512+512), fc 8192*10 + 10
     let convs = 9 * (3 * 128 + 128 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 512 * 512);

@@ -8,7 +8,8 @@ use candle_nn::ModuleT;
 use rand::Rng;
 
 /// Inverted dropout: in training, zeroes each element with probability `p` and scales the rest
-/// by 1/(1-p); identity in evaluation.
+/// by 1/(1-p); identity in evaluation. [`Dropout::channels`] drops whole feature maps instead
+/// (PyTorch's `Dropout2d`): one draw per (sample, channel), shared by all positions.
 ///
 /// The mask of the k-th training call is drawn from a generator derived from the layer's seed
 /// and k, and k is kept as a buffer (`<path>.calls`) in the [`crate::VarStore`], so it is saved
@@ -17,6 +18,7 @@ pub struct Dropout {
     p: f32,
     seed: u64,
     calls: Var,
+    whole_channels: bool,
 }
 
 impl Dropout {
@@ -31,6 +33,16 @@ impl Dropout {
             p,
             seed: vp.derived_seed(),
             calls,
+            whole_channels: false,
+        })
+    }
+
+    /// Channel dropout: each (sample, channel) map of an input of rank >= 3 is kept or zeroed as
+    /// a whole. Inputs of rank < 3 fall back to element-wise dropout.
+    pub fn channels(vp: &VarPath, p: f32) -> Result<Self> {
+        Ok(Self {
+            whole_channels: true,
+            ..Self::new(vp, p)?
         })
     }
 }
@@ -45,13 +57,18 @@ impl ModuleT for Dropout {
         let mut rng = derived(self.seed, k as u64);
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
-        let mask: Vec<f32> = (0..x.elem_count())
+        let mask_dims: Vec<usize> = if self.whole_channels && x.rank() >= 3 {
+            x.dims().iter().enumerate().map(|(i, &d)| if i < 2 { d } else { 1 }).collect()
+        } else {
+            x.dims().to_vec()
+        };
+        let mask: Vec<f32> = (0..mask_dims.iter().product::<usize>())
             .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
             .collect();
-        let mask = Tensor::from_vec(mask, x.dims(), &candle_core::Device::Cpu)?
+        let mask = Tensor::from_vec(mask, mask_dims, &candle_core::Device::Cpu)?
             .to_device(x.device())?
             .to_dtype(x.dtype())?;
-        x.mul(&mask)
+        x.broadcast_mul(&mask)
     }
 }
 
@@ -84,6 +101,23 @@ mod tests {
         vs_c.load_tensors(&vs_a.tensors(), true)?;
         assert_eq!(c.forward_t(&x, true)?.to_vec1::<f32>()?, a.forward_t(&x, true)?.to_vec1::<f32>()?);
         assert!(Dropout::new(&VarStore::new(0, &Device::Cpu).root(), 1.0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn channel_dropout_drops_whole_maps() -> Result<()> {
+        let vs = VarStore::new(5, &Device::Cpu);
+        let d = Dropout::channels(&vs.root().pp("drop"), 0.5)?;
+        let x = Tensor::ones((8, 50, 4, 4), DType::F32, &Device::Cpu)?;
+        let y = d.forward_t(&x, true)?.reshape((400, 16))?.to_vec2::<f32>()?;
+        let mut dropped = 0;
+        for map in &y {
+            assert!(map.iter().all(|&v| v == map[0]), "a map is kept or dropped as a whole: {map:?}");
+            assert!(map[0] == 0.0 || (map[0] - 2.0).abs() < 1e-6, "{}", map[0]);
+            dropped += usize::from(map[0] == 0.0);
+        }
+        assert!((140..260).contains(&dropped), "{dropped} of 400 maps dropped at p = 0.5");
+        assert_eq!(d.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?, 8.0 * 50.0 * 16.0);
         Ok(())
     }
 }

@@ -1,8 +1,9 @@
 //! LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling, optionally with BatchNorm
-//! (the "LeNet-5-BN" of the AdderNet paper).
+//! (the "LeNet-5-BN" of the AdderNet paper), and the wider LeNet feature extractor that SHOT
+//! (Liang et al., ICML 2020) uses for its digit adaptation tasks.
 
 use crate::factory::{LayerFactory, LayerRole};
-use crate::layers::{Activation, BoxedLayer, Conv2dConfig, MaxPool2d};
+use crate::layers::{Activation, BoxedLayer, Conv2dConfig, Dropout, MaxPool2d};
 use crate::model::Model;
 use crate::models::ModelConfig;
 use crate::var_store::VarPath;
@@ -103,5 +104,67 @@ impl Model for LeNet5 {
     }
     fn num_features(&self) -> usize {
         84
+    }
+}
+
+/// SHOT's digit backbone (`LeNetBase` in its code): conv5x5(20) - max-pool - ReLU - conv5x5(50) -
+/// channel dropout 0.5 - max-pool - ReLU - flatten (800 features for 28x28 inputs), then a linear
+/// classifier. No padding: a 28x28 image gives 24 -> 12 -> 8 -> 4.
+pub struct ShotLeNet {
+    conv1: BoxedLayer,
+    act1: BoxedLayer,
+    conv2: BoxedLayer,
+    drop: Dropout,
+    act2: BoxedLayer,
+    fc: BoxedLayer,
+    pool: MaxPool2d,
+    num_features: usize,
+    num_classes: usize,
+}
+
+impl ShotLeNet {
+    pub fn new(vp: &VarPath, cfg: &ModelConfig, f: &dyn LayerFactory) -> Result<Self> {
+        let c1 = Conv2dConfig::new(cfg.in_channels, 20, 5).padding(0).bias(true);
+        let (h1, _) = c1.output_hw(cfg.image_size, cfg.image_size);
+        let c2 = Conv2dConfig::new(20, 50, 5).padding(0).bias(true);
+        let (h2, _) = c2.output_hw(h1 / 2, h1 / 2);
+        let s = h2 / 2;
+        if cfg.image_size < 5 || h1 / 2 < 5 || s == 0 {
+            candle_core::bail!("the SHOT LeNet needs images of at least 16x16, got {}", cfg.image_size);
+        }
+        let num_features = 50 * s * s;
+        Ok(Self {
+            conv1: f.conv2d(&vp.pp("conv1"), c1, LayerRole::Stem)?,
+            act1: f.activation(&vp.pp("act1"), Activation::Relu, 20, LayerRole::Stem)?,
+            conv2: f.conv2d(&vp.pp("conv2"), c2, LayerRole::Body)?,
+            drop: Dropout::channels(&vp.pp("drop"), 0.5)?,
+            act2: f.activation(&vp.pp("act2"), Activation::Relu, 50, LayerRole::Body)?,
+            fc: f.linear(&vp.pp("fc"), num_features, cfg.num_classes, true, LayerRole::Head)?,
+            pool: MaxPool2d::new(2, 2, 0),
+            num_features,
+            num_classes: cfg.num_classes,
+        })
+    }
+}
+
+impl Model for ShotLeNet {
+    fn name(&self) -> &str {
+        "lenet-shot"
+    }
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.conv1.forward_t(x, train)?;
+        let x = self.act1.forward_t(&self.pool.forward_t(&x, train)?, train)?;
+        let x = self.drop.forward_t(&self.conv2.forward_t(&x, train)?, train)?;
+        let x = self.act2.forward_t(&self.pool.forward_t(&x, train)?, train)?;
+        x.flatten_from(1)
+    }
+    fn forward_head(&self, features: &Tensor, train: bool) -> Result<Tensor> {
+        self.fc.forward_t(features, train)
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn num_features(&self) -> usize {
+        self.num_features
     }
 }

@@ -11,7 +11,7 @@ use crate::model::Model;
 use crate::var_store::VarPath;
 use candle_core::Result;
 
-pub use lenet::LeNet5;
+pub use lenet::{LeNet5, ShotLeNet};
 pub use resnet::{ResNet, ResNetConfig};
 pub use resnet_cifar::{CifarResNet, CifarResNetConfig, Shortcut};
 pub use vgg::VggSmall;
@@ -38,6 +38,10 @@ impl ModelConfig {
 /// Names accepted by [`create_model`], with a one-line description each.
 pub const MODEL_NAMES: &[(&str, &str)] = &[
     ("lenet5", "LeNet-5 (conv 6-16, fc 120-84), ReLU, max-pool"),
+    (
+        "lenet-shot",
+        "SHOT's digit LeNet (conv 20-50, channel dropout, 800 features for 28x28)",
+    ),
     (
         "lenet5-bn",
         "LeNet-5 with BatchNorm after every conv and hidden fc (AdderNet's LeNet-5-BN)",
@@ -68,6 +72,7 @@ pub fn create_model(name: &str, cfg: &ModelConfig, vp: &VarPath, factory: &dyn L
     let m: Box<dyn Model> = match name {
         "lenet5" => Box::new(LeNet5::new(vp, cfg, false, factory)?),
         "lenet5-bn" => Box::new(LeNet5::new(vp, cfg, true, factory)?),
+        "lenet-shot" => Box::new(ShotLeNet::new(vp, cfg, factory)?),
         "vgg-small" => Box::new(VggSmall::new(vp, cfg, 1.0, factory)?),
         "resnet20" | "resnet32" | "resnet56" | "resnet20-b" | "resnet32-b" | "resnet56-b" => {
             let depth: usize = name[6..8].parse().expect("two digits");

@@ -8,16 +8,19 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 /// A `len`-element `f32` output written in parallel chunks of `chunk` elements by
-/// `fill(chunk_index, chunk)`, which must write every element of its chunk (checked in debug
-/// builds only by the contract). Unlike `vec![0.0; len]` nothing is zeroed first: for the
+/// `fill(chunk_index, chunk)`. Unlike `vec![0.0; len]` nothing is zeroed first: for the
 /// single-pass elementwise ops that pass was a tenth of their time.
-pub(crate) fn par_fill_f32(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+///
+/// # Safety
+/// `fill` must write every element of the chunk it is given; unwritten elements would be read
+/// as uninitialised memory. Nothing checks this.
+pub(crate) unsafe fn par_fill_f32(len: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     let mut y: Vec<f32> = Vec::with_capacity(len);
     y.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
         .for_each(|(i, o)| fill(i, o));
-    // SAFETY: every element of the first `len` was initialised by `fill` (its contract).
+    // SAFETY: every element of the first `len` was initialised by `fill` (the caller's contract).
     unsafe { y.set_len(len) };
     y
 }
