@@ -11,7 +11,9 @@ use nn_core::models::ModelConfig;
 use nn_core::train::{evaluate, BatchSource, Callback, Checkpoint, OptimizerConfig, Schedule, TrainConfig, TrainSummary, Trainer};
 use nn_core::{LayerFactory, Model, StandardFactory, VarStore};
 use pruning::manidp::{instance_macs, ManiDpCallback, ManiDpConfig, ManiDpFactory};
-use pruning::scop::{scop_scores, train_selection, GaussianKnockoffs, ScopConfig, ScopFactory};
+use pruning::scop::{
+    gamma_scores, scop_scores, selection_stats, train_selection, GaussianKnockoffs, ScopConfig, ScopFactory, SelectionStats,
+};
 use pruning::{count, criteria, prune_model, Arch};
 use std::path::{Path, PathBuf};
 
@@ -38,7 +40,7 @@ impl Common {
     /// run, the pruning and fine-tuning settings and the data subsets.
     pub fn protocol(&self) -> String {
         format!(
-            "base={} rate={} finetune_epochs={} lr={} batch={} scop_epochs={} knockoff_rank={} target_kept={} data={:?} train_subset={:?} test_subset={:?} max_steps={:?}",
+            "base={} rate={} finetune_epochs={} lr={} batch={} scop_epochs={} knockoff_rank={} target_kept={} manidp_updates={} manidp_ramp={} data={:?} train_subset={:?} test_subset={:?} max_steps={:?}",
             self.base.display(),
             self.rate,
             self.finetune_epochs,
@@ -47,6 +49,8 @@ impl Common {
             self.scop_epochs,
             self.knockoff_rank,
             self.target_kept,
+            self.manidp_updates_per_epoch,
+            self.manidp_ramp,
             self.data.data,
             self.data.train_subset,
             self.data.test_subset,
@@ -82,6 +86,14 @@ pub struct Common {
     /// ManiDP: target fraction of channels a gate keeps open (0.6 removes about half the MACs).
     #[arg(long, default_value_t = 0.6)]
     pub target_kept: f64,
+    /// ManiDP: gate threshold updates per epoch (the official code: 1). With one update per
+    /// epoch a run of a few epochs trains with almost every channel open.
+    #[arg(long, default_value_t = 10)]
+    pub manidp_updates_per_epoch: usize,
+    /// ManiDP: fraction of the run over which the kept ratio falls to --target-kept, the rest
+    /// trains at the target (the official code: 1).
+    #[arg(long, default_value_t = 0.5)]
+    pub manidp_ramp: f64,
     #[command(flatten)]
     pub data: DataArgs,
     #[arg(long)]
@@ -167,6 +179,13 @@ pub struct PruneReport {
     /// when they match its own (empty in summaries written before this field existed).
     #[serde(default)]
     pub protocol: String,
+    /// SCOP: how the trained selection scales are spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scop_beta: Option<SelectionStats>,
+    /// SCOP: fraction of the removed channels that `|gamma|` alone (BN-scale pruning) would
+    /// also have removed; 1 means the knockoffs changed nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scop_same_as_gamma: Option<f64>,
 }
 
 fn base_config(base: &Path) -> Result<TrainConfig> {
@@ -183,6 +202,12 @@ fn load_data(c: &Common, dataset: &str, seed: u64) -> Result<StandardData> {
     }
     if !(0.0..=1.0).contains(&c.target_kept) || c.target_kept == 0.0 {
         bail!("--target-kept must be in (0, 1], got {}", c.target_kept);
+    }
+    if c.manidp_updates_per_epoch == 0 {
+        bail!("--manidp-updates-per-epoch must be at least 1");
+    }
+    if !(c.manidp_ramp > 0.0 && c.manidp_ramp <= 1.0) {
+        bail!("--manidp-ramp must be in (0, 1], got {}", c.manidp_ramp);
     }
     if c.batch_size < 2 {
         bail!("--batch-size must be >= 2");
@@ -279,6 +304,8 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
     let report = if a.method == "manidp" {
         let mcfg = ManiDpConfig {
             target_kept: c.target_kept,
+            threshold_updates_per_epoch: c.manidp_updates_per_epoch,
+            ramp_fraction: c.manidp_ramp,
             ..ManiDpConfig::default()
         };
         let f = ManiDpFactory::new(mcfg.clone());
@@ -292,17 +319,25 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
         trainer.add_callback(Box::new(&mut cb) as Box<dyn Callback + '_>);
         let summary = trainer.fit(&d.train, Some(&d.test))?;
         drop(trainer);
-        // mean per-instance MACs over the test set
-        let (mut sum, mut n) = (0f64, 0usize);
+        // accuracy and mean per-instance MACs over the test set, both with the final thresholds
+        // (the trainer's last evaluation ran before the last threshold updates could matter)
+        let (mut sum, mut correct, mut n) = (0f64, 0usize, 0usize);
         for b in d.test.batches(0, 0) {
-            let (x, _) = b?;
-            model.forward_t(&x, false)?;
+            let (x, y) = b?;
+            let pred: Vec<u32> = model.forward_t(&x, false)?.argmax(1)?.to_vec1()?;
+            let y: Vec<u32> = y.to_dtype(DType::U32)?.to_vec1()?;
+            correct += pred.iter().zip(&y).filter(|(p, y)| p == y).count();
             for m in instance_macs(&f.state, gated_dense_macs)? {
                 sum += m as f64;
                 n += 1;
             }
         }
         let macs = sum / n.max(1) as f64;
+        let final_top1 = 100.0 * correct as f64 / n.max(1) as f64;
+        eprintln!(
+            "ManiDP with the final thresholds: top-1 {final_top1:.2} (trainer's last evaluation {:.2}), mean MACs/image {macs:.0}",
+            summary.test_top1.unwrap_or(f64::NAN)
+        );
         let gate_params = vs.num_params() - dense_params;
         finish(
             a,
@@ -314,7 +349,7 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 seed: a.seed,
                 base_top1,
                 pruned_top1: None,
-                final_top1: summary.test_top1.unwrap_or(0.0),
+                final_top1,
                 dense_params,
                 dense_macs,
                 params: dense_params + gate_params,
@@ -324,6 +359,8 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 finetune_epochs: c.finetune_epochs,
                 wall_s: t0.elapsed().as_secs_f64(),
                 protocol: c.protocol(),
+                scop_beta: None,
+                scop_same_as_gamma: None,
             },
         )?
     } else {
@@ -362,7 +399,29 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 scop_scores(&graph, &vs)?
             }
         };
-        let sel = criteria::select_lowest(&graph, &scores, c.rate, |g| criteria::is_block_inner(&graph, g));
+        let inner = |g: &pruning::graph::ChannelGroup| criteria::is_block_inner(&graph, g);
+        let sel = criteria::select_lowest(&graph, &scores, c.rate, inner);
+        let (scop_beta, scop_same_as_gamma) = if a.method == "scop" {
+            let st = selection_stats(&vs)?;
+            let by_gamma = criteria::select_lowest(&graph, &gamma_scores(&graph, &vs)?, c.rate, inner);
+            let common: usize = sel
+                .remove
+                .iter()
+                .map(|(g, units)| by_gamma.remove.get(g).map_or(0, |o| units.iter().filter(|u| o.contains(u)).count()))
+                .sum();
+            let same = common as f64 / sel.count().max(1) as f64;
+            eprintln!(
+                "SCOP selection scales: {} channels, {} at 1, {} at 0, mean {:.3}; {:.1}% of the removed channels are the ones |gamma| alone would remove",
+                st.channels,
+                st.at_one,
+                st.at_zero,
+                st.mean,
+                100.0 * same
+            );
+            (Some(st), Some(same))
+        } else {
+            (None, None)
+        };
         let pruned = prune_model(&arch, &mc, &vs, &sel, &StandardFactory)?;
         drop(model);
         let pruned_top1 = evaluate(pruned.model.as_ref(), &d.test)?.top1;
@@ -394,6 +453,8 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 finetune_epochs: c.finetune_epochs,
                 wall_s: t0.elapsed().as_secs_f64(),
                 protocol: c.protocol(),
+                scop_beta,
+                scop_same_as_gamma,
             },
         )?
     };
@@ -438,6 +499,17 @@ fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<P
         r.wall_s,
         nn_core::report::command_line()
     );
+    let mut body = body;
+    if let (Some(b), Some(same)) = (r.scop_beta, r.scop_same_as_gamma) {
+        body += &format!(
+            "\nSCOP selection scales: {} channels, {} at 1, {} at 0, mean {:.3}; {:.1}% of the removed channels are the ones `|gamma|` alone would remove.\n",
+            b.channels,
+            b.at_one,
+            b.at_zero,
+            b.mean,
+            100.0 * same
+        );
+    }
     nn_core::report::write_section(&a.common.results, "pruning results", &name, &body)?;
     eprintln!("summary: {}/summary.json; table: {}", out.display(), a.common.results);
     Ok(r)
@@ -483,7 +555,7 @@ fn grid(a: &GridArgs) -> Result<()> {
     let stats = nn_core::experiment::mean_std;
     let c = &a.common;
     let mut t = format!(
-        "## Pruning {} on {} at about half the MACs\n\nBase model: `{}` ({} epochs). Static methods remove a fraction {} of every block's inner channels, then fine-tune {} epoch(s) (SGD Nesterov lr {} cosine, wd 5e-4, batch {}); ManiDP trains its gates for the same {} epoch(s) with target kept ratio {}. Seeds {:?}; mean +- sample std.\n\n| method | dense top-1 | after pruning | after fine-tuning | accuracy change | MACs removed | params removed | mean wall s |\n|---|---|---|---|---|---|---|---|\n",
+        "## Pruning {} on {} at about half the MACs\n\nBase model: `{}` ({} epochs). Static methods remove a fraction {} of every block's inner channels, then fine-tune {} epoch(s) (SGD Nesterov lr {} cosine, wd 5e-4, batch {}); ManiDP trains its gates for the same {} epoch(s) with target kept ratio {} ({} threshold updates per epoch, target reached after {} of the run; accuracy and MACs measured with the final thresholds). Seeds {:?}; mean +- sample std.\n\n| method | dense top-1 | after pruning | after fine-tuning | accuracy change | MACs removed | params removed | mean wall s |\n|---|---|---|---|---|---|---|---|\n",
         base_cfg.model,
         base_cfg.dataset,
         c.base.display(),
@@ -494,6 +566,8 @@ fn grid(a: &GridArgs) -> Result<()> {
         c.batch_size,
         c.finetune_epochs,
         c.target_kept,
+        c.manidp_updates_per_epoch,
+        c.manidp_ramp,
         a.seeds
     );
     for (m, reps) in &rows {
@@ -513,6 +587,22 @@ fn grid(a: &GridArgs) -> Result<()> {
             "| {m} | {b:.2} | {after} | {fin:.2} +- {fsd:.2} | {:+.2} | {mr:.1}% | {pr:.1}% | {w:.0} |\n",
             fin - b
         );
+    }
+    if let Some((_, reps)) = rows.iter().find(|(m, _)| m == "scop") {
+        let same: Vec<f64> = reps.iter().filter_map(|r| r.scop_same_as_gamma).collect();
+        let at_one: Vec<f64> = reps
+            .iter()
+            .filter_map(|r| r.scop_beta.map(|b| 100.0 * b.at_one as f64 / b.channels.max(1) as f64))
+            .collect();
+        if !same.is_empty() {
+            let (s, ssd) = stats(&same);
+            let (o, _) = stats(&at_one);
+            t += &format!(
+                "\nSCOP diagnostics: after the selection phase {o:.1}% of the selection scales sit at 1 (real feature kept whole); {:.1} +- {:.1}% of the channels SCOP removes are the ones `|gamma|` alone (BN-scale pruning) would remove.\n",
+                100.0 * s,
+                100.0 * ssd
+            );
+        }
     }
     t += &format!("\n```\n{}\n```\n", nn_core::report::command_line());
     nn_core::report::write_section(&c.results, "pruning results", &format!("{}-grid-{}", a.prefix, base_cfg.model), &t)?;
@@ -834,6 +924,8 @@ fn preset(a: &PresetArgs) -> Result<Option<PruneReport>> {
             scop_epochs: 1,
             knockoff_rank: 64,
             target_kept: a.target_kept.unwrap_or(p.target_kept),
+            manidp_updates_per_epoch: 10,
+            manidp_ramp: 0.5,
             data: a.data.clone(),
             overwrite: a.overwrite,
             quiet: a.quiet,
@@ -870,6 +962,8 @@ pub fn demo_row(epochs: usize, seed: u64) -> Result<(f64, f64, f64)> {
             scop_epochs: 1,
             knockoff_rank: 64,
             target_kept: 0.6,
+            manidp_updates_per_epoch: 10,
+            manidp_ramp: 0.5,
             data: DataArgs {
                 train_subset: Some(10_000),
                 ..Default::default()
@@ -956,6 +1050,8 @@ mod tests {
             finetune_epochs: 10,
             wall_s: 1.0,
             protocol,
+            scop_beta: None,
+            scop_same_as_gamma: None,
         };
         let write = |v: serde_json::Value| std::fs::write(dir.join("summary.json"), serde_json::to_vec(&v).unwrap()).unwrap();
         write(serde_json::json!({ "pruning": report(base.protocol()) }));

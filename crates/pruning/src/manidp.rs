@@ -18,12 +18,18 @@
 //!   globally pooled features of layer `l` and `M_l` its gate values `m~`: instances with
 //!   similar features get similar sub-networks.
 //!
-//! After each epoch (from the second on) the threshold of every gate is set so that a
-//! fraction `r(e)` of its channels stays open on average, with `r` going from 1 to the target
-//! kept ratio by a cosine schedule `r(e) = (1 - r*)/2 cos(pi (e + 1) / E) + (1 + r*)/2`.
-//! These follow the official code (huawei-noah/Efficient-Computing, Pruning/ManiDP); there,
-//! the initial `Lbar` comes from a pass over the training set before training; here the first
-//! epoch uses the running mean of the losses seen so far.
+//! At regular intervals the threshold of every gate is set so that a fraction `r` of its
+//! channels, ranked by their mean gate value since the previous update, stays open, with `r`
+//! going from 1 to the target kept ratio by a cosine schedule `r(p) = (1 - r*)/2 cos(pi p) +
+//! (1 + r*)/2` of the run's progress `p` ([`kept_ratio_at`]).
+//! These follow the official code (huawei-noah/Efficient-Computing, Pruning/ManiDP), with two
+//! differences: the initial `Lbar` there comes from a pass over the training set before
+//! training, here the first epoch uses the running mean of the losses seen so far; and the
+//! official code updates the thresholds once per epoch and reaches the target only after the
+//! last epoch, which is [`ManiDpConfig::threshold_updates_per_epoch`] = 1 and
+//! [`ManiDpConfig::ramp_fraction`] = 1 here. A run of a few epochs would then train (and be
+//! evaluated) with almost every channel open, so short runs update several times per epoch and
+//! reach the target earlier.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -51,6 +57,21 @@ pub struct ManiDpConfig {
     pub gamma: f64,
     /// Target fraction of channels kept open at the end (`r*`).
     pub target_kept: f64,
+    /// Threshold updates per epoch (the official code: 1, after every epoch).
+    #[serde(default = "one_update")]
+    pub threshold_updates_per_epoch: usize,
+    /// Fraction of the run over which the kept ratio falls from 1 to `target_kept`; the rest
+    /// trains under the target ratio (the official code: 1, the target is reached at the end).
+    #[serde(default = "full_ramp")]
+    pub ramp_fraction: f64,
+}
+
+fn one_update() -> usize {
+    1
+}
+
+fn full_ramp() -> f64 {
+    1.0
 }
 
 impl Default for ManiDpConfig {
@@ -63,6 +84,8 @@ impl Default for ManiDpConfig {
             easy_threshold: 0.5,
             gamma: 1.0,
             target_kept: 0.65,
+            threshold_updates_per_epoch: 1,
+            ramp_fraction: 1.0,
         }
     }
 }
@@ -94,7 +117,7 @@ pub struct GateInfo {
     /// for its second convolution).
     pub input_gate: Option<usize>,
     pub threshold: f32,
-    /// Sum over training instances of the gate values this epoch.
+    /// Sum over training instances of the gate values since the last threshold update.
     pub value_sum: Vec<f64>,
     pub samples: usize,
     pub last: Option<GateRecord>,
@@ -381,9 +404,16 @@ pub fn similarity_loss(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     d.sqr()?.sum_all()? / (bsz * bsz)
 }
 
-/// Kept-channel ratio after epoch `epoch` of `epochs` (cosine from 1 to `target`).
+/// Kept-channel ratio at progress `p` of the schedule (cosine from 1 at `p = 0` to `target`
+/// at `p >= 1`).
+pub fn kept_ratio_at(progress: f64, target: f64) -> f64 {
+    (1.0 - target) / 2.0 * (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos() + (1.0 + target) / 2.0
+}
+
+/// Kept-channel ratio after epoch `epoch` of `epochs` with one update per epoch (the official
+/// schedule).
 pub fn kept_ratio(epoch: usize, epochs: usize, target: f64) -> f64 {
-    (1.0 - target) / 2.0 * (std::f64::consts::PI * (epoch + 1) as f64 / epochs as f64).cos() + (1.0 + target) / 2.0
+    kept_ratio_at((epoch + 1) as f64 / epochs as f64, target)
 }
 
 /// Threshold that keeps the `ceil(ratio * C)` largest mean gate values open.
@@ -466,11 +496,6 @@ impl Callback for ManiDpCallback {
     }
 
     fn on_epoch_begin(&mut self, _epoch: usize, _ctx: &FitContext) -> Result<()> {
-        let mut s = self.state.lock().expect("gate state");
-        for g in s.gates.iter_mut() {
-            g.value_sum.iter_mut().for_each(|v| *v = 0.0);
-            g.samples = 0;
-        }
         self.loss_sum = 0.0;
         self.loss_count = 0;
         Ok(())
@@ -511,18 +536,30 @@ impl Callback for ManiDpCallback {
         Ok(Some(((sp * c.lambda_sparsity)? + (mf * c.lambda_manifold)?)?))
     }
 
-    fn on_epoch_end(&mut self, metrics: &EpochMetrics, ctx: &FitContext) -> Result<()> {
+    /// Every `steps_per_epoch / threshold_updates_per_epoch` steps: thresholds from the mean
+    /// gate values since the previous update, at the kept ratio of the run's progress.
+    fn on_step_end(&mut self, step: &StepContext, _loss: f64) -> Result<()> {
+        let interval = (step.steps_per_epoch / self.config.threshold_updates_per_epoch.max(1)).max(1);
+        let done = step.global_step + 1;
+        if done % interval != 0 {
+            return Ok(());
+        }
+        let updates = (step.total_steps / interval).max(1) as f64;
+        let progress = (done / interval) as f64 / (updates * self.config.ramp_fraction.clamp(1e-6, 1.0));
+        let ratio = kept_ratio_at(progress, self.config.target_kept);
+        let mut s = self.state.lock().expect("gate state");
+        for g in s.gates.iter_mut().filter(|g| g.samples > 0) {
+            let means: Vec<f64> = g.value_sum.iter().map(|v| v / g.samples as f64).collect();
+            g.threshold = threshold_for(&means, ratio);
+            g.value_sum.iter_mut().for_each(|v| *v = 0.0);
+            g.samples = 0;
+        }
+        Ok(())
+    }
+
+    fn on_epoch_end(&mut self, _metrics: &EpochMetrics, _ctx: &FitContext) -> Result<()> {
         if self.loss_count > 0 {
             self.prev_mean_loss = Some(self.loss_sum / self.loss_count as f64);
-        }
-        let epoch = metrics.epoch.saturating_sub(1);
-        if epoch >= 1 {
-            let ratio = kept_ratio(epoch, ctx.config.epochs, self.config.target_kept);
-            let mut s = self.state.lock().expect("gate state");
-            for g in s.gates.iter_mut().filter(|g| g.samples > 0) {
-                let means: Vec<f64> = g.value_sum.iter().map(|v| v / g.samples as f64).collect();
-                g.threshold = threshold_for(&means, ratio);
-            }
         }
         Ok(())
     }

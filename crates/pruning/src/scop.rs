@@ -358,6 +358,47 @@ pub fn train_selection(
 /// `|gamma| * (beta - (1 - beta))` (paper eq. 8); convolutions without a selection layer
 /// (the stem) contribute nothing.
 pub fn scop_scores(graph: &crate::graph::ChannelGraph, vs: &VarStore) -> Result<Vec<Vec<f32>>> {
+    importance_scores(graph, vs, true)
+}
+
+/// The same scores with every selection scale taken as 1, i.e. `|gamma|` alone (BN-scale
+/// pruning): comparing the two selections shows what the knockoff competition changed.
+pub fn gamma_scores(graph: &crate::graph::ChannelGraph, vs: &VarStore) -> Result<Vec<Vec<f32>>> {
+    importance_scores(graph, vs, false)
+}
+
+/// How the trained selection scales `beta` are spread over all selection layers.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SelectionStats {
+    pub channels: usize,
+    /// Channels with beta >= 0.999 (the real feature won completely).
+    pub at_one: usize,
+    /// Channels with beta <= 0.001 (the knockoff won completely).
+    pub at_zero: usize,
+    pub mean: f64,
+}
+
+/// [`SelectionStats`] of the selection layers in `vs`.
+pub fn selection_stats(vs: &VarStore) -> Result<SelectionStats> {
+    let mut st = SelectionStats {
+        channels: 0,
+        at_one: 0,
+        at_zero: 0,
+        mean: 0.0,
+    };
+    for v in vs.all().into_iter().filter(|v| v.name.ends_with(".selection")) {
+        for b in v.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+            st.channels += 1;
+            st.at_one += usize::from(b >= 0.999);
+            st.at_zero += usize::from(b <= 0.001);
+            st.mean += b as f64;
+        }
+    }
+    st.mean /= st.channels.max(1) as f64;
+    Ok(st)
+}
+
+fn importance_scores(graph: &crate::graph::ChannelGraph, vs: &VarStore, with_beta: bool) -> Result<Vec<Vec<f32>>> {
     let vec = |name: &str| -> Result<Option<Vec<f32>>> {
         match vs.get(name) {
             Some(v) => Ok(Some(v.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
@@ -377,7 +418,13 @@ pub fn scop_scores(graph: &crate::graph::ChannelGraph, vs: &VarStore) -> Result<
             .map(|o| o.param.clone())
             .with_context(|| format!("no BatchNorm after `{conv}`"))?;
         let gamma = vec(&gamma_name)?.with_context(|| format!("no parameter `{gamma_name}`"))?;
-        per_space[m.space] = Some(gamma.iter().zip(&beta).map(|(g, b)| g.abs() * (2.0 * b - 1.0)).collect());
+        per_space[m.space] = Some(
+            gamma
+                .iter()
+                .zip(&beta)
+                .map(|(g, &b)| g.abs() * (2.0 * if with_beta { b } else { 1.0 } - 1.0))
+                .collect(),
+        );
     }
     Ok(graph
         .groups

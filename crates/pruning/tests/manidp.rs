@@ -3,8 +3,12 @@
 
 use nn_core::candle_core::{Device, Tensor};
 use nn_core::models::ModelConfig;
+use nn_core::train::{Callback, StepContext};
 use nn_core::{Model, VarStore};
-use pruning::manidp::{complexity_weights, instance_macs, kept_ratio, similarity_loss, threshold_for, ManiDpConfig, ManiDpFactory};
+use pruning::manidp::{
+    complexity_weights, instance_macs, kept_ratio, kept_ratio_at, similarity_loss, threshold_for, ManiDpCallback, ManiDpConfig,
+    ManiDpFactory,
+};
 use pruning::{count, Arch};
 
 #[test]
@@ -35,6 +39,73 @@ fn threshold_schedule() {
     assert!(kept_ratio(3, 10, 0.65) > kept_ratio(4, 10, 0.65));
     assert_eq!(threshold_for(&[0.1, 0.5, 0.3, 0.9], 0.5), 0.5);
     assert_eq!(threshold_for(&[0.1, 0.5, 0.3, 0.9], 0.6), 0.3);
+    assert_eq!(kept_ratio_at(0.0, 0.6), 1.0);
+    assert!((kept_ratio_at(0.5, 0.6) - 0.8).abs() < 1e-12);
+    assert!((kept_ratio_at(3.0, 0.6) - 0.6).abs() < 1e-12, "the target holds after the ramp");
+}
+
+/// With several updates per epoch the thresholds move inside an epoch, from the gate means
+/// since the previous update, and reach the target ratio after `ramp_fraction` of the run.
+#[test]
+fn thresholds_update_within_epochs_and_reach_the_target_after_the_ramp() {
+    let (vs, m, f, _) = gated_resnet20();
+    let config = ManiDpConfig {
+        target_kept: 0.5,
+        threshold_updates_per_epoch: 4,
+        ramp_fraction: 0.5,
+        ..ManiDpConfig::default()
+    };
+    let mut cb = ManiDpCallback::new(config, f.state.clone());
+    let x = Tensor::zeros((1, 3, 16, 16), nn_core::candle_core::DType::F32, &Device::Cpu).unwrap();
+    let labels = Tensor::zeros(1, nn_core::candle_core::DType::U32, &Device::Cpu).unwrap();
+    // 8 steps per epoch, 2 epochs: an update every 2 steps, 8 updates, the target after 4
+    let step = |global_step: usize| StepContext {
+        epoch: global_step / 8,
+        step_in_epoch: global_step % 8,
+        global_step,
+        steps_per_epoch: 8,
+        total_steps: 16,
+        lr: 0.1,
+        images: &x,
+        labels: &labels,
+        logits: &x,
+        model: m.as_ref(),
+        vs: &vs,
+    };
+    // gate g, channel c has mean value c (+ g so the gates differ); 16 channels in stage 1
+    let fill = || {
+        let mut s = f.state.lock().unwrap();
+        for (gi, g) in s.gates.iter_mut().enumerate() {
+            g.samples = 2;
+            g.value_sum = (0..g.out_channels).map(|c| 2.0 * (c + gi) as f64).collect();
+        }
+    };
+    let expect = |ratio: f64| {
+        let s = f.state.lock().unwrap();
+        for (gi, g) in s.gates.iter().enumerate() {
+            let means: Vec<f64> = (0..g.out_channels).map(|c| (c + gi) as f64).collect();
+            assert_eq!(g.threshold, threshold_for(&means, ratio), "gate {gi} at ratio {ratio}");
+            assert_eq!(g.samples, 0, "statistics restart after an update");
+            assert!(g.value_sum.iter().all(|&v| v == 0.0));
+        }
+    };
+    fill();
+    cb.on_step_end(&step(0), 0.0).unwrap();
+    assert!(
+        f.state.lock().unwrap().gates.iter().all(|g| g.threshold == f32::NEG_INFINITY),
+        "no update after one step"
+    );
+    cb.on_step_end(&step(1), 0.0).unwrap();
+    expect(kept_ratio_at(0.25, 0.5));
+    fill();
+    cb.on_step_end(&step(3), 0.0).unwrap();
+    expect(kept_ratio_at(0.5, 0.5));
+    fill();
+    cb.on_step_end(&step(7), 0.0).unwrap();
+    expect(0.5);
+    fill();
+    cb.on_step_end(&step(15), 0.0).unwrap();
+    expect(0.5);
 }
 
 fn gated_resnet20() -> (VarStore, Box<dyn Model>, ManiDpFactory, ModelConfig) {
