@@ -605,8 +605,12 @@ fn grid(a: &GridArgs) -> Result<()> {
         }
     }
     t += &format!("\n```\n{}\n```\n", nn_core::report::command_line());
-    nn_core::report::write_section(&c.results, "pruning results", &format!("{}-grid-{}", a.prefix, base_cfg.model), &t)?;
     println!("{t}");
+    if c.max_steps.is_some() {
+        eprintln!("smoke grid (--max-steps): table printed only, {} not changed", c.results);
+        return Ok(());
+    }
+    nn_core::report::write_section(&c.results, "pruning results", &format!("{}-grid-{}", a.prefix, base_cfg.model), &t)?;
     Ok(())
 }
 
