@@ -7,6 +7,9 @@ normalisation), optimiser (SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4
 iteration) and batch size (128) as `cargo xtask train --model resnet20 ...`.
 
 Usage: python3 bench/torch/train_resnet20.py --data DIR --epochs N --threads 2 [--max-steps S] --out FILE.json
+       python3 bench/torch/train_resnet20.py --cifar10 DIR/cifar-10-batches-bin --epochs N ...
+(CIFAR-10 in the official binary layout: 3 channels, the per-channel normalisation of nn-core's
+`cifar10`, a random crop position per image as in nn-core's loader.)
 Prints one JSON object (also written to --out): images/s for training and evaluation, test top-1
 per epoch and wall-clock times.
 """
@@ -70,7 +73,8 @@ class ResNet20(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True, help="folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz")
+    ap.add_argument("--data", help="folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz")
+    ap.add_argument("--cifar10", help="folder with data_batch_{1..5}.bin and test_batch.bin (official binary layout)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -82,12 +86,27 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    xtr = torch.from_numpy(read_idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")).copy()).float().div_(255).unsqueeze(1)
-    ytr = torch.from_numpy(read_idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz")).astype(np.int64))
-    xte = torch.from_numpy(read_idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")).copy()).float().div_(255).unsqueeze(1)
-    yte = torch.from_numpy(read_idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
-    xtr, xte = (xtr - a.mean) / a.std, (xte - a.mean) / a.std
-    model = ResNet20(1, 10)
+    if a.cifar10:
+        def load(names):
+            raw = np.concatenate([np.fromfile(os.path.join(a.cifar10, n), dtype=np.uint8).reshape(-1, 3073) for n in names])
+            return torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255), torch.from_numpy(raw[:, 0].astype(np.int64))
+        xtr, ytr = load([f"data_batch_{i}.bin" for i in range(1, 6)])
+        xte, yte = load(["test_batch.bin"])
+        mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+        std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+        # augmentation works on raw pixels (zero padding = black), normalisation afterwards
+        norm = lambda t: (t - mean) / std
+        xte = norm(xte)
+    else:
+        if not a.data:
+            ap.error("--data or --cifar10 is required")
+        xtr = torch.from_numpy(read_idx(os.path.join(a.data, "train-images-idx3-ubyte.gz")).copy()).float().div_(255).unsqueeze(1)
+        ytr = torch.from_numpy(read_idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz")).astype(np.int64))
+        xte = torch.from_numpy(read_idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz")).copy()).float().div_(255).unsqueeze(1)
+        yte = torch.from_numpy(read_idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
+        xtr, xte = (xtr - a.mean) / a.std, (xte - a.mean) / a.std
+        norm = None
+    model = ResNet20(xtr.shape[1], 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps_per_epoch = len(xtr) // a.batch_size
     total = steps_per_epoch * a.epochs
@@ -102,10 +121,16 @@ def main():
         for b in range(steps_per_epoch):
             idx = perm[b * a.batch_size : (b + 1) * a.batch_size]
             x = F.pad(xtr[idx], (4, 4, 4, 4))
-            dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
-            x = x[:, :, dy : dy + H, dx : dx + H]
+            if norm is None:
+                dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
+                x = x[:, :, dy : dy + H, dx : dx + H]
+            else:
+                off = torch.randint(0, 9, (len(idx), 2), generator=g).tolist()
+                x = torch.stack([x[i, :, dy : dy + H, dx : dx + H] for i, (dy, dx) in enumerate(off)])
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            if norm is not None:
+                x = norm(x)
             loss = F.cross_entropy(model(x), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
