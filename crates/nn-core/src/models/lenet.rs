@@ -124,14 +124,15 @@ pub struct ShotLeNet {
 
 impl ShotLeNet {
     pub fn new(vp: &VarPath, cfg: &ModelConfig, f: &dyn LayerFactory) -> Result<Self> {
+        // 16 -> 12 -> 6 -> 2 -> 1 is the smallest input that leaves a feature map
+        if cfg.image_size < 16 {
+            candle_core::bail!("the SHOT LeNet needs images of at least 16x16, got {}", cfg.image_size);
+        }
         let c1 = Conv2dConfig::new(cfg.in_channels, 20, 5).padding(0).bias(true);
         let (h1, _) = c1.output_hw(cfg.image_size, cfg.image_size);
         let c2 = Conv2dConfig::new(20, 50, 5).padding(0).bias(true);
         let (h2, _) = c2.output_hw(h1 / 2, h1 / 2);
         let s = h2 / 2;
-        if cfg.image_size < 5 || h1 / 2 < 5 || s == 0 {
-            candle_core::bail!("the SHOT LeNet needs images of at least 16x16, got {}", cfg.image_size);
-        }
         let num_features = 50 * s * s;
         Ok(Self {
             conv1: f.conv2d(&vp.pp("conv1"), c1, LayerRole::Stem)?,
