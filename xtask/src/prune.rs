@@ -410,14 +410,7 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
                 .map(|(g, units)| by_gamma.remove.get(g).map_or(0, |o| units.iter().filter(|u| o.contains(u)).count()))
                 .sum();
             let same = common as f64 / sel.count().max(1) as f64;
-            eprintln!(
-                "SCOP selection scales: {} channels, {} at 1, {} at 0, mean {:.3}; {:.1}% of the removed channels are the ones |gamma| alone would remove",
-                st.channels,
-                st.at_one,
-                st.at_zero,
-                st.mean,
-                100.0 * same
-            );
+            eprintln!("{}", scop_diagnostics(&st, same));
             (Some(st), Some(same))
         } else {
             (None, None)
@@ -461,6 +454,18 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
     Ok(report)
 }
 
+/// One line on SCOP's selection scales and its overlap with `|gamma|`-only pruning.
+fn scop_diagnostics(b: &SelectionStats, same_as_gamma: f64) -> String {
+    format!(
+        "SCOP selection scales: {} channels, {} at 1, {} at 0, mean {:.3}; {:.1}% of the removed channels are the ones `|gamma|` alone would remove",
+        b.channels,
+        b.at_one,
+        b.at_zero,
+        b.mean,
+        100.0 * same_as_gamma
+    )
+}
+
 fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<PruneReport> {
     let mut v = serde_json::to_value(s)?;
     if let Some(m) = v.as_object_mut() {
@@ -501,14 +506,7 @@ fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<P
     );
     let mut body = body;
     if let (Some(b), Some(same)) = (r.scop_beta, r.scop_same_as_gamma) {
-        body += &format!(
-            "\nSCOP selection scales: {} channels, {} at 1, {} at 0, mean {:.3}; {:.1}% of the removed channels are the ones `|gamma|` alone would remove.\n",
-            b.channels,
-            b.at_one,
-            b.at_zero,
-            b.mean,
-            100.0 * same
-        );
+        body += &format!("\n{}.\n", scop_diagnostics(&b, same));
     }
     nn_core::report::write_section(&a.common.results, "pruning results", &name, &body)?;
     eprintln!("summary: {}/summary.json; table: {}", out.display(), a.common.results);
