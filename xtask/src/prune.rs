@@ -294,11 +294,12 @@ pub fn run_one(a: &RunArgs) -> Result<PruneReport> {
         count(arch.build(&mc, &vs.root(), &StandardFactory)?.as_ref(), &mc, &Device::Cpu)?
     };
     eprintln!(
-        "pruning {} on {} with {} (rate {}), base {}",
+        "pruning {} on {} with {} (rate {}, seed {}), base {}",
         base_cfg.model,
         base_cfg.dataset,
         a.method,
         c.rate,
+        a.seed,
         c.base.display()
     );
     let report = if a.method == "manidp" {
@@ -513,6 +514,23 @@ fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<P
     Ok(r)
 }
 
+/// What `grid` does with the run directory `out`: reuse a run that finished under `protocol`
+/// (`Some`), run it (`None`: nothing finished there, or `overwrite` replaces a run made with
+/// other settings), or refuse to replace a finished run made with other settings (error).
+fn reusable_run(out: &Path, protocol: &str, overwrite: bool) -> Result<Option<PruneReport>> {
+    let done = finished_run(out, protocol);
+    if done.is_none() && out.join("summary.json").exists() {
+        if !overwrite {
+            bail!(
+                "{} holds a run made with other settings; pass --overwrite to replace it, or --prefix to write the grid elsewhere",
+                out.display()
+            );
+        }
+        eprintln!("{}: finished with other settings, running it again (--overwrite)", out.display());
+    }
+    Ok(done)
+}
+
 /// The report of a run in `out` that finished under `protocol`, if there is one.
 fn finished_run(out: &Path, protocol: &str) -> Option<PruneReport> {
     std::fs::read(out.join("summary.json"))
@@ -529,10 +547,7 @@ fn grid(a: &GridArgs) -> Result<()> {
         let mut reps = Vec::new();
         for &seed in &a.seeds {
             let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, base_cfg.model, m));
-            let done = finished_run(&out, &a.common.protocol());
-            if done.is_none() && out.join("summary.json").exists() {
-                eprintln!("{}: finished with other settings, running it again", out.display());
-            }
+            let done = reusable_run(&out, &a.common.protocol(), a.common.overwrite)?;
             let r = match done {
                 Some(r) => r,
                 None => {
@@ -1058,6 +1073,7 @@ mod tests {
         let write = |v: serde_json::Value| std::fs::write(dir.join("summary.json"), serde_json::to_vec(&v).unwrap()).unwrap();
         write(serde_json::json!({ "pruning": report(base.protocol()) }));
         assert!(finished_run(&dir, &base.protocol()).is_some());
+        assert!(reusable_run(&dir, &base.protocol(), false).unwrap().is_some());
         for other in [
             parse(&["--finetune-epochs", "2"]),
             parse(&["--train-subset", "1000"]),
@@ -1066,7 +1082,12 @@ mod tests {
             parse(&["--max-steps", "1"]),
         ] {
             assert!(finished_run(&dir, &other.protocol()).is_none(), "{}", other.protocol());
+            // A grid with other settings (a smoke grid, say) never replaces a finished run silently.
+            let e = reusable_run(&dir, &other.protocol(), false).unwrap_err().to_string();
+            assert!(e.contains("other settings") && e.contains("--overwrite"), "{e}");
+            assert!(reusable_run(&dir, &other.protocol(), true).unwrap().is_none());
         }
+        assert!(reusable_run(&dir.join("never-run"), &base.protocol(), false).unwrap().is_none());
         let mut other_base = base.clone();
         other_base.base = "runs/b".into();
         assert!(finished_run(&dir, &other_base.protocol()).is_none());
