@@ -97,7 +97,7 @@ fn main() -> Result<()> {
     nn_core::runtime::tune();
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+        nn_core::runtime::set_threads(t)?;
     }
     match cli.command {
         Command::Train(a) => nn::train(a),

@@ -199,11 +199,12 @@ pub fn fda_series_derivative(x: f64, omega: f64, n: usize) -> f64 {
     (0..=n).map(|i| (((2 * i + 1) as f64) * omega * x).cos()).sum::<f64>() * 4.0 * omega / PI
 }
 
-/// `sum_{k=0..n} cos((2k+1) t)` by the Chebyshev recurrence (one `cos` call).
+/// `sum_{k=0..n} cos((2k+1) t)` by the Chebyshev recurrence (one `cos` call: `cos 2t` is
+/// `2 cos^2 t - 1`).
 #[inline]
 fn cos_odd_sum(t: f64, n: usize) -> f64 {
     let c1 = t.cos();
-    let c2 = 2.0 * (2.0 * t).cos();
+    let c2 = 2.0 * (2.0 * c1 * c1 - 1.0);
     let (mut prev, mut cur) = (c1, c1); // cos(-t), cos(t)
     let mut sum = cur;
     for _ in 0..n {
