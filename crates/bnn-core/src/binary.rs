@@ -437,16 +437,6 @@ impl ModuleT for BinaryLinear {
     }
 }
 
-fn channel_shape(x: &Tensor, c: usize) -> Vec<usize> {
-    let mut s = vec![1; x.rank()];
-    if x.rank() >= 2 {
-        s[1] = c;
-    } else {
-        s[0] = c;
-    }
-    s
-}
-
 /// PReLU with one learnable slope per channel (dim 1), initialised to 0.25:
 /// `max(x, 0) + a min(x, 0)`.
 pub struct PRelu {
@@ -465,10 +455,7 @@ impl PRelu {
 
 impl ModuleT for PRelu {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let pos = nn_core::ops::activation::relu(x)?;
-        let neg = (x - &pos)?;
-        let a = self.weight.as_tensor().reshape(channel_shape(x, self.weight.elem_count()))?;
-        let y = (pos + neg.broadcast_mul(&a)?)?;
+        let y = nn_core::ops::channel::prelu(x, self.weight.as_tensor())?;
         if summary::is_recording() {
             summary::record(|| LayerStat {
                 name: self.name.clone(),
@@ -499,8 +486,7 @@ impl LearnableBias {
 
 impl ModuleT for LearnableBias {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let b = self.bias.as_tensor().reshape(channel_shape(x, self.bias.elem_count()))?;
-        let y = x.broadcast_add(&b)?;
+        let y = nn_core::ops::channel::bias_add(x, self.bias.as_tensor())?;
         if summary::is_recording() {
             summary::record(|| LayerStat {
                 name: self.name.clone(),

@@ -51,6 +51,7 @@
 
 pub mod activation;
 pub mod batch_norm;
+pub mod channel;
 mod conv;
 mod depthwise;
 pub mod depthwise_tokens;
