@@ -198,6 +198,9 @@ pub struct ExpAArgs {
     /// Prefix of the run directories (runs/<prefix>-<method>-s<seed>).
     #[arg(long, default_value = "bnn-exp-a")]
     pub prefix: String,
+    /// Directory that holds the run directories.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
     #[command(flatten)]
     pub common: Common,
 }
@@ -538,7 +541,7 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         let mut accs = Vec::new();
         let mut walls = Vec::new();
         for &seed in &a.seeds {
-            let out = PathBuf::from(format!("runs/{}-{}-{}-s{seed}", a.prefix, a.common.dataset, method));
+            let out = a.runs_dir.join(format!("{}-{}-{}-s{seed}", a.prefix, a.common.dataset, method));
             let v = grid_run(&a.common, seed, &out, |c| {
                 train(TrainArgs {
                     model: a.model.clone(),
@@ -546,7 +549,7 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
                     common: c,
                 })
             })?;
-            accs.push(v["test_top1"].as_f64().context("summary without test_top1")?);
+            accs.push(grid_top1(&v)?);
             walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
         }
         rows.push((method.clone(), accs, walls));
@@ -583,8 +586,12 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         ranked.iter().map(|r| format!("{} ({:.2})", r.0, r.1)).collect::<Vec<_>>().join(" > "),
         nn_core::report::command_line()
     );
-    let page = nn_core::report::write_section(RESULTS, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
     println!("{t}");
+    if c.max_steps.is_some() {
+        eprintln!("partial runs (--max-steps): table printed, not written");
+        return Ok(());
+    }
+    let page = nn_core::report::write_section(&c.results, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
     eprintln!("table: {}", page.display());
     Ok(())
 }
@@ -663,7 +670,13 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
         );
     }
     let claim = "The paper's claim: fine-tuning with LNS beats fine-tuning without it from the same binary network.";
-    finish_grid_table(t, claim, complete && c.max_steps.is_none(), &format!("{}-{}", a.prefix, c.dataset))
+    finish_grid_table(
+        t,
+        claim,
+        complete && c.max_steps.is_none(),
+        &c.results,
+        &format!("{}-{}", a.prefix, c.dataset),
+    )
 }
 
 fn exp_c(a: ExpCArgs) -> Result<()> {
@@ -717,19 +730,25 @@ fn exp_c(a: ExpCArgs) -> Result<()> {
         );
     }
     let claim = "The paper's ablation claim: the multi-branch blocks and universal shortcuts raise the accuracy of the binary MLP at almost the same OPs.";
-    finish_grid_table(t, claim, complete && c.max_steps.is_none(), &format!("{}-{}", a.prefix, c.dataset))
+    finish_grid_table(
+        t,
+        claim,
+        complete && c.max_steps.is_none(),
+        &c.results,
+        &format!("{}-{}", a.prefix, c.dataset),
+    )
 }
 
 /// Appends the paper's claim and the command to a grid's table, prints it and, when every run
 /// completed, writes it into the results page as section `key` (partial runs are not results).
-fn finish_grid_table(mut t: String, claim: &str, complete: bool, key: &str) -> Result<()> {
+fn finish_grid_table(mut t: String, claim: &str, complete: bool, results: &str, key: &str) -> Result<()> {
     t += &format!("\n{claim}\n\n```\n{}\n```\n", nn_core::report::command_line());
     println!("{t}");
     if !complete {
         eprintln!("partial runs (--max-steps): table printed, not written");
         return Ok(());
     }
-    let page = nn_core::report::write_section(RESULTS, "bnn-core results", key, &t)?;
+    let page = nn_core::report::write_section(results, "bnn-core results", key, &t)?;
     eprintln!("table: {}", page.display());
     Ok(())
 }
@@ -907,6 +926,29 @@ mod tests {
         ]);
         argv.extend_from_slice(extra);
         parse(&argv).unwrap()
+    }
+
+    #[test]
+    fn exp_a_runs_every_method_and_a_smoke_grid_writes_no_table() {
+        let dir = temp_dir("bnn-exp-a");
+        let results = dir.join("results.md");
+        let r = results.to_string_lossy().to_string();
+        let BnnCommand::ExpA(a) = smoke(
+            "exp-a",
+            &dir,
+            &["--model", "lenet5-bn", "--methods", "float,ste,fda", "--results", &r],
+        ) else {
+            panic!("not exp-a")
+        };
+        exp_a(a).unwrap();
+        for m in ["float", "ste", "fda"] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join(format!("bnn-exp-a-mnist-{m}-s0/summary.json"))).unwrap()).unwrap();
+            assert_eq!(v["completed"].as_bool(), Some(false), "{m}: a 1-step run is not complete");
+        }
+        // per-run sections and no grid table: a partial grid is not a result
+        let page = std::fs::read_to_string(&results).unwrap_or_default();
+        assert!(!page.contains("begin bnn-exp-a-mnist -->"), "{page}");
     }
 
     #[test]
