@@ -38,6 +38,10 @@ pub struct SfdaArgs {
     /// nn-core backbone of the source model.
     #[arg(long, default_value = "lenet5")]
     pub arch: String,
+    /// Classifier of the source model: `linear`, or `wn` (weight-normalised, as SHOT's
+    /// released code trains its source models).
+    #[arg(long, default_value = "linear")]
+    pub classifier: domain_adapt::model::ClassifierKind,
     /// Input size every domain is resized to (SHOT's digit protocol: 28).
     #[arg(long, default_value_t = 28)]
     pub image_size: usize,
@@ -183,6 +187,7 @@ pub fn run(a: SfdaArgs) -> Result<()> {
         image_size: a.image_size,
         num_classes: source_train.num_classes,
         bottleneck_dim: a.bottleneck,
+        classifier: a.classifier,
     };
     let mut rows: Vec<Row> = Vec::new();
     let pair = format!("{}2{}", a.source, tname);
@@ -229,7 +234,7 @@ pub fn run(a: SfdaArgs) -> Result<()> {
             ..Default::default()
         };
         sizes = format!(
-            "source {} ({} train images, {source_epochs} epochs, batch {}, label smoothing 0.1), target {tname} ({} unlabelled train images for adaptation, {} test images), {} {}x{} input, bottleneck {}; \
+            "source {} ({} train images, {source_epochs} epochs, batch {}, label smoothing 0.1), target {tname} ({} unlabelled train images for adaptation, {} test images), {} {}x{} input, bottleneck {}, {} classifier; \
              SHOT-IM {} epochs x batch {} ({shot_images} images); SFDA-DE {} loops x {steps_per_loop} steps x {} classes x {} samples ({} images), D_0 {}, N_0 {}, {covariance:?} covariance, gamma {}; SGD lr {} (source) / {} (adaptation) with SHOT's decay, momentum 0.9, wd 5e-4",
             a.source,
             src.len(),
@@ -240,6 +245,10 @@ pub fn run(a: SfdaArgs) -> Result<()> {
             a.image_size,
             a.image_size,
             a.bottleneck,
+            match a.classifier {
+                domain_adapt::model::ClassifierKind::Linear => "linear",
+                domain_adapt::model::ClassifierKind::WeightNorm => "weight-normalised",
+            },
             a.shot_epochs,
             a.batch_size,
             a.loops,

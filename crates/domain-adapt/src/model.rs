@@ -1,9 +1,11 @@
 //! The source model of the SHOT / SFDA-DE protocol: an nn-core backbone's pooled features, a
 //! bottleneck (linear + BatchNorm) and a linear classifier whose weight rows are the class
-//! "anchors" of SFDA-DE.
+//! "anchors" of SFDA-DE. The classifier is either a plain linear layer or, as in SHOT's
+//! released code (`feat_classifier(type='wn')`), weight-normalised: `W_k = g_k v_k / ||v_k||`
+//! (Salimans & Kingma 2016), so each anchor is a learned direction `v_k` with its own scale.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use nn_core::layers::{BatchNorm, Linear};
 use nn_core::models::{create_model, ModelConfig};
 use nn_core::var_store::NamedVar;
@@ -27,6 +29,93 @@ pub struct ModelSpec {
     pub num_classes: usize,
     /// Width of the bottleneck, i.e. of the features the adaptation works on (SHOT: 256).
     pub bottleneck_dim: usize,
+    /// The classifier layer (specs written before this field existed mean `Linear`; a linear
+    /// one is not written, so their serialised form stays as it was).
+    #[serde(default, skip_serializing_if = "ClassifierKind::is_linear")]
+    pub classifier: ClassifierKind,
+}
+
+/// How the classifier's weights are parameterised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassifierKind {
+    /// `W` itself.
+    #[default]
+    Linear,
+    /// `W_k = g_k v_k / ||v_k||` (SHOT's `wn` classifier).
+    #[serde(rename = "wn")]
+    WeightNorm,
+}
+
+impl ClassifierKind {
+    pub fn is_linear(&self) -> bool {
+        *self == ClassifierKind::Linear
+    }
+}
+
+impl std::str::FromStr for ClassifierKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "linear" => Ok(Self::Linear),
+            "wn" => Ok(Self::WeightNorm),
+            _ => bail!("unknown classifier `{s}`: linear or wn"),
+        }
+    }
+}
+
+/// The classifier: logits `f W^T + b`.
+enum Classifier {
+    Linear(Linear),
+    /// Direction `v` `[K, D]`, scale `g` `[K]`, bias `[K]`.
+    WeightNorm {
+        v: Var,
+        g: Var,
+        bias: Var,
+    },
+}
+
+impl Classifier {
+    fn new(root: &nn_core::VarPath, kind: ClassifierKind, dim: usize, classes: usize) -> Result<Self> {
+        let vp = root.pp(CLASSIFIER);
+        Ok(match kind {
+            ClassifierKind::Linear => Classifier::Linear(Linear::new(&vp, dim, classes, true)?),
+            ClassifierKind::WeightNorm => {
+                // v drawn like a linear layer's weight; g = ||v_k|| so that W = v at the start
+                // (PyTorch's weight_norm does the same)
+                let lin = Linear::new(&vp, dim, classes, true)?;
+                let v = lin.weight.clone();
+                let bias = lin.bias.clone().context("classifier bias")?;
+                let g = vp.param("g", &[classes], nn_core::init::Init::Const(1.0), nn_core::ParamKind::Weight)?;
+                g.set(&row_norms(v.as_tensor())?)?;
+                Classifier::WeightNorm { v, g, bias }
+            }
+        })
+    }
+
+    /// The effective weight matrix `[K, D]`.
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Classifier::Linear(l) => Ok(l.weight.as_tensor().clone()),
+            Classifier::WeightNorm { v, g, .. } => {
+                let scale = (g.as_tensor() / row_norms(v.as_tensor())?)?;
+                v.as_tensor().broadcast_mul(&scale.unsqueeze(1)?)
+            }
+        }
+    }
+
+    fn forward(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        use candle_core::ModuleT;
+        match self {
+            Classifier::Linear(l) => l.forward_t(features, train),
+            Classifier::WeightNorm { bias, .. } => features.matmul(&self.weight()?.t()?)?.broadcast_add(bias.as_tensor()),
+        }
+    }
+}
+
+/// `||v_k||` of every row of `v` `[K, D]`: `[K]`.
+fn row_norms(v: &Tensor) -> candle_core::Result<Tensor> {
+    v.sqr()?.sum(1)?.sqrt()
 }
 
 impl ModelSpec {
@@ -38,7 +127,14 @@ impl ModelSpec {
             image_size: 28,
             num_classes: 10,
             bottleneck_dim: 256,
+            classifier: ClassifierKind::Linear,
         }
+    }
+
+    /// The same spec with another classifier.
+    pub fn with_classifier(mut self, classifier: ClassifierKind) -> Self {
+        self.classifier = classifier;
+        self
     }
 }
 
@@ -49,7 +145,7 @@ pub struct SourceModel {
     backbone: Box<dyn Model>,
     bottleneck: Linear,
     bottleneck_bn: BatchNorm,
-    classifier: Linear,
+    classifier: Classifier,
 }
 
 impl SourceModel {
@@ -70,7 +166,7 @@ impl SourceModel {
         let nf = backbone.num_features();
         let bottleneck = Linear::new(&root.pp("bottleneck"), nf, spec.bottleneck_dim, true)?;
         let bottleneck_bn = BatchNorm::new(&root.pp("bottleneck_bn"), spec.bottleneck_dim)?;
-        let classifier = Linear::new(&root.pp(CLASSIFIER), spec.bottleneck_dim, spec.num_classes, true)?;
+        let classifier = Classifier::new(&root, spec.classifier, spec.bottleneck_dim, spec.num_classes)?;
         Ok(Self {
             vs,
             spec: spec.clone(),
@@ -108,13 +204,13 @@ impl SourceModel {
 
     /// Logits of bottleneck features.
     pub fn head(&self, features: &Tensor) -> Result<Tensor> {
-        use candle_core::ModuleT;
-        Ok(self.classifier.forward_t(features, false)?)
+        Ok(self.classifier.forward(features, false)?)
     }
 
-    /// The anchors: the classifier's weight vectors, `[num_classes, bottleneck_dim]` (a copy).
+    /// The anchors: the classifier's (effective) weight vectors, `[num_classes,
+    /// bottleneck_dim]` (a copy, outside the autograd graph).
     pub fn anchors(&self) -> Result<Tensor> {
-        Ok(self.classifier.weight.as_tensor().copy()?)
+        Ok(self.classifier.weight()?.detach().copy()?)
     }
 
     /// The parameters adaptation may change: everything except the classifier.
@@ -185,13 +281,70 @@ impl Model for SourceModel {
         self.features(x, train).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
     }
     fn forward_head(&self, features: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        use candle_core::ModuleT;
-        self.classifier.forward_t(features, train)
+        self.classifier.forward(features, train)
     }
     fn num_classes(&self) -> usize {
         self.spec.num_classes
     }
     fn num_features(&self) -> usize {
         self.spec.bottleneck_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(classifier: ClassifierKind) -> ModelSpec {
+        ModelSpec {
+            arch: "lenet5".into(),
+            in_channels: 1,
+            image_size: 28,
+            num_classes: 4,
+            bottleneck_dim: 8,
+            classifier,
+        }
+    }
+
+    /// `g` starts at `||v_k||`, so a weight-normalised model starts as the plain one of the same
+    /// seed; `v`, `g` and the bias all get gradients; the anchors keep `v`'s directions.
+    #[test]
+    fn weight_normalised_classifier() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu)?;
+        let plain = SourceModel::new(&spec(ClassifierKind::Linear), 7)?;
+        let wn = SourceModel::new(&spec(ClassifierKind::WeightNorm), 7)?;
+        let (a, b) = (plain.forward_t(&x, false)?, wn.forward_t(&x, false)?);
+        let d = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        let names: Vec<String> = wn.var_store().trainable().iter().map(|v| v.name.clone()).collect();
+        for n in ["classifier.weight", "classifier.g", "classifier.bias"] {
+            assert!(names.iter().any(|m| m == n), "{n} in {names:?}");
+        }
+        assert!(wn.feature_params().iter().all(|v| !v.name.starts_with(CLASSIFIER)));
+        let grads = b.sqr()?.sum_all()?.backward()?;
+        for v in wn.var_store().trainable().iter().filter(|v| v.name.starts_with(CLASSIFIER)) {
+            let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{}", v.name);
+        }
+        // doubling g doubles the anchors but keeps their directions
+        let g = wn.var_store().trainable().into_iter().find(|v| v.name == "classifier.g").unwrap();
+        let before = wn.anchors()?;
+        g.var.set(&(g.var.as_tensor() * 2.0)?)?;
+        let after = wn.anchors()?;
+        let d = ((before * 2.0)? - after)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn specs_without_the_field_are_linear_and_linear_specs_serialise_as_before() {
+        let old = r#"{"arch":"lenet5","in_channels":1,"image_size":28,"num_classes":10,"bottleneck_dim":256}"#;
+        let s: ModelSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(s.classifier, ClassifierKind::Linear);
+        assert_eq!(serde_json::to_string(&s).unwrap(), old);
+        let wn = s.with_classifier(ClassifierKind::WeightNorm);
+        assert!(serde_json::to_string(&wn).unwrap().contains(r#""classifier":"wn""#));
+        assert_eq!("wn".parse::<ClassifierKind>().unwrap(), ClassifierKind::WeightNorm);
+        assert!("l2".parse::<ClassifierKind>().unwrap_err().to_string().contains("linear or wn"));
     }
 }

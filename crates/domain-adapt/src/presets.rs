@@ -61,6 +61,7 @@ pub fn preset(name: &str) -> Result<Preset> {
             image_size: 224,
             num_classes: classes,
             bottleneck_dim: 256,
+            classifier: crate::model::ClassifierKind::Linear,
         },
         domains,
         resize_shorter: 256,

@@ -36,6 +36,7 @@ fn spec() -> ModelSpec {
         image_size: 16,
         num_classes: 3,
         bottleneck_dim: 16,
+        classifier: domain_adapt::model::ClassifierKind::Linear,
     }
 }
 

@@ -395,7 +395,10 @@ pub fn complexity_weights(losses: &[f32], mean_loss: f64, easy_threshold: f64, g
 pub fn similarity_loss(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let gram = |z: &Tensor| -> candle_core::Result<Tensor> {
         let z = z.flatten_from(1)?;
-        let norm = z.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+        // clamp the squared norm before the square root: clamping after it sends a zero
+        // gradient into sqrt's infinite derivative at 0, and 0 * inf is NaN (an instance whose
+        // gates are all closed has an all-zero row)
+        let norm = z.sqr()?.sum_keepdim(1)?.clamp(1e-24, f64::INFINITY)?.sqrt()?;
         let z = z.broadcast_div(&norm)?;
         z.matmul(&z.t()?)
     };

@@ -32,6 +32,22 @@ fn similarity_loss_hand_case() {
     assert!(similarity_loss(&a, &a).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-7);
 }
 
+/// An instance whose gates are all closed has an all-zero row: the loss and every gradient
+/// stay finite (a ResNet-20 run diverged to NaN on exactly this before the fix).
+#[test]
+fn similarity_loss_of_an_all_zero_row_has_finite_gradients() {
+    let dev = Device::Cpu;
+    let a = candle_core::Var::new(&[[0f32, 0., 0.], [1., 2., 0.], [0.5, 0., 1.]], &dev).unwrap();
+    let b = candle_core::Var::new(&[[1f32, 0., 0.], [0., 0., 0.], [0., 1., 1.]], &dev).unwrap();
+    let l = similarity_loss(a.as_tensor(), b.as_tensor()).unwrap();
+    assert!(l.to_scalar::<f32>().unwrap().is_finite());
+    let g = l.backward().unwrap();
+    for v in [&a, &b] {
+        let d = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(d.iter().all(|x| x.is_finite()), "{d:?}");
+    }
+}
+
 #[test]
 fn threshold_schedule() {
     assert!((kept_ratio(9, 10, 0.65) - 0.65).abs() < 1e-12);
