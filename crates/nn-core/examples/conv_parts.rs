@@ -2,7 +2,8 @@
 //! (medians over a few runs) on the ResNet-20 shapes: `cargo run --release -p nn-core
 //! --example conv_parts`. The weight-gradient column runs with a constant input, the
 //! input-gradient column with a constant weight. An argument such as `64ch@8x8` keeps only
-//! the shapes whose name contains it, and `--all-only` times just the full step (for profiling).
+//! the shapes whose name contains it, `--all-only` times just the full step (for profiling),
+//! `--im2col` turns the Winograd path off.
 use candle_core::{Device, Tensor, Var};
 use nn_core::ops::{conv2d, Conv2dOpts};
 use std::time::Instant;
@@ -23,12 +24,13 @@ fn main() -> candle_core::Result<()> {
     nn_core::runtime::tune();
     let dev = Device::Cpu;
     let shapes = [
-        (16, 32, 16, 1),
-        (32, 16, 32, 1),
-        (64, 8, 64, 1),
-        (16, 28, 16, 1),
-        (32, 14, 32, 1),
-        (64, 7, 64, 1),
+        (16, 32, 16, 1, 1),
+        (32, 16, 32, 1, 1),
+        (64, 8, 64, 1, 1),
+        (16, 28, 16, 1, 1),
+        (32, 14, 32, 1, 1),
+        (64, 7, 64, 1, 1),
+        (64, 16, 64, 1, 64),
     ];
     println!(
         "{:<22} {:>8} {:>10} {:>10} {:>8}",
@@ -37,15 +39,22 @@ fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all_only = args.iter().any(|a| a == "--all-only");
     let filter = args.iter().find(|a| !a.starts_with("--"));
-    for (cin, hw, cout, s) in shapes {
-        let name = format!("{cin}ch@{hw}x{hw}->{cout} s{s}");
+    if args.iter().any(|a| a == "--im2col") {
+        nn_core::ops::set_winograd(false);
+    }
+    for (cin, hw, cout, s, groups) in shapes {
+        let name = if groups > 1 {
+            format!("{cin}ch@{hw}x{hw}->{cout} s{s} g{groups}")
+        } else {
+            format!("{cin}ch@{hw}x{hw}->{cout} s{s}")
+        };
         if filter.is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
         let x = Tensor::randn(0f32, 1.0, (128, cin, hw, hw), &dev)?;
-        let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (cout, cin / groups, 3, 3), &dev)?;
         let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-        let o = Conv2dOpts::new(s, 1);
+        let o = Conv2dOpts::new(s, 1).with_groups(groups);
         let step = || conv2d(xv.as_tensor(), wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ());
         if all_only {
             println!("{name:<22} {:>8} {:>10} {:>10} {:>8.2}", "-", "-", "-", median_ms(41, step)?);

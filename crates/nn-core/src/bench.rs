@@ -135,6 +135,9 @@ pub struct ConvBenchRow {
     pub candle_fwd_bwd_ms: Option<f64>,
     /// PyTorch forward + backward.
     pub torch_fwd_bwd_ms: Option<f64>,
+    /// Smallest and largest per-round nn-core/PyTorch forward+backward ratio.
+    #[serde(default)]
+    pub round_ratios: Option<(f64, f64)>,
 }
 
 impl ConvBenchRow {
@@ -167,11 +170,11 @@ impl ConvBenchReport {
     /// The report as a markdown table followed by the notes.
     pub fn to_markdown(&self) -> String {
         let mut s = String::from(
-            "| shape (batch 128) | threads | nn-core fwd | candle fwd | torch fwd | nn-core fwd+bwd | candle fwd+bwd | torch fwd+bwd | nn-core/torch (fwd+bwd) | candle/nn-core (fwd+bwd) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "| shape (batch 128) | threads | nn-core fwd | candle fwd | torch fwd | nn-core fwd+bwd | candle fwd+bwd | torch fwd+bwd | nn-core/torch (fwd+bwd) | candle/nn-core (fwd+bwd) | per-round nn-core/torch |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {:.1} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {} | {} | {} | {} | {} |\n",
                 r.case,
                 r.threads,
                 r.nn_fwd_ms,
@@ -182,6 +185,8 @@ impl ConvBenchReport {
                 fmt_opt(r.torch_fwd_bwd_ms, 1),
                 fmt_opt(r.ratio_nn_torch(), 2),
                 fmt_opt(r.ratio_candle_nn(), 1),
+                r.round_ratios
+                    .map_or_else(|| "n/a".to_string(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
             );
         }
         s += "\nTimes are medians in milliseconds.\n";
@@ -259,8 +264,20 @@ pub fn conv_benchmark(threads: &[usize]) -> anyhow::Result<ConvBenchReport> {
     conv_benchmark_cases(&selected_cases(), threads, 7, 3)
 }
 
-/// [`conv_benchmark`] on chosen cases with `runs` timed runs for nn-core and
-/// `candle_runs` for stock candle (which is much slower; 0 skips candle).
+/// Rounds of [`conv_benchmark_cases`]: nn-core and PyTorch alternate (all shapes on one
+/// side, then all on the other, repeated), so that a slow period of the shared machine
+/// hits both sides; the table reports medians over the rounds.
+pub const CONV_BENCH_ROUNDS: usize = 3;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// [`conv_benchmark`] on chosen cases with `runs` timed runs per round for nn-core and
+/// `candle_runs` for stock candle (which is much slower, so it runs once, not per round;
+/// 0 skips candle).
 pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, candle_runs: usize) -> anyhow::Result<ConvBenchReport> {
     let mut notes = Vec::new();
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
@@ -273,29 +290,47 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
     let old_env = std::env::var("RAYON_NUM_THREADS").ok();
     let mut rows = Vec::new();
     for &t in threads {
-        let torch: Vec<TorchTiming> = if has_torch {
-            match run_torch(cases, t) {
-                Ok(v) => v,
-                Err(e) => {
-                    notes.push(format!("torch failed at {t} threads: {e}"));
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        let dev = Device::Cpu;
+        let mut inputs = Vec::with_capacity(cases.len());
         for c in cases {
-            let dev = Device::Cpu;
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c.n, c.cin, c.h, c.w), &dev)?)?;
             let w =
                 Var::from_tensor(&(Tensor::randn(0f32, 1.0, (c.cout, c.cin / c.groups, c.k, c.k), &dev)? * 0.1)?.to_dtype(DType::F32)?)?;
-            let (nf, nfb) = pool.install(|| time_conv(nn_conv, c, &x, &w, runs))?;
+            inputs.push((x, w));
+        }
+        // per case: one (fwd, fwd+bwd) pair per round
+        let mut nn: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+        let mut torch: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+        let mut torch_ok = has_torch;
+        for _round in 0..CONV_BENCH_ROUNDS {
+            if torch_ok {
+                match run_torch(cases, t) {
+                    Ok(v) => {
+                        for (i, c) in cases.iter().enumerate() {
+                            if let Some(r) = v.iter().find(|r| r.name == c.name) {
+                                torch[i].push((r.fwd_ms, r.fwd_bwd_ms));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        notes.push(format!("torch failed at {t} threads: {e}"));
+                        torch_ok = false;
+                    }
+                }
+            }
+            for (i, c) in cases.iter().enumerate() {
+                let (x, w) = &inputs[i];
+                nn[i].push(pool.install(|| time_conv(nn_conv, c, x, w, runs))?);
+            }
+        }
+        for (i, c) in cases.iter().enumerate() {
+            let (x, w) = &inputs[i];
             let cf = if candle_runs == 0 {
                 Err(anyhow::anyhow!("skipped"))
             } else {
-                pool.install(|| time_conv(candle_conv, c, &x, &w, candle_runs))
+                pool.install(|| time_conv(candle_conv, c, x, w, candle_runs))
             };
             let (cf, cfb) = match cf {
                 Ok((a, b)) => (Some(a), Some(b)),
@@ -305,16 +340,28 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
                     (None, None)
                 }
             };
-            let tt = torch.iter().find(|r| r.name == c.name);
+            let nf: Vec<f64> = nn[i].iter().map(|r| r.0).collect();
+            let nfb: Vec<f64> = nn[i].iter().map(|r| r.1).collect();
+            let (tf, tfb, range) = if torch[i].len() == nn[i].len() {
+                let tf: Vec<f64> = torch[i].iter().map(|r| r.0).collect();
+                let tfb: Vec<f64> = torch[i].iter().map(|r| r.1).collect();
+                let ratios: Vec<f64> = nfb.iter().zip(&tfb).map(|(a, b)| a / b).collect();
+                let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = ratios.iter().copied().fold(0.0, f64::max);
+                (Some(median(&tf)), Some(median(&tfb)), Some((lo, hi)))
+            } else {
+                (None, None, None)
+            };
             rows.push(ConvBenchRow {
                 case: c.name.clone(),
                 threads: t,
-                nn_fwd_ms: nf,
+                nn_fwd_ms: median(&nf),
                 candle_fwd_ms: cf,
-                torch_fwd_ms: tt.map(|r| r.fwd_ms),
-                nn_fwd_bwd_ms: nfb,
+                torch_fwd_ms: tf,
+                nn_fwd_bwd_ms: median(&nfb),
                 candle_fwd_bwd_ms: cfb,
-                torch_fwd_bwd_ms: tt.map(|r| r.fwd_bwd_ms),
+                torch_fwd_bwd_ms: tfb,
+                round_ratios: range,
             });
         }
     }
@@ -326,7 +373,10 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
         notes.push(format!("load average at end: {}", l.trim()));
     }
     notes.push(format!(
-        "nn-core: {runs} timed runs, candle: {candle_runs}, torch: 7 (median); fwd+bwd = conv, sum, backward for input and weight"
+        "{CONV_BENCH_ROUNDS} alternating rounds (PyTorch, all shapes, in a fresh python3 process; then nn-core, all shapes); \
+         per round and shape nn-core takes the median of {runs} timed runs and PyTorch of 7; the table gives the median \
+         over rounds, the last column the range of the per-round nn-core/torch ratios; candle: {candle_runs} runs, once. \
+         fwd+bwd = conv, sum, backward for input and weight"
     ));
     notes.push("candle runs inside the same rayon pool with RAYON_NUM_THREADS set to the thread count (its gemm reads it)".into());
     let report = ConvBenchReport {
@@ -361,6 +411,7 @@ mod tests {
             nn_fwd_bwd_ms: 2.0,
             candle_fwd_bwd_ms: Some(18.0),
             torch_fwd_bwd_ms: Some(4.0),
+            round_ratios: Some((0.45, 0.6)),
         };
         assert_eq!(row.ratio_nn_torch(), Some(0.5));
         assert_eq!(row.ratio_candle_nn(), Some(9.0));
@@ -370,7 +421,10 @@ mod tests {
             notes: vec!["note".into()],
         };
         let md = rep.to_markdown();
-        assert!(md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 |"), "{md}");
+        assert!(
+            md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 | 0.45-0.60 |"),
+            "{md}"
+        );
         let back: ConvBenchReport = serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();
         assert_eq!(back.rows.len(), 1);
     }

@@ -1,7 +1,8 @@
 //! Checks of the specialised convolution paths (padded im2col with chunked row copies,
 //! AVX2 stride-2 gathers, padded/interleaved col2im, multi-image gemm blocks) on the
 //! feature-map widths of the ResNet stages (7, 8, 14, 16, 28, 32 and odd ones), against a
-//! naive f64 reference (1e-12) and in f32 (1e-4 relative).
+//! naive f64 reference (1e-12) and in f32 (1e-4 relative); the Winograd F(2x2, 3x3) path
+//! of 3x3 stride-1 layers and the im2col path that replaces it when switched off.
 
 use candle_core::{DType, Device, Tensor, Var};
 use nn_core::ops::{conv2d, Conv2dOpts};
@@ -118,6 +119,41 @@ fn stage_widths_strides_and_paddings() {
                 close(&format!("{what} {dt:?} y"), &got.0, &want.0, tol);
                 close(&format!("{what} {dt:?} gx"), &got.1, &want.1, tol);
                 close(&format!("{what} {dt:?} gw"), &got.2, &want.2, tol);
+            }
+        }
+    }
+}
+
+/// 3x3 stride-1 layers take the Winograd F(2x2, 3x3) path for the weight gradient from 8
+/// channels on, and for the forward pass and input gradient from 32; with it switched off,
+/// im2col. Both must match the reference on even and odd sizes, paddings 0-2 and channel
+/// counts that are not multiples of the 8-channel vector width.
+#[test]
+fn winograd_path_and_im2col_both_match_the_reference() {
+    let mut seed = 100;
+    for &hw in &[4usize, 7, 8, 9, 12] {
+        for &p in &[0usize, 1, 2] {
+            for &(cin, cout) in &[(8, 16), (12, 20), (32, 36), (36, 32)] {
+                let n = 2;
+                let o = Conv2dOpts::new(1, p);
+                let x = vals(n * cin * hw * hw, seed);
+                let w = vals(cout * cin * 9, seed + 1);
+                let oh = hw + 2 * p - 2;
+                let r = vals(n * cout * oh * oh, seed + 2);
+                seed += 3;
+                let dims = (n, cin, hw, hw);
+                let want = reference(dims, (cout, 3), o, &x, &w, &r);
+                for winograd in [true, false] {
+                    let before = nn_core::ops::set_winograd(winograd);
+                    let what = format!("hw {hw} p {p} cin {cin} cout {cout} winograd {winograd}");
+                    for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
+                        let got = run(dims, (cout, 3), o, &x, &w, &r, dt);
+                        close(&format!("{what} {dt:?} y"), &got.0, &want.0, tol);
+                        close(&format!("{what} {dt:?} gx"), &got.1, &want.1, tol);
+                        close(&format!("{what} {dt:?} gw"), &got.2, &want.2, tol);
+                    }
+                    nn_core::ops::set_winograd(before);
+                }
             }
         }
     }

@@ -3,9 +3,11 @@
 
 use super::depthwise;
 use super::elem::{contiguous, gemm, outer_par, simd, Elem, Mat};
+use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Full geometry of one 2-D convolution call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,6 +377,20 @@ fn unpad_planes<T: Elem>(g: &ConvGeom, xp: &[T], x: &mut [T]) {
     }
 }
 
+static WINOGRAD: AtomicBool = AtomicBool::new(true);
+
+/// Chooses whether 3x3 stride-1 convolutions (and their input gradients) use Winograd
+/// F(2x2, 3x3) (the default; faster, results equal to im2col up to float rounding) or
+/// im2col + gemm for every shape. Process-wide; returns the previous setting.
+pub fn set_winograd(enabled: bool) -> bool {
+    WINOGRAD.swap(enabled, Ordering::Relaxed)
+}
+
+/// Whether [`set_winograd`] currently enables the Winograd path.
+pub fn winograd_enabled() -> bool {
+    WINOGRAD.load(Ordering::Relaxed)
+}
+
 /// Number of images whose columns are concatenated into one gemm, so that the gemm's
 /// column count `imgs * OH * OW` stays large for small feature maps.
 #[inline]
@@ -388,6 +404,9 @@ fn images_per_block(g: &ConvGeom) -> usize {
 pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     if g.is_depthwise() {
         return depthwise::fwd(g, x, w);
+    }
+    if winograd_enabled() && winograd::pays_forward(g) {
+        return winograd::conv_fwd(g, x, w);
     }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
     let len = g.n * g.cout * ohw;
@@ -537,6 +556,9 @@ fn flip_transpose<T: Elem>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
     if g.is_depthwise() {
         return depthwise::bwd_weight(g, x, gout);
+    }
+    if winograd_enabled() && winograd::applies(g) {
+        return winograd::conv_bwd_weight(g, x, gout);
     }
     let (cin_g, cout_g, k, hw, ohw) = (g.cin_g(), g.cout_g(), g.k(), g.hw(), g.ohw());
     let nth = rayon::current_num_threads().min(g.n).max(1);

@@ -1,6 +1,13 @@
 //! Direct kernels for depthwise convolutions (one input channel per group, optional
 //! channel multiplier): here im2col + gemm would degenerate into many `1 x k` products,
 //! so each output plane is computed with vectorisable row loops instead.
+//!
+//! Stride-1 layers (the usual depthwise 3x3, 5x5, 7x7) take a faster path: the plane is
+//! copied once into a zero-padded scratch buffer, and each output row is built 8 columns at
+//! a time in registers from all kernel taps (no bounds logic, one store per output), instead
+//! of one pass over the row per tap. The input gradient is the same correlation of the
+//! padded output gradient with the flipped kernel; the weight gradient keeps one 8-lane
+//! accumulator per tap over all rows of all images.
 
 use super::conv::{valid_range, ConvGeom};
 use super::elem::{simd, Elem};
@@ -25,6 +32,266 @@ pub(crate) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
         s += *x * *y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
+}
+
+/// Lanes of the register-blocked stride-1 kernels.
+const LANES: usize = 8;
+
+/// Writes the zero-padded copy of plane `src[h, w]` into `dst[(h + 2 pt), wp]`, the image
+/// at row `pt`, column `pl`; `dst` is `rows * wp` long with `wp >= pl + w`.
+#[inline(always)]
+fn pad_plane<T: Elem>(src: &[T], h: usize, w: usize, pt: usize, pl: usize, wp: usize, dst: &mut [T]) {
+    dst[..pt * wp].fill(T::ZERO);
+    for y in 0..h {
+        let row = &mut dst[(pt + y) * wp..][..wp];
+        row[..pl].fill(T::ZERO);
+        row[pl..pl + w].copy_from_slice(&src[y * w..][..w]);
+        row[pl + w..].fill(T::ZERO);
+    }
+    dst[(pt + h) * wp..].fill(T::ZERO);
+}
+
+/// Accumulates `R x C` blocks of 8 outputs (rows `y..y + R`, columns `x0 + 8c`) of the
+/// correlation in [`correlate_s1`]: `R * C` independent add chains hide the add latency
+/// that a single accumulator per 8 outputs would expose (9 dependent adds for a 3x3 kernel).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn correlate_block<T: Elem, const R: usize, const C: usize>(
+    xp: &[T],
+    wp: usize,
+    k: &[T],
+    (kh, kw): (usize, usize),
+    (dh, dw): (usize, usize),
+    (y, x0): (usize, usize),
+    out: &mut [T],
+    ow: usize,
+    acc_into: bool,
+) {
+    let mut acc = [[[T::ZERO; LANES]; C]; R];
+    for i in 0..kh {
+        for j in 0..kw {
+            let kv = k[i * kw + j];
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let row = &xp[(y + r + i * dh) * wp + x0 + j * dw..];
+                for (c, a) in acc_r.iter_mut().enumerate() {
+                    let src = &row[c * LANES..][..LANES];
+                    for l in 0..LANES {
+                        a[l] += kv * src[l];
+                    }
+                }
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate() {
+        for (c, a) in acc_r.iter().enumerate() {
+            let dst = &mut out[(y + r) * ow + x0 + c * LANES..][..LANES];
+            if acc_into {
+                for l in 0..LANES {
+                    dst[l] += a[l];
+                }
+            } else {
+                dst.copy_from_slice(a);
+            }
+        }
+    }
+}
+
+/// `out[y, x] (+)= sum_{i, j} k[i * kw + j] * xp[y + i dh, x + j dw]` for an `oh x ow`
+/// output from a padded plane with row stride `wp`: blocks of 2 rows x 16 columns in
+/// registers where they fit, then single 8-column chunks, then scalar columns.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn correlate_s1<T: Elem>(
+    xp: &[T],
+    wp: usize,
+    k: &[T],
+    ks: (usize, usize),
+    ds: (usize, usize),
+    (oh, ow): (usize, usize),
+    out: &mut [T],
+    acc_into: bool,
+) {
+    let (kh, kw) = ks;
+    let (dh, dw) = ds;
+    let mut y = 0;
+    while y < oh {
+        let two = y + 1 < oh;
+        let mut x0 = 0;
+        while x0 + 2 * LANES <= ow {
+            if two {
+                correlate_block::<T, 2, 2>(xp, wp, k, ks, ds, (y, x0), out, ow, acc_into);
+            } else {
+                correlate_block::<T, 1, 2>(xp, wp, k, ks, ds, (y, x0), out, ow, acc_into);
+            }
+            x0 += 2 * LANES;
+        }
+        while x0 + LANES <= ow {
+            if two {
+                correlate_block::<T, 2, 1>(xp, wp, k, ks, ds, (y, x0), out, ow, acc_into);
+            } else {
+                correlate_block::<T, 1, 1>(xp, wp, k, ks, ds, (y, x0), out, ow, acc_into);
+            }
+            x0 += LANES;
+        }
+        for yy in y..(y + if two { 2 } else { 1 }) {
+            for x in x0..ow {
+                let mut acc = T::ZERO;
+                for i in 0..kh {
+                    for j in 0..kw {
+                        acc += k[i * kw + j] * xp[(yy + i * dh) * wp + x + j * dw];
+                    }
+                }
+                if acc_into {
+                    out[yy * ow + x] += acc;
+                } else {
+                    out[yy * ow + x] = acc;
+                }
+            }
+        }
+        y += if two { 2 } else { 1 };
+    }
+}
+
+/// Stride-1 depthwise forward through [`correlate_s1`] on zero-padded planes.
+fn fwd_s1<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
+    let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
+    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let mut out = vec![T::ZERO; g.n * g.cout * ohw];
+    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
+        let (ni, co) = (p / g.cout, p % g.cout);
+        let xc = &x[(ni * g.cin + co / mult) * hw..][..hw];
+        let wk = &w[co * taps..][..taps];
+        T::with_scratch2(hp * wp, |xp| {
+            simd(|| {
+                pad_plane(xc, g.h, g.w, g.ph, g.pw, wp, xp);
+                if (g.kh, g.kw) == (3, 3) {
+                    correlate_s1(xp, wp, wk, (3, 3), (g.dh, g.dw), (g.oh, g.ow), o, false);
+                } else {
+                    correlate_s1(xp, wp, wk, (g.kh, g.kw), (g.dh, g.dw), (g.oh, g.ow), o, false);
+                }
+            })
+        });
+    });
+    out
+}
+
+/// Stride-1 depthwise input gradient: the correlation of the output gradient, padded by
+/// `(k - 1) d - p` on each side, with the flipped kernel (summed over the channel
+/// multiplier). Needs `p <= (k - 1) d` in both directions.
+fn bwd_input_s1<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
+    let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
+    let (pt, pl) = ((g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw);
+    let (hp, wp) = (g.oh + 2 * pt, g.ow + 2 * pl);
+    let mut gx = vec![T::ZERO; g.n * g.cin * hw];
+    gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxc)| {
+        let (ni, ci) = (p / g.cin, p % g.cin);
+        for m in 0..mult {
+            let co = ci * mult + m;
+            let gp = &gout[(ni * g.cout + co) * ohw..][..ohw];
+            let mut flipped = [T::ZERO; 64];
+            let mut flipped_vec = Vec::new();
+            let k: &mut [T] = if taps <= 64 {
+                &mut flipped[..taps]
+            } else {
+                flipped_vec.resize(taps, T::ZERO);
+                &mut flipped_vec
+            };
+            for (t, v) in w[co * taps..][..taps].iter().enumerate() {
+                k[taps - 1 - t] = *v;
+            }
+            T::with_scratch2(hp * wp, |gpp| {
+                simd(|| {
+                    pad_plane(gp, g.oh, g.ow, pt, pl, wp, gpp);
+                    if (g.kh, g.kw) == (3, 3) {
+                        correlate_s1(gpp, wp, k, (3, 3), (g.dh, g.dw), (g.h, g.w), gxc, m > 0);
+                    } else {
+                        correlate_s1(gpp, wp, k, (g.kh, g.kw), (g.dh, g.dw), (g.h, g.w), gxc, m > 0);
+                    }
+                })
+            });
+        }
+    });
+    gx
+}
+
+/// Adds one padded input plane's contribution to the per-tap accumulators of the weight
+/// gradient: `acc[i * kw + j][l] += gout[y, x0 + l] * xp[y + i dh, x0 + l + j dw]` over
+/// 8-column chunks, scalar columns into `tail`. With the kernel size known at the call
+/// site (3x3) the tap loops unroll and the accumulators stay in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_plane<T: Elem>(
+    xp: &[T],
+    wp: usize,
+    gp: &[T],
+    (oh, ow): (usize, usize),
+    (kh, kw): (usize, usize),
+    (dh, dw): (usize, usize),
+    acc: &mut [[T; LANES]],
+    tail: &mut [T],
+) {
+    for y in 0..oh {
+        let grow = &gp[y * ow..][..ow];
+        let mut x0 = 0;
+        while x0 + LANES <= ow {
+            let gv: &[T] = &grow[x0..x0 + LANES];
+            for i in 0..kh {
+                let row = &xp[(y + i * dh) * wp + x0..];
+                for j in 0..kw {
+                    let src = &row[j * dw..][..LANES];
+                    let a = &mut acc[i * kw + j];
+                    for l in 0..LANES {
+                        a[l] += gv[l] * src[l];
+                    }
+                }
+            }
+            x0 += LANES;
+        }
+        for xo in x0..ow {
+            for i in 0..kh {
+                for j in 0..kw {
+                    tail[i * kw + j] += grow[xo] * xp[(y + i * dh) * wp + xo + j * dw];
+                }
+            }
+        }
+    }
+}
+
+/// Stride-1 depthwise weight gradient: `dW[t] = sum over images and output positions of
+/// gout * (padded x shifted by tap t)`, one 8-lane accumulator per tap.
+fn bwd_weight_s1<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
+    let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
+    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let mut gw = vec![T::ZERO; g.cout * taps];
+    gw.par_chunks_mut(taps).enumerate().for_each(|(co, gwk)| {
+        let ci = co / mult;
+        let mut acc = vec![[T::ZERO; LANES]; taps];
+        let mut tail = vec![T::ZERO; taps];
+        let dims = ((g.oh, g.ow), (g.dh, g.dw));
+        T::with_scratch2(hp * wp, |xp| {
+            simd(|| {
+                let mut acc3 = [[T::ZERO; LANES]; 9];
+                for ni in 0..g.n {
+                    let xc = &x[(ni * g.cin + ci) * hw..][..hw];
+                    let gp = &gout[(ni * g.cout + co) * ohw..][..ohw];
+                    pad_plane(xc, g.h, g.w, g.ph, g.pw, wp, xp);
+                    if (g.kh, g.kw) == (3, 3) {
+                        weight_grad_plane(xp, wp, gp, dims.0, (3, 3), dims.1, &mut acc3, &mut tail);
+                    } else {
+                        weight_grad_plane(xp, wp, gp, dims.0, (g.kh, g.kw), dims.1, &mut acc, &mut tail);
+                    }
+                }
+                if (g.kh, g.kw) == (3, 3) {
+                    acc.copy_from_slice(&acc3);
+                }
+            })
+        });
+        for t in 0..taps {
+            let a = &acc[t];
+            gwk[t] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])) + tail[t];
+        }
+    });
+    gw
 }
 
 /// Iterates over the valid (kernel tap, output row) pairs of one plane, calling
@@ -53,6 +320,9 @@ fn for_taps(g: &ConvGeom, mut f: impl FnMut(usize, usize, usize, usize, usize, u
 
 /// Depthwise forward, parallel over output planes.
 pub(crate) fn fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
+    if g.sh == 1 && g.sw == 1 {
+        return fwd_s1(g, x, w);
+    }
     let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
     let mut out = vec![T::ZERO; g.n * g.cout * ohw];
     out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
@@ -81,6 +351,9 @@ pub(crate) fn fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Depthwise input gradient, parallel over input planes.
 pub(crate) fn bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
+    if g.sh == 1 && g.sw == 1 && g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw {
+        return bwd_input_s1(g, gout, w);
+    }
     let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
     let mut gx = vec![T::ZERO; g.n * g.cin * hw];
     gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxc)| {
@@ -112,6 +385,9 @@ pub(crate) fn bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
 
 /// Depthwise weight gradient, parallel over output channels (each sums over the batch).
 pub(crate) fn bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec<T> {
+    if g.sh == 1 && g.sw == 1 {
+        return bwd_weight_s1(g, x, gout);
+    }
     let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
     let mut gw = vec![T::ZERO; g.cout * taps];
     gw.par_chunks_mut(taps).enumerate().for_each(|(co, gwk)| {

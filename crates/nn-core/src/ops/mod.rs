@@ -21,6 +21,11 @@
 //! * **Weight gradient**: `grad_W = sum_n grad_out[n] x col[n]^T`. The columns are
 //!   recomputed (cheaper than keeping `N` column matrices alive); each worker thread owns a
 //!   partial sum over a contiguous chunk of the batch, reduced at the end.
+//! * **3x3, stride 1**, ungrouped: Winograd F(2x2, 3x3) (Lavin & Gray 2016, module
+//!   `winograd`): 16 gemms over transformed 4x4 tiles, 2.25x fewer multiplications than
+//!   im2col. Used for the forward pass from 32 channels in and out (the input gradient of
+//!   such a layer is itself such a convolution, so it takes the same path) and for the
+//!   weight gradient from 8. [`set_winograd`] turns it off (im2col only).
 //! * **Depthwise** convolutions (`groups == Cin`, `Cout` a multiple of `Cin`) would become
 //!   tiny `1 x k` products, so they use direct, vectorised row-loop kernels instead.
 //! * The batch loop is parallel with rayon (each gemm single-threaded); with a batch of one
@@ -61,8 +66,10 @@ pub mod matmul;
 mod pool;
 pub mod rowwise;
 pub mod transpose;
+mod winograd;
 
 use candle_core::{DType, Device, Result, Tensor};
+pub use conv::{set_winograd, winograd_enabled};
 use std::sync::Arc;
 
 /// Parameters of [`conv2d`]; all pairs are `(height, width)`.
