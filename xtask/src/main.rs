@@ -93,6 +93,11 @@ enum Command {
     },
 }
 
+/// Freed blocks of 32 MiB and more (above glibc's largest mmap threshold, so otherwise
+/// unmapped on free and faulted in again on the next step) are kept for reuse, up to 1 GiB.
+#[global_allocator]
+static ALLOC: nn_core::alloc::LargeBlockCache = nn_core::alloc::LargeBlockCache::new(32 << 20, 1 << 30);
+
 fn main() -> Result<()> {
     nn_core::runtime::tune();
     let cli = Cli::parse();

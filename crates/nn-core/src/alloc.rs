@@ -6,6 +6,13 @@
 //! page clearing, and the forward pass ran 1.8x faster once freed memory was kept for reuse.
 //! [`tune_allocator`] makes glibc keep freed memory in the process (per-allocation mmap only
 //! above 32 MiB, no trimming), which costs resident memory equal to the peak working set.
+//!
+//! 32 MiB is glibc's ceiling for the mmap threshold on 64-bit targets, so larger buffers
+//! (Swin-T's stage-1 MLP activation at batch 8 is 38.5 MB; ImageNet-size feature maps at
+//! training batch sizes are larger still) are still mapped and unmapped on every use: 5% of
+//! a Swin-T forward was page-fault handling. [`LargeBlockCache`] is a global allocator that
+//! keeps a few freed large blocks for reuse by the next allocation of the same size; a
+//! binary opts in with `#[global_allocator]` (xtask does).
 
 /// Tunes glibc malloc for training (see the module docs). Returns whether it was applied
 /// (false on non-glibc targets). Call once at program start, before heavy allocation.
@@ -23,5 +30,202 @@ pub fn tune_allocator() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Number of freed blocks a [`LargeBlockCache`] keeps.
+const CACHE_SLOTS: usize = 16;
+
+/// A freed block kept for reuse: address, rounded size, alignment.
+#[derive(Clone, Copy)]
+struct Block {
+    ptr: usize,
+    size: usize,
+    align: usize,
+}
+
+/// Global allocator wrapping [`System`] that keeps up to 16 freed blocks of at least
+/// `min_bytes` (sizes rounded up to 1 MiB), at most `max_cached_bytes` in all, and hands one
+/// back to the next allocation with the same rounded size and alignment: a training or
+/// inference loop allocates the same large activations on every step, so after the first
+/// step they no longer cost page faults. Smaller allocations go straight to [`System`].
+///
+/// ```no_run
+/// #[global_allocator]
+/// static ALLOC: nn_core::alloc::LargeBlockCache = nn_core::alloc::LargeBlockCache::new(16 << 20, 2 << 30);
+/// ```
+pub struct LargeBlockCache {
+    min_bytes: usize,
+    max_cached_bytes: usize,
+    cached_bytes: AtomicUsize,
+    slots: Mutex<[Option<Block>; CACHE_SLOTS]>,
+    hits: AtomicUsize,
+}
+
+const MIB: usize = 1 << 20;
+
+impl LargeBlockCache {
+    /// A cache for blocks of at least `min_bytes`, holding at most `max_cached_bytes`.
+    pub const fn new(min_bytes: usize, max_cached_bytes: usize) -> Self {
+        Self {
+            min_bytes,
+            max_cached_bytes,
+            cached_bytes: AtomicUsize::new(0),
+            slots: Mutex::new([None; CACHE_SLOTS]),
+            hits: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many allocations were served from the cache so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Bytes currently held in the cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.cached_bytes.load(Ordering::Relaxed)
+    }
+
+    fn rounded(&self, layout: Layout) -> Option<Layout> {
+        if layout.size() < self.min_bytes {
+            return None;
+        }
+        Layout::from_size_align(layout.size().div_ceil(MIB) * MIB, layout.align()).ok()
+    }
+
+    fn take(&self, l: Layout) -> Option<*mut u8> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.is_some_and(|b| b.size == l.size() && b.align == l.align()))?;
+        let b = slot.take()?;
+        self.cached_bytes.fetch_sub(b.size, Ordering::Relaxed);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(b.ptr as *mut u8)
+    }
+
+    /// Keeps the block if there is room; returns false if the caller must free it.
+    fn keep(&self, ptr: *mut u8, l: Layout) -> bool {
+        if self.cached_bytes.load(Ordering::Relaxed) + l.size() > self.max_cached_bytes {
+            return false;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some(Block {
+                    ptr: ptr as usize,
+                    size: l.size(),
+                    align: l.align(),
+                });
+                self.cached_bytes.fetch_add(l.size(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+// SAFETY: every block handed out was allocated by `System` with the rounded layout that
+// `dealloc`/`realloc` recompute from the caller's layout, and a cached block is handed out
+// at most once (it is removed from its slot under the lock).
+unsafe impl GlobalAlloc for LargeBlockCache {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match self.rounded(layout) {
+            Some(l) => self.take(l).unwrap_or_else(|| System.alloc(l)),
+            None => System.alloc(layout),
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match self.rounded(layout) {
+            Some(l) => match self.take(l) {
+                Some(p) => {
+                    std::ptr::write_bytes(p, 0, layout.size());
+                    p
+                }
+                None => System.alloc_zeroed(l),
+            },
+            None => System.alloc_zeroed(layout),
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match self.rounded(layout) {
+            Some(l) => {
+                if !self.keep(ptr, l) {
+                    System.dealloc(ptr, l)
+                }
+            }
+            None => System.dealloc(ptr, layout),
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let old = self.rounded(layout);
+        let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+        let new = self.rounded(new_layout);
+        match (old, new) {
+            // both small: the system allocator resizes in place when it can
+            (None, None) => System.realloc(ptr, layout, new_size),
+            // same rounded block: nothing to do
+            (Some(a), Some(b)) if a.size() == b.size() => ptr,
+            _ => {
+                let p = self.alloc(new_layout);
+                if !p.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                p
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_blocks_are_reused_small_ones_pass_through_and_zeroing_holds() {
+        let cache = LargeBlockCache::new(4 * MIB, 64 * MIB);
+        unsafe {
+            let l = Layout::from_size_align(5 * MIB + 3, 64).unwrap();
+            let a = cache.alloc(l);
+            assert!(!a.is_null());
+            a.write_bytes(7, l.size());
+            cache.dealloc(a, l);
+            assert_eq!(cache.cached_bytes(), 6 * MIB);
+            // same rounded size and alignment: the same block, zeroed on request
+            let l2 = Layout::from_size_align(6 * MIB - 1, 64).unwrap();
+            let b = cache.alloc_zeroed(l2);
+            assert_eq!(b, a);
+            assert_eq!(cache.hits(), 1);
+            assert!(std::slice::from_raw_parts(b, l2.size()).iter().all(|&v| v == 0));
+            // another alignment is not served from the cache
+            let l3 = Layout::from_size_align(6 * MIB, 4096).unwrap();
+            cache.dealloc(b, l2);
+            let c = cache.alloc(l3);
+            assert_eq!(cache.hits(), 1);
+            // growing through realloc keeps the contents
+            c.write_bytes(3, l3.size());
+            let d = cache.realloc(c, l3, 9 * MIB);
+            assert_eq!(*d.add(6 * MIB - 1), 3);
+            cache.dealloc(d, Layout::from_size_align(9 * MIB, 4096).unwrap());
+            // the cache never holds more than its limit
+            assert!(cache.cached_bytes() <= 64 * MIB);
+            let big = Layout::from_size_align(80 * MIB, 64).unwrap();
+            let e = cache.alloc(big);
+            cache.dealloc(e, big);
+            assert!(cache.cached_bytes() <= 64 * MIB);
+            // small allocations bypass the cache
+            let s = Layout::from_size_align(100, 8).unwrap();
+            let f = cache.alloc(s);
+            cache.dealloc(f, s);
+            assert!(cache.cached_bytes() <= 64 * MIB);
+        }
     }
 }
