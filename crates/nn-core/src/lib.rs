@@ -8,7 +8,7 @@
 //! ## Why each dependency is here
 //! - `candle-core`, `candle-nn`: tensors, autograd, the `Module`/`ModuleT` traits.
 //! - `gemm`: the matrix-multiply kernels candle itself uses, called directly by the im2col
-//!   convolution so no tensor is allocated per image.
+//!   and Winograd convolutions and the linear layer, so no tensor is allocated per image.
 //! - `rayon`: data parallelism of the CPU kernels and the loader.
 //! - `rand`, `rand_chacha`, `rand_distr`: seeded, portable random streams (candle's CPU RNG
 //!   cannot be seeded).
