@@ -11,7 +11,7 @@
 //! Backward: dbeta = sum dy, dgamma = sum dy * xhat,
 //! dx = gamma / sqrt(var + eps) / m * (m * dy - dbeta - xhat * dgamma).
 
-use crate::ops::elem::{par_fill_f32, SharedOut};
+use crate::ops::elem::{par_fill_f32, simd, SharedOut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,64 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("fused batch norm: {what} must be contiguous"),
     }
+}
+
+/// Lanes of the partial sums below: one AVX2 vector of f32.
+const LANES: usize = 8;
+
+/// Adds 8 lanes pairwise (the same order on every call, so results are reproducible).
+#[inline(always)]
+fn reduce_lanes(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `sum x` of one `(image, channel)` block in 8 f32 lanes (a vector add per 8 values instead
+/// of a serial f64 chain); the caller adds the blocks in f64.
+#[inline(always)]
+fn block_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    reduce_lanes(acc) + tail
+}
+
+/// `sum (x - mean)^2` of one block, as [`block_sum`].
+#[inline(always)]
+fn block_sq_dev(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] - mean;
+            acc[l] += d * d;
+        }
+    }
+    reduce_lanes(acc) + tail
+}
+
+/// `(sum g, sum g (x - mean))` of one block, as [`block_sum`].
+#[inline(always)]
+fn block_grad_sums(x: &[f32], g: &[f32], mean: f32) -> (f32, f32) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let (xc, gc) = (x.chunks_exact(LANES), g.chunks_exact(LANES));
+    let (mut ta, mut tb) = (0f32, 0f32);
+    for (&xi, &gi) in xc.remainder().iter().zip(gc.remainder()) {
+        ta += gi;
+        tb += gi * (xi - mean);
+    }
+    for (xv, gv) in xc.zip(gc) {
+        for l in 0..LANES {
+            a[l] += gv[l];
+            b[l] += gv[l] * (xv[l] - mean);
+        }
+    }
+    (reduce_lanes(a) + ta, reduce_lanes(b) + tb)
 }
 
 /// (n, c, inner) of an `[N, C, ...]` shape.
@@ -74,30 +132,30 @@ impl CustomOp3 for FusedBatchNorm {
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let mut sum = 0f64;
-                for b in 0..n {
-                    let s = &x[(b * c + ch) * inner..][..inner];
-                    sum += s.iter().map(|&v| v as f64).sum::<f64>();
-                }
-                let mean = (sum / m as f64) as f32;
-                let mut sq = 0f64;
-                for b in 0..n {
-                    let s = &x[(b * c + ch) * inner..][..inner];
-                    sq += s.iter().map(|&v| ((v - mean) * (v - mean)) as f64).sum::<f64>();
-                }
-                let var = (sq / m as f64) as f32;
-                let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
-                let (scale, shift) = (gamma[ch] * inv, beta[ch] - gamma[ch] * inv * mean);
-                let yp = &yp;
-                for b in 0..n {
-                    let off = (b * c + ch) * inner;
-                    // SAFETY: each (b, ch) block is written by exactly one task.
-                    let out = unsafe { yp.range(off, inner) };
-                    for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
-                        o.write(v * scale + shift);
+                simd(|| {
+                    let mut sum = 0f64;
+                    for b in 0..n {
+                        sum += block_sum(&x[(b * c + ch) * inner..][..inner]) as f64;
                     }
-                }
-                (mean, var)
+                    let mean = (sum / m as f64) as f32;
+                    let mut sq = 0f64;
+                    for b in 0..n {
+                        sq += block_sq_dev(&x[(b * c + ch) * inner..][..inner], mean) as f64;
+                    }
+                    let var = (sq / m as f64) as f32;
+                    let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
+                    let (scale, shift) = (gamma[ch] * inv, beta[ch] - gamma[ch] * inv * mean);
+                    let yp = &yp;
+                    for b in 0..n {
+                        let off = (b * c + ch) * inner;
+                        // SAFETY: each (b, ch) block is written by exactly one task.
+                        let out = unsafe { yp.range(off, inner) };
+                        for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
+                            o.write(v * scale + shift);
+                        }
+                    }
+                    (mean, var)
+                })
             })
             .collect();
         // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.
@@ -135,34 +193,31 @@ impl CustomOp3 for FusedBatchNorm {
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let mean = st.mean[ch];
-                let inv = 1.0 / (st.var[ch] as f64 + self.eps).sqrt() as f32;
-                let (mut sdy, mut sdyx) = (0f64, 0f64);
-                for b in 0..n {
-                    let off = (b * c + ch) * inner;
-                    let (xb, gb) = (&xv[off..off + inner], &gv[off..off + inner]);
-                    let (mut a, mut bb) = (0f32, 0f32);
-                    for (&xi, &gi) in xb.iter().zip(gb) {
-                        a += gi;
-                        bb += gi * (xi - mean);
+                simd(|| {
+                    let mean = st.mean[ch];
+                    let inv = 1.0 / (st.var[ch] as f64 + self.eps).sqrt() as f32;
+                    let (mut sdy, mut sdyx) = (0f64, 0f64);
+                    for b in 0..n {
+                        let off = (b * c + ch) * inner;
+                        let (a, bb) = block_grad_sums(&xv[off..off + inner], &gv[off..off + inner], mean);
+                        sdy += a as f64;
+                        sdyx += bb as f64;
                     }
-                    sdy += a as f64;
-                    sdyx += bb as f64;
-                }
-                let dbeta = sdy as f32;
-                let dgamma = sdyx as f32 * inv;
-                let k = wv[ch] * inv / m;
-                let dxp = &dxp;
-                for b in 0..n {
-                    let off = (b * c + ch) * inner;
-                    // SAFETY: each (b, ch) block is written by exactly one task.
-                    let out = unsafe { dxp.range(off, inner) };
-                    for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
-                        let xhat = (xi - mean) * inv;
-                        o.write(k * (m * gi - dbeta - xhat * dgamma));
+                    let dbeta = sdy as f32;
+                    let dgamma = sdyx as f32 * inv;
+                    let k = wv[ch] * inv / m;
+                    let dxp = &dxp;
+                    for b in 0..n {
+                        let off = (b * c + ch) * inner;
+                        // SAFETY: each (b, ch) block is written by exactly one task.
+                        let out = unsafe { dxp.range(off, inner) };
+                        for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
+                            let xhat = (xi - mean) * inv;
+                            o.write(k * (m * gi - dbeta - xhat * dgamma));
+                        }
                     }
-                }
-                (dgamma, dbeta)
+                    (dgamma, dbeta)
+                })
             })
             .collect();
         // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.
