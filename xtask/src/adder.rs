@@ -91,6 +91,16 @@ pub const PRESETS: &[Preset] = &[
         lr: 0.1,
         weight_decay: 1e-4,
     },
+    Preset {
+        name: "imagenet-resnet50",
+        about: "ResNet-50 on ImageNet, 150 epochs, batch 256, lr 0.1 cosine, wd 1e-4 (AdderNet ImageNet protocol; not runnable on this machine)",
+        model: "resnet50",
+        dataset: "imagenet",
+        epochs: 150,
+        batch_size: 256,
+        lr: 0.1,
+        weight_decay: 1e-4,
+    },
 ];
 
 /// Options of `cargo xtask adder train`.

@@ -120,13 +120,24 @@ impl Default for PkkdConfig {
     }
 }
 
-/// The last body layer of every stage: `layer{s}.{n-1}.conv2` for ResNets, `conv2` for LeNet.
+/// The last body layer of every stage: `layer{s}.{n-1}.conv2` for basic-block ResNets,
+/// `layer{s}.{n-1}.conv3` for the bottleneck ResNet-50/101/152, `conv2` for LeNet.
 pub fn default_layers(model: &str) -> Result<Vec<String>> {
     let stage = |stages: usize, blocks: usize| (1..=stages).map(|s| format!("layer{s}.{}.conv2", blocks - 1)).collect();
+    let bottleneck = |blocks: [usize; 4]| {
+        blocks
+            .iter()
+            .enumerate()
+            .map(|(s, n)| format!("layer{}.{}.conv3", s + 1, n - 1))
+            .collect()
+    };
     Ok(match model {
         m if m.starts_with("lenet5") => vec!["conv2".into()],
         "resnet18" | "resnet18-cifar" => stage(4, 2),
         "resnet34" => stage(4, 3),
+        "resnet50" => bottleneck([3, 4, 6, 3]),
+        "resnet101" => bottleneck([3, 4, 23, 3]),
+        "resnet152" => bottleneck([3, 8, 36, 3]),
         m if m.starts_with("resnet") => {
             let depth: usize = m[6..]
                 .trim_end_matches("-b")

@@ -251,6 +251,31 @@ fn every_parameter_of_the_pkkd_pair_gets_a_finite_gradient() {
 }
 
 #[test]
+fn pkkd_default_layers_exist_in_basic_and_bottleneck_resnets() {
+    use adder_nets::pkkd::default_layers;
+    assert_eq!(
+        default_layers("resnet20").unwrap(),
+        ["layer1.2.conv2", "layer2.2.conv2", "layer3.2.conv2"]
+    );
+    assert_eq!(
+        default_layers("resnet50").unwrap(),
+        ["layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3"]
+    );
+    // the pair builds (it rejects layer names that the model does not have, see below)
+    for model in ["resnet18", "resnet50"] {
+        let vs = VarStore::new(0, &Device::Cpu);
+        PkkdPair::new(
+            &vs.root(),
+            model,
+            &ModelConfig::new(3, 10, 64),
+            PkkdConfig::default(),
+            AdderConfig::default(),
+        )
+        .unwrap_or_else(|e| panic!("{model}: {e}"));
+    }
+}
+
+#[test]
 fn pkkd_rejects_unknown_layers() {
     let vs = VarStore::new(0, &Device::Cpu);
     let cfg = PkkdConfig {
