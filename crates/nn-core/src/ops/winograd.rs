@@ -488,38 +488,50 @@ mod tests {
         y
     }
 
+    /// `(n, cin, cout, h, w, pad)`: odd outputs, padding 0/1/2, channel counts that are not
+    /// multiples of 8, one block and many blocks.
+    const CASES: [(usize, usize, usize, usize, usize, usize); 5] = [
+        (2, 8, 9, 8, 8, 1),
+        (3, 9, 8, 7, 5, 1),
+        (1, 8, 8, 5, 6, 0),
+        (2, 10, 12, 4, 9, 2),
+        (40, 8, 8, 6, 6, 1),
+    ];
+
+    /// Geometry of a case and a seeded stream of values in [-0.5, 0.5).
+    fn case(c: (usize, usize, usize, usize, usize, usize), seed: u64) -> (ConvGeom, impl FnMut() -> f64) {
+        let (n, cin, cout, h, w, p) = c;
+        let o = Conv2dOpts {
+            padding: (p, p),
+            ..Default::default()
+        };
+        let g = ConvGeom::new(&[n, cin, h, w], &[cout, cin, 3, 3], &o).unwrap();
+        let mut s = seed;
+        let rnd = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+        };
+        (g, rnd)
+    }
+
+    fn max_err(a: &[f64], b: impl IntoIterator<Item = f64>) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
     #[test]
     fn equals_direct_convolution_on_odd_and_even_shapes() {
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f64 / (1u64 << 31) as f64) - 0.5
-        };
-        // (n, cin, cout, h, w, pad): odd outputs, padding 0/1/2, one block and many blocks
-        for (n, cin, cout, h, w, p) in [
-            (2, 8, 9, 8, 8, 1),
-            (3, 9, 8, 7, 5, 1),
-            (1, 8, 8, 5, 6, 0),
-            (2, 10, 12, 4, 9, 2),
-            (40, 8, 8, 6, 6, 1),
-        ] {
-            let o = Conv2dOpts {
-                padding: (p, p),
-                ..Default::default()
-            };
-            let g = ConvGeom::new(&[n, cin, h, w], &[cout, cin, 3, 3], &o).unwrap();
+        for c in CASES {
+            let (g, mut rnd) = case(c, 7);
             assert!(applies(&g));
-            let x: Vec<f64> = (0..n * cin * h * w).map(|_| rnd()).collect();
-            let wt: Vec<f64> = (0..cout * cin * 9).map(|_| rnd()).collect();
+            let x: Vec<f64> = (0..g.n * g.cin * g.hw()).map(|_| rnd()).collect();
+            let wt: Vec<f64> = (0..g.cout * g.cin * 9).map(|_| rnd()).collect();
             let want = direct(&g, &x, &wt);
-            let got = conv_fwd(&g, &x, &wt);
-            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            assert!(err < 1e-12, "{n} {cin} {cout} {h} {w} {p}: max error {err}");
+            let err = max_err(&want, conv_fwd(&g, &x, &wt));
+            assert!(err < 1e-12, "{c:?}: max error {err}");
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             let w32: Vec<f32> = wt.iter().map(|&v| v as f32).collect();
-            let got32 = conv_fwd(&g, &x32, &w32);
-            let err = want.iter().zip(&got32).map(|(a, &b)| (a - b as f64).abs()).fold(0.0, f64::max);
-            assert!(err < 1e-5, "f32 {n} {cin} {cout} {h} {w} {p}: max error {err}");
+            let err = max_err(&want, conv_fwd(&g, &x32, &w32).into_iter().map(f64::from));
+            assert!(err < 1e-5, "f32 {c:?}: max error {err}");
         }
     }
 
@@ -552,29 +564,12 @@ mod tests {
 
     #[test]
     fn weight_gradient_equals_direct_sum_on_odd_and_even_shapes() {
-        let mut seed = 11u64;
-        let mut rnd = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 33) as f64 / (1u64 << 31) as f64) - 0.5
-        };
-        for (n, cin, cout, h, w, p) in [
-            (2, 8, 9, 8, 8, 1),
-            (3, 9, 8, 7, 5, 1),
-            (1, 8, 8, 5, 6, 0),
-            (2, 10, 12, 4, 9, 2),
-            (40, 8, 8, 6, 6, 1),
-        ] {
-            let o = Conv2dOpts {
-                padding: (p, p),
-                ..Default::default()
-            };
-            let g = ConvGeom::new(&[n, cin, h, w], &[cout, cin, 3, 3], &o).unwrap();
-            let x: Vec<f64> = (0..n * cin * h * w).map(|_| rnd()).collect();
-            let gy: Vec<f64> = (0..n * cout * g.ohw()).map(|_| rnd()).collect();
-            let want = direct_weight_grad(&g, &x, &gy);
-            let got = conv_bwd_weight(&g, &x, &gy);
-            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            assert!(err < 1e-11, "{n} {cin} {cout} {h} {w} {p}: max error {err}");
+        for c in CASES {
+            let (g, mut rnd) = case(c, 11);
+            let x: Vec<f64> = (0..g.n * g.cin * g.hw()).map(|_| rnd()).collect();
+            let gy: Vec<f64> = (0..g.n * g.cout * g.ohw()).map(|_| rnd()).collect();
+            let err = max_err(&direct_weight_grad(&g, &x, &gy), conv_bwd_weight(&g, &x, &gy));
+            assert!(err < 1e-11, "{c:?}: max error {err}");
         }
     }
 
