@@ -224,6 +224,11 @@ pub struct ExpBArgs {
     /// Prefix of the run directories (<runs-dir>/<prefix>-<dataset>-{ste,finetune,lns}-s<seed>).
     #[arg(long, default_value = "bnn-exp-b")]
     pub prefix: String,
+    /// Prefix of the STE base runs (<runs-dir>/<base-prefix>-<dataset>-ste-s<seed>; default:
+    /// --prefix). Experiment A's STE runs can serve: `--base-prefix bnn-exp-a-e6` with the same
+    /// budget reuses them instead of training the bases again (a finished base is never retrained).
+    #[arg(long)]
+    pub base_prefix: Option<String>,
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
     #[command(flatten)]
@@ -620,7 +625,8 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
     let mut complete = true;
     for &seed in &a.seeds {
         let run = |tag: &str| a.runs_dir.join(format!("{}-{}-{tag}-s{seed}", a.prefix, c.dataset));
-        let base = run("ste");
+        let base_prefix = a.base_prefix.as_deref().unwrap_or(&a.prefix);
+        let base = a.runs_dir.join(format!("{base_prefix}-{}-ste-s{seed}", c.dataset));
         let mut vs = vec![grid_run(&pre, seed, &base, |common| {
             train(TrainArgs {
                 model: a.model.clone(),
@@ -647,10 +653,12 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
         }
     }
     let mut t = format!(
-        "## Experiment B: LNS on binary {}, {}\n\nPer seed: an STE binary network trained for {} epochs, then fine-tuned from it for {} epochs (batch {}, {} lr {} cosine, weight decay {}{}) without LNS (`finetune`) and with LNS (rho {}, lambda {}); seeds {:?}. Mean +- sample std of the final test top-1.\n\n| run | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
+        "## Experiment B: LNS on binary {}, {}\n\nPer seed: an STE binary network trained for {} epochs (run `{}-{}-ste-s<seed>`), then fine-tuned from it for {} epochs (batch {}, {} lr {} cosine, weight decay {}{}) without LNS (`finetune`) and with LNS (rho {}, lambda {}); seeds {:?}. Mean +- sample std of the final test top-1.\n\n| run | test top-1 % (mean +- std) | per seed | mean wall s |\n|---|---|---|---|\n",
         a.model,
         c.dataset,
         pre.epochs,
+        a.base_prefix.as_deref().unwrap_or(&a.prefix),
+        c.dataset,
         c.epochs,
         c.batch_size,
         if c.adamw { "AdamW" } else { "SGD Nesterov" },
@@ -962,6 +970,19 @@ mod tests {
             let p = dir.join(format!("bnn-exp-b-mnist-{tag}-s0/summary.json"));
             let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
             assert_eq!(v["completed"].as_bool(), Some(false), "{tag}");
+        }
+        // fine-tuning from another experiment's STE runs: no base of its own
+        let BnnCommand::ExpB(a) = smoke(
+            "exp-b",
+            &dir,
+            &["--model", "lenet5-bn", "--prefix", "other", "--base-prefix", "bnn-exp-b"],
+        ) else {
+            panic!("not exp-b")
+        };
+        exp_b(a).unwrap();
+        assert!(!dir.join("other-mnist-ste-s0").exists());
+        for tag in ["finetune", "lns"] {
+            assert!(dir.join(format!("other-mnist-{tag}-s0/summary.json")).exists(), "{tag}");
         }
         assert!(parse(&["exp-b", "--rho", "x"]).is_err());
     }
