@@ -53,29 +53,45 @@ struct Block {
 /// back to the next allocation with the same rounded size and alignment: a training or
 /// inference loop allocates the same large activations on every step, so after the first
 /// step they no longer cost page faults. Smaller allocations go straight to [`System`].
+/// When the slots are full the oldest cached block is freed to make room (sizes that stop
+/// recurring do not pin the cache), and when the system allocator fails, the cache is
+/// emptied and the allocation tried once more.
 ///
 /// ```no_run
 /// #[global_allocator]
-/// static ALLOC: nn_core::alloc::LargeBlockCache = nn_core::alloc::LargeBlockCache::new(16 << 20, 2 << 30);
+/// static ALLOC: nn_core::alloc::LargeBlockCache = nn_core::alloc::LargeBlockCache::new(32 << 20, 1 << 30);
 /// ```
 pub struct LargeBlockCache {
     min_bytes: usize,
     max_cached_bytes: usize,
-    cached_bytes: AtomicUsize,
-    slots: Mutex<[Option<Block>; CACHE_SLOTS]>,
+    cache: Mutex<Slots>,
     hits: AtomicUsize,
+}
+
+/// The cached blocks, oldest first, and their total size (guarded by the cache's mutex).
+struct Slots {
+    blocks: [Option<Block>; CACHE_SLOTS],
+    /// Insertion counter of every slot, to find the oldest.
+    ages: [u64; CACHE_SLOTS],
+    clock: u64,
+    bytes: usize,
 }
 
 const MIB: usize = 1 << 20;
 
 impl LargeBlockCache {
-    /// A cache for blocks of at least `min_bytes`, holding at most `max_cached_bytes`.
+    /// A cache for blocks of at least `min_bytes` (keep it well above the few bytes a lazily
+    /// allocated mutex could need on other platforms), holding at most `max_cached_bytes`.
     pub const fn new(min_bytes: usize, max_cached_bytes: usize) -> Self {
         Self {
             min_bytes,
             max_cached_bytes,
-            cached_bytes: AtomicUsize::new(0),
-            slots: Mutex::new([None; CACHE_SLOTS]),
+            cache: Mutex::new(Slots {
+                blocks: [None; CACHE_SLOTS],
+                ages: [0; CACHE_SLOTS],
+                clock: 0,
+                bytes: 0,
+            }),
             hits: AtomicUsize::new(0),
         }
     }
@@ -87,7 +103,11 @@ impl LargeBlockCache {
 
     /// Bytes currently held in the cache.
     pub fn cached_bytes(&self) -> usize {
-        self.cached_bytes.load(Ordering::Relaxed)
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn rounded(&self, layout: Layout) -> Option<Layout> {
@@ -98,34 +118,80 @@ impl LargeBlockCache {
     }
 
     fn take(&self, l: Layout) -> Option<*mut u8> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = slots
-            .iter_mut()
-            .find(|s| s.is_some_and(|b| b.size == l.size() && b.align == l.align()))?;
-        let b = slot.take()?;
-        self.cached_bytes.fetch_sub(b.size, Ordering::Relaxed);
+        let mut c = self.lock();
+        let i = c
+            .blocks
+            .iter()
+            .position(|s| s.is_some_and(|b| b.size == l.size() && b.align == l.align()))?;
+        let b = c.blocks[i].take()?;
+        c.bytes -= b.size;
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(b.ptr as *mut u8)
     }
 
-    /// Keeps the block if there is room; returns false if the caller must free it.
-    fn keep(&self, ptr: *mut u8, l: Layout) -> bool {
-        if self.cached_bytes.load(Ordering::Relaxed) + l.size() > self.max_cached_bytes {
-            return false;
-        }
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match slots.iter_mut().find(|s| s.is_none()) {
-            Some(slot) => {
-                *slot = Some(Block {
-                    ptr: ptr as usize,
-                    size: l.size(),
-                    align: l.align(),
-                });
-                self.cached_bytes.fetch_add(l.size(), Ordering::Relaxed);
-                true
+    /// Caches the block if it fits under the byte limit (freeing the oldest cached block when
+    /// every slot is taken); returns false if the caller must free it.
+    ///
+    /// # Safety
+    /// `ptr` must have been allocated by `System` with layout `l` and not be used afterwards.
+    unsafe fn keep(&self, ptr: *mut u8, l: Layout) -> bool {
+        let evicted = {
+            let mut c = self.lock();
+            if l.size() > self.max_cached_bytes {
+                return false;
             }
-            None => false,
+            // (a fixed array: nothing is allocated while the lock is held)
+            let mut evicted = [None; CACHE_SLOTS];
+            let mut n_evicted = 0;
+            // make room under the byte limit and in the slots, oldest first
+            while c.bytes + l.size() > self.max_cached_bytes || c.blocks.iter().all(|s| s.is_some()) {
+                let Some(i) = (0..CACHE_SLOTS).filter(|&i| c.blocks[i].is_some()).min_by_key(|&i| c.ages[i]) else {
+                    break;
+                };
+                let b = c.blocks[i].take().expect("an occupied slot");
+                c.bytes -= b.size;
+                evicted[n_evicted] = Some(b);
+                n_evicted += 1;
+            }
+            let i = c.blocks.iter().position(|s| s.is_none()).expect("a free slot after eviction");
+            c.clock += 1;
+            let clock = c.clock;
+            c.blocks[i] = Some(Block {
+                ptr: ptr as usize,
+                size: l.size(),
+                align: l.align(),
+            });
+            c.ages[i] = clock;
+            c.bytes += l.size();
+            evicted
+        };
+        // freed outside the lock
+        for b in evicted.into_iter().flatten() {
+            System.dealloc(b.ptr as *mut u8, Layout::from_size_align_unchecked(b.size, b.align));
         }
+        true
+    }
+
+    /// Frees every cached block (used before retrying a failed allocation).
+    unsafe fn flush(&self) {
+        let blocks = {
+            let mut c = self.lock();
+            c.bytes = 0;
+            std::mem::replace(&mut c.blocks, [None; CACHE_SLOTS])
+        };
+        for b in blocks.into_iter().flatten() {
+            System.dealloc(b.ptr as *mut u8, Layout::from_size_align_unchecked(b.size, b.align));
+        }
+    }
+
+    /// `f()`, and if it returns null, `f()` again after emptying the cache.
+    unsafe fn or_retry(&self, f: impl Fn() -> *mut u8) -> *mut u8 {
+        let p = f();
+        if p.is_null() && self.cached_bytes() > 0 {
+            self.flush();
+            return f();
+        }
+        p
     }
 }
 
@@ -135,7 +201,10 @@ impl LargeBlockCache {
 unsafe impl GlobalAlloc for LargeBlockCache {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match self.rounded(layout) {
-            Some(l) => self.take(l).unwrap_or_else(|| System.alloc(l)),
+            Some(l) => match self.take(l) {
+                Some(p) => p,
+                None => self.or_retry(|| System.alloc(l)),
+            },
             None => System.alloc(layout),
         }
     }
@@ -147,7 +216,7 @@ unsafe impl GlobalAlloc for LargeBlockCache {
                     std::ptr::write_bytes(p, 0, layout.size());
                     p
                 }
-                None => System.alloc_zeroed(l),
+                None => self.or_retry(|| System.alloc_zeroed(l)),
             },
             None => System.alloc_zeroed(layout),
         }
@@ -173,6 +242,8 @@ unsafe impl GlobalAlloc for LargeBlockCache {
             (None, None) => System.realloc(ptr, layout, new_size),
             // same rounded block: nothing to do
             (Some(a), Some(b)) if a.size() == b.size() => ptr,
+            // both large: glibc can move the mapping (mremap) instead of copying
+            (Some(a), Some(b)) => self.or_retry(|| System.realloc(ptr, a, b.size())),
             _ => {
                 let p = self.alloc(new_layout);
                 if !p.is_null() {
@@ -226,6 +297,22 @@ mod tests {
             let f = cache.alloc(s);
             cache.dealloc(f, s);
             assert!(cache.cached_bytes() <= 64 * MIB);
+            // one-off sizes do not pin the cache: with every slot taken the oldest goes
+            let sizes: Vec<Layout> = (0..CACHE_SLOTS + 4)
+                .map(|i| Layout::from_size_align((4 + i % 3) * MIB, 64).unwrap())
+                .collect();
+            let ptrs: Vec<*mut u8> = sizes.iter().map(|&l| cache.alloc(l)).collect();
+            for (&p, &l) in ptrs.iter().zip(&sizes) {
+                cache.dealloc(p, l);
+            }
+            assert!(cache.cached_bytes() <= 64 * MIB);
+            let last = Layout::from_size_align(4 * MIB, 64).unwrap();
+            let hits = cache.hits();
+            let g = cache.alloc(last);
+            assert_eq!(cache.hits(), hits + 1, "the newest blocks stay cached");
+            cache.dealloc(g, last);
+            cache.flush();
+            assert_eq!(cache.cached_bytes(), 0);
         }
     }
 }

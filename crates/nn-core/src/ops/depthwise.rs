@@ -351,6 +351,11 @@ pub(crate) fn fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Depthwise input gradient, parallel over input planes.
 pub(crate) fn bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
+    if g.hw() == 0 {
+        // an empty input (possible with padding alone covering the kernel) has no gradient
+        // to write; chunking the empty buffer by zero-sized planes would panic
+        return Vec::new();
+    }
     if g.sh == 1 && g.sw == 1 && g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw {
         return bwd_input_s1(g, gout, w);
     }
