@@ -11,13 +11,15 @@
 //! `Q(W) + a(t) e(W)` and `Q(x) + a(t) e(x)` replace `Q(W)` and `Q(x)` (FDA, Sec. 3.2), where
 //! `a(t)` decays from `noise_max` to 0 by a cosine over training.
 
+use crate::fastmath;
 use crate::quantizer::Quantizer;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::ModuleT;
 use nn_core::init::Init;
 use nn_core::layers::{Conv2dConfig, Linear};
 use nn_core::summary::{self, LayerStat};
 use nn_core::var_store::{ParamKind, VarPath};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -144,7 +146,7 @@ impl NoiseAdaptation {
     /// `e(t)` for `t: [..., d]`.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
         let h = nn_core::ops::activation::relu(&self.fc1.forward_t(t, true)?)?;
-        self.fc2.forward_t(&h, true)? + (t.sin()? * 0.1)?
+        self.fc2.forward_t(&h, true)? + scaled_sin(t, 0.1)?
     }
 
     /// `e` applied per position over the channels of an NCHW (or `[N, C]`) tensor.
@@ -154,6 +156,82 @@ impl NoiseAdaptation {
         } else {
             self.forward(x)
         }
+    }
+}
+
+/// `scale * sin(t)`: a CPU custom op for `f32`/`f64` (vectorised polynomial `sin`, backward
+/// `grad * scale * cos(t)` in one pass), tensor ops elsewhere.
+pub fn scaled_sin(t: &Tensor, scale: f64) -> Result<Tensor> {
+    if t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) {
+        t.contiguous()?.apply_op1(ScaledSin(scale))
+    } else {
+        t.sin()? * scale
+    }
+}
+
+struct ScaledSin(f64);
+
+/// `scale * sin(x)` (`grad = None`) or `grad * scale * cos(x)` over contiguous storages.
+fn scaled_sin_cpu(x: (&CpuStorage, &Layout), grad: Option<(&CpuStorage, &Layout)>, scale: f64) -> Result<CpuStorage> {
+    fn run<T: Copy + Send + Sync + Default>(x: &[T], g: Option<&[T]>, f: impl Fn(&[T], Option<&[T]>, &mut [T]) + Sync) -> Vec<T> {
+        const CHUNK: usize = 1 << 14;
+        let mut y = vec![T::default(); x.len()];
+        y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            let r = i * CHUNK..i * CHUNK + o.len();
+            f(&x[r.clone()], g.map(|g| &g[r]), o)
+        });
+        y
+    }
+    fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("scaled sin: contiguous tensors expected".into()))?;
+        Ok(&v[a..b])
+    }
+    let (xs, xl) = x;
+    Ok(match (xs, grad) {
+        (CpuStorage::F32(x), None) => CpuStorage::F32(run(slice(x, xl)?, None, |x, g, o| fastmath::scaled_sin_f32(x, g, o, scale))),
+        (CpuStorage::F32(x), Some((CpuStorage::F32(g), gl))) => CpuStorage::F32(run(slice(x, xl)?, Some(slice(g, gl)?), |x, g, o| {
+            fastmath::scaled_sin_f32(x, g, o, scale)
+        })),
+        (CpuStorage::F64(x), None) => CpuStorage::F64(run(slice(x, xl)?, None, |x, g, o| fastmath::scaled_sin_f64(x, g, o, scale))),
+        (CpuStorage::F64(x), Some((CpuStorage::F64(g), gl))) => CpuStorage::F64(run(slice(x, xl)?, Some(slice(g, gl)?), |x, g, o| {
+            fastmath::scaled_sin_f64(x, g, o, scale)
+        })),
+        _ => candle_core::bail!("scaled sin: matching f32 or f64 tensors expected"),
+    })
+}
+
+impl CustomOp1 for ScaledSin {
+    fn name(&self) -> &'static str {
+        "bnn-scaled-sin"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((scaled_sin_cpu((s, l), None, self.0)?, l.shape().clone()))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if arg.device().is_cpu() && arg.dtype() == grad.dtype() {
+            Ok(Some(
+                arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ScaledSinGrad(self.0))?,
+            ))
+        } else {
+            Ok(Some((grad.mul(&arg.detach().cos()?)? * self.0)?))
+        }
+    }
+}
+
+/// `grad * scale * cos(x)`, the backward of [`ScaledSin`].
+struct ScaledSinGrad(f64);
+
+impl CustomOp2 for ScaledSinGrad {
+    fn name(&self) -> &'static str {
+        "bnn-scaled-sin-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("scaled sin backward: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        Ok((scaled_sin_cpu((s1, l1), Some((s2, l2)), self.0)?, l1.shape().clone()))
     }
 }
 
@@ -530,6 +608,35 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use nn_core::VarStore;
+
+    #[test]
+    fn scaled_sin_op_matches_tensor_ops_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let xs: Vec<f64> = (-400..400).map(|i| i as f64 * 0.173 + 0.01).collect();
+        let x = Var::from_tensor(&Tensor::new(xs.as_slice(), &dev)?.reshape((20, 40))?)?;
+        // a non-contiguous input and a non-uniform upstream gradient
+        let xt = x.as_tensor().t()?;
+        let w = Tensor::arange(0f64, 800.0, &dev)?.reshape((40, 20))?.affine(0.01, -3.0)?;
+        let y = scaled_sin(&xt, 0.1)?;
+        let g = y.mul(&w)?.sum_all()?.backward()?;
+        let got = g.get(x.as_tensor()).unwrap().t()?;
+        let want_y = (xt.sin()? * 0.1)?;
+        let want_g = (xt.cos()? * 0.1)?.mul(&w)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> { (a - b)?.abs()?.max_all()?.to_scalar::<f64>() };
+        assert!(max_diff(&y, &want_y)? < 1e-13);
+        assert!(max_diff(&got, &want_g)? < 1e-13);
+        // central differences of the op itself
+        let h = 1e-6;
+        let yp = scaled_sin(&(&xt + h)?, 0.1)?;
+        let ym = scaled_sin(&(&xt - h)?, 0.1)?;
+        let fd = ((yp - ym)? / (2.0 * h))?.mul(&w)?;
+        assert!(max_diff(&fd, &got)? < 1e-7);
+        // f32 goes through the same kernel
+        let x32 = xt.to_dtype(DType::F32)?;
+        let y32 = scaled_sin(&x32, 0.1)?.to_dtype(DType::F64)?;
+        assert!(max_diff(&y32, &(x32.to_dtype(DType::F64)?.sin()? * 0.1)?)? < 1e-8);
+        Ok(())
+    }
 
     #[test]
     fn schedule_follows_the_reimplementation() {

@@ -34,6 +34,7 @@ pub mod binary;
 pub mod counts;
 pub mod deploy;
 pub mod factory;
+mod fastmath;
 pub mod lns;
 pub mod quantizer;
 pub mod schedule;

@@ -34,8 +34,10 @@
 //!
 //! # Implementation
 //! On CPU (`f32`/`f64`) the forward is a candle [`CustomOp1`] and the backward a [`CustomOp2`]
-//! kernel (one pass, rayon-parallel; FDA's cosine sum uses the Chebyshev recurrence
-//! `cos((2k+3)t) = 2 cos(2t) cos((2k+1)t) - cos((2k-1)t)`, one `cos` per element). On other
+//! kernel (one pass, rayon-parallel). FDA's cosine sum there is the closed form
+//! `sum_{k=0..n} cos((2k+1)t) = sin(2(n+1)t) / (2 sin t)` with a branch-free polynomial `sin`
+//! that vectorises ([`crate::fastmath`]); the scalar [`Quantizer::grad`] uses the Chebyshev
+//! recurrence `cos((2k+3)t) = 2 cos(2t) cos((2k+1)t) - cos((2k-1)t)`. On other
 //! devices [`Quantizer::apply_generic`] builds the same value and gradient from tensor ops:
 //! `sign(x).detach() + s(x) - s(x).detach()` with `s` the surrogate whose derivative is the
 //! backward above.
@@ -44,6 +46,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
+
+use crate::fastmath;
 
 const CHUNK: usize = 1 << 14;
 
@@ -122,7 +126,7 @@ impl Quantizer {
             }
             Quantizer::Fda { omega, n } => {
                 if x.abs() <= 1.0 {
-                    4.0 * omega / PI * cos_odd_sum(omega * x, n)
+                    4.0 * omega / PI * fastmath::cos_odd_sum_recurrence(omega * x, n)
                 } else {
                     0.0
                 }
@@ -199,23 +203,6 @@ pub fn fda_series_derivative(x: f64, omega: f64, n: usize) -> f64 {
     (0..=n).map(|i| (((2 * i + 1) as f64) * omega * x).cos()).sum::<f64>() * 4.0 * omega / PI
 }
 
-/// `sum_{k=0..n} cos((2k+1) t)` by the Chebyshev recurrence (one `cos` call: `cos 2t` is
-/// `2 cos^2 t - 1`).
-#[inline]
-fn cos_odd_sum(t: f64, n: usize) -> f64 {
-    let c1 = t.cos();
-    let c2 = 2.0 * (2.0 * c1 * c1 - 1.0);
-    let (mut prev, mut cur) = (c1, c1); // cos(-t), cos(t)
-    let mut sum = cur;
-    for _ in 0..n {
-        let next = c2 * cur - prev;
-        sum += next;
-        prev = cur;
-        cur = next;
-    }
-    sum
-}
-
 struct SignOp(Quantizer);
 
 impl CustomOp1 for SignOp {
@@ -266,6 +253,18 @@ impl CustomOp2 for SurrogateGrad {
         let (a1, b1) = l1.contiguous_offsets().ok_or_else(msg)?;
         let (a2, b2) = l2.contiguous_offsets().ok_or_else(msg)?;
         let q = self.0;
+        if let Quantizer::Fda { omega, n } = q {
+            let out = match (s1, s2) {
+                (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(chunked_par(&x[a1..b1], &g[a2..b2], |x, g, o| {
+                    fastmath::fda_grad_f32(x, g, o, omega, n)
+                })),
+                (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(chunked_par(&x[a1..b1], &g[a2..b2], |x, g, o| {
+                    fastmath::fda_grad_f64(x, g, o, omega, n)
+                })),
+                _ => candle_core::bail!("bnn sign backward: matching f32 or f64 tensors expected"),
+            };
+            return Ok((out, l1.shape().clone()));
+        }
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(grad_par(&x[a1..b1], &g[a2..b2], |x| q.grad(x as f64) as f32)),
             (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(grad_par(&x[a1..b1], &g[a2..b2], |x| q.grad(x))),
@@ -284,6 +283,15 @@ fn grad_par<T: Copy + Send + Sync + Default + std::ops::Mul<Output = T>>(x: &[T]
                 *o = g * d(x);
             }
         });
+    y
+}
+
+/// `f(x_chunk, g_chunk, out_chunk)` over matching chunks, rayon-parallel.
+fn chunked_par<T: Copy + Send + Sync + Default>(x: &[T], g: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync) -> Vec<T> {
+    let mut y = vec![T::default(); x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (x, g))| f(x, g, o));
     y
 }
 
