@@ -145,17 +145,32 @@ impl NoiseAdaptation {
 
     /// `e(t)` for `t: [..., d]`.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        self.fc_path(t)? + scaled_sin(t, 0.1)?
+    }
+
+    /// The learned part `FC2(ReLU(FC1(t)))` for `t: [..., d]`.
+    pub fn fc_path(&self, t: &Tensor) -> Result<Tensor> {
         let h = nn_core::ops::activation::relu(&self.fc1.forward_t(t, true)?)?;
-        self.fc2.forward_t(&h, true)? + scaled_sin(t, 0.1)?
+        self.fc2.forward_t(&h, true)
+    }
+
+    /// The learned part applied per position over the channels of an NCHW (or `[N, C]`)
+    /// tensor: on NCHW the FCs are 1x1 convolutions (no transposes to channels-last).
+    pub fn fc_path_channels(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 4 {
+            return self.fc_path(x);
+        }
+        let (d, h) = (self.fc1.in_features(), self.hidden);
+        let conv = nn_core::layers::conv::conv2d;
+        let w1 = self.fc1.weight.as_tensor().reshape((h, d, 1, 1))?;
+        let w2 = self.fc2.weight.as_tensor().reshape((d, h, 1, 1))?;
+        let z = nn_core::ops::activation::relu(&conv(x, &w1, &Conv2dConfig::new(d, h, 1))?)?;
+        conv(&z, &w2, &Conv2dConfig::new(h, d, 1))
     }
 
     /// `e` applied per position over the channels of an NCHW (or `[N, C]`) tensor.
     pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() == 4 {
-            self.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))
-        } else {
-            self.forward(x)
-        }
+        self.fc_path_channels(x)? + scaled_sin(x, 0.1)?
     }
 }
 
@@ -232,6 +247,104 @@ impl CustomOp2 for ScaledSinGrad {
             candle_core::bail!("scaled sin backward: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
         }
         Ok((scaled_sin_cpu((s1, l1), Some((s2, l2)), self.0)?, l1.shape().clone()))
+    }
+}
+
+/// A binarised activation with FDA's noise adaptation (Sec. 3.2) in one pass:
+/// `Q(x) + a (e_fc + 0.1 sin x)`, where `e_fc = FC2(ReLU(FC1(x)))` is the module's FC path.
+/// Backward: `dx = g (Q'(x) + 0.1 a cos x)` and `de_fc = a g`. CPU custom op for `f32`/`f64`,
+/// tensor ops elsewhere.
+pub fn noisy_binary_activation(x: &Tensor, e_fc: &Tensor, q: Quantizer, a: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == e_fc.dtype() {
+        x.contiguous()?.apply_op2(&e_fc.contiguous()?, ActNoise { q, a })
+    } else {
+        q.apply(x)? + ((e_fc + scaled_sin(x, 0.1)?)? * a)?
+    }
+}
+
+struct ActNoise {
+    q: Quantizer,
+    a: f64,
+}
+
+/// `f(x_chunk, y_chunk, out_chunk)` over matching chunks of two contiguous storages of one
+/// float type, rayon-parallel.
+fn par_map2(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    what: &str,
+    f32_fn: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    f64_fn: impl Fn(&[f64], &[f64], &mut [f64]) + Sync,
+) -> Result<CpuStorage> {
+    fn run<T: Copy + Send + Sync + Default>(x: &[T], y: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync) -> Vec<T> {
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![T::default(); x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| f(x, y, o));
+        out
+    }
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{what}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+    }
+    let msg = || candle_core::Error::Msg(format!("{what}: contiguous tensors expected"));
+    let (a1, b1) = l1.contiguous_offsets().ok_or_else(msg)?;
+    let (a2, b2) = l2.contiguous_offsets().ok_or_else(msg)?;
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(run(&x[a1..b1], &y[a2..b2], f32_fn)),
+        (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(run(&x[a1..b1], &y[a2..b2], f64_fn)),
+        _ => candle_core::bail!("{what}: matching f32 or f64 tensors expected"),
+    })
+}
+
+impl CustomOp2 for ActNoise {
+    fn name(&self) -> &'static str {
+        "bnn-noisy-binary-activation"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = self.a;
+        let out = par_map2(
+            (s1, l1),
+            (s2, l2),
+            "noisy binary activation",
+            |x, e, o| fastmath::act_noise_fwd_f32(x, e, o, a),
+            |x, e, o| fastmath::act_noise_fwd_f64(x, e, o, a),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _e: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let de = (grad * self.a)?;
+        let dx = if x.device().is_cpu() && x.dtype() == grad.dtype() {
+            x.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &ActNoiseGrad { q: self.q, a: self.a })?
+        } else {
+            let x = x.detach();
+            grad.mul(&(self.q.grad_tensor(&x)? + (x.cos()? * (0.1 * self.a))?)?)?
+        };
+        Ok((Some(dx), Some(de)))
+    }
+}
+
+/// `g (Q'(x) + 0.1 a cos x)`, the input gradient of [`ActNoise`].
+struct ActNoiseGrad {
+    q: Quantizer,
+    a: f64,
+}
+
+impl CustomOp2 for ActNoiseGrad {
+    fn name(&self) -> &'static str {
+        "bnn-noisy-binary-activation-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (q, a) = (self.q, self.a);
+        let out = par_map2(
+            (s1, l1),
+            (s2, l2),
+            "noisy binary activation backward",
+            |x, g, o| fastmath::act_noise_grad_f32(x, g, o, q, a),
+            |x, g, o| fastmath::act_noise_grad_f64(x, g, o, q, a),
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -393,10 +506,9 @@ impl ModuleT for BinaryConv2d {
             (self.effective_weight(train)?, None)
         };
         let bx = if self.opts.binarize_input {
-            let b = q.apply(x)?;
             match (&self.act_noise, train && a > 0.0) {
-                (Some(m), true) => (b + (m.forward_channels(x)? * a)?)?,
-                _ => b,
+                (Some(m), true) => noisy_binary_activation(x, &m.fc_path_channels(x)?, q, a)?,
+                _ => q.apply(x)?,
             }
         } else {
             x.clone()
@@ -478,10 +590,9 @@ impl ModuleT for BinaryLinear {
         };
         let bw = binary_weight(w, w, q, noise, self.opts.scale_weights)?;
         let bx = if self.opts.binarize_input {
-            let b = q.apply(x)?;
             match (&self.act_noise, train && a > 0.0) {
-                (Some(m), true) => (b + (m.forward(x)? * a)?)?,
-                _ => b,
+                (Some(m), true) => noisy_binary_activation(x, &m.fc_path(x)?, q, a)?,
+                _ => q.apply(x)?,
             }
         } else {
             x.clone()
@@ -635,6 +746,44 @@ mod tests {
         let x32 = xt.to_dtype(DType::F32)?;
         let y32 = scaled_sin(&x32, 0.1)?.to_dtype(DType::F64)?;
         assert!(max_diff(&y32, &(x32.to_dtype(DType::F64)?.sin()? * 0.1)?)? < 1e-8);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_noisy_activation_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        // max |a - b| relative to max |b|
+        let rel_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            Ok(d / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30))
+        };
+        let vs = VarStore::new(5, &dev);
+        let m = NoiseAdaptation::new(&vs.root().pp("n"), 16, 64)?;
+        let w = Tensor::randn(0f32, 1.0, (2, 16, 3, 5), &dev)?;
+        for q in [
+            Quantizer::FDA,
+            Quantizer::Fda { omega: 0.1, n: 18 },
+            Quantizer::STE,
+            Quantizer::ApproxSign,
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.5, (2, 16, 3, 5), &dev)?)?;
+            let e = m.fc_path_channels(x.as_tensor())?;
+            // the 1x1-convolution FC path equals the channels-last linear layers
+            let e_lin = m.fc_path(&x.as_tensor().permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?;
+            assert!(rel_diff(&e, &e_lin)? < 1e-5);
+            let fused = noisy_binary_activation(x.as_tensor(), &e, q, 0.07)?;
+            let composed = (q.apply_generic(x.as_tensor())? + ((&e_lin + (x.as_tensor().sin()? * 0.1)?)? * 0.07)?)?;
+            assert!(rel_diff(&fused, &composed)? < 1e-6, "{q:?} forward");
+            let gf = fused.mul(&w)?.sum_all()?.backward()?;
+            let gc = composed.mul(&w)?.sum_all()?.backward()?;
+            let vars: Vec<Var> = vs.trainable().into_iter().map(|v| v.var).chain([x.clone()]).collect();
+            assert_eq!(vars.len(), 3);
+            for v in &vars {
+                let (a, b) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert!(rel_diff(a, b)? < 1e-5, "{q:?} gradient of a {:?} tensor", v.dims());
+                assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+            }
+        }
         Ok(())
     }
 

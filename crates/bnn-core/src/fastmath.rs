@@ -6,6 +6,7 @@
 //! noise adaptation module's `0.1 sin t`) at about a quarter of a binary ResNet-20 step; these
 //! kernels replace them.
 
+use crate::quantizer::Quantizer;
 use std::f64::consts::{FRAC_1_PI, PI};
 
 /// Pi in three parts for Cody-Waite range reduction: `PI_A` and `PI_B` have 27 significant bits,
@@ -55,17 +56,30 @@ fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
 /// (the first omitted term is below 1e-17).
 #[inline(always)]
 fn sin_poly<const FMA: bool>(r: f64) -> f64 {
+    // Horner in r^2 over the Taylor coefficients (-1)^k / (2k+1)!, k = 1..9 (literal
+    // quotients, folded at compile time)
+    const C: [f64; 9] = [
+        -1.0 / 6.0,
+        1.0 / 120.0,
+        -1.0 / 5040.0,
+        1.0 / 362_880.0,
+        -1.0 / 39_916_800.0,
+        1.0 / 6_227_020_800.0,
+        -1.0 / 1_307_674_368_000.0,
+        1.0 / 355_687_428_096_000.0,
+        -1.0 / 121_645_100_408_832_000.0,
+    ];
     let r2 = r * r;
-    // sin r = r (1 - r^2/3! (1 - r^2/(4*5) (1 - r^2/(6*7) (...)))), nested from the inside
-    let mut p = 1.0 - r2 / (18.0 * 19.0);
-    p = madd::<FMA>(-r2 / (16.0 * 17.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (14.0 * 15.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (12.0 * 13.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (10.0 * 11.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (8.0 * 9.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (6.0 * 7.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (4.0 * 5.0), p, 1.0);
-    p = madd::<FMA>(-r2 / (2.0 * 3.0), p, 1.0);
+    let mut p = C[8];
+    p = madd::<FMA>(p, r2, C[7]);
+    p = madd::<FMA>(p, r2, C[6]);
+    p = madd::<FMA>(p, r2, C[5]);
+    p = madd::<FMA>(p, r2, C[4]);
+    p = madd::<FMA>(p, r2, C[3]);
+    p = madd::<FMA>(p, r2, C[2]);
+    p = madd::<FMA>(p, r2, C[1]);
+    p = madd::<FMA>(p, r2, C[0]);
+    let p = madd::<FMA>(p, r2, 1.0);
     r * p
 }
 
@@ -145,7 +159,66 @@ pub(crate) fn cos_odd_sum_recurrence(t: f64, n: usize) -> f64 {
 /// branch-free so they vectorise; inputs beyond the reduction limit (and only those) are redone
 /// with libm afterwards.
 macro_rules! kernels {
-    ($t:ty, $fda_grad:ident, $scaled_sin:ident) => {
+    ($t:ty, $fda_grad:ident, $scaled_sin:ident, $act_noise_fwd:ident, $act_noise_grad:ident) => {
+        /// `out = sign(x) + a (e + 0.1 sin x)`: a binarised activation with FDA's noise
+        /// adaptation (`e` the module's FC path).
+        pub(crate) fn $act_noise_fwd(x: &[$t], e: &[$t], out: &mut [$t], a: f64) {
+            dispatch! {
+                fn kernel(x: &[$t], e: &[$t], out: &mut [$t], a: f64) {
+                    for ((o, &x), &e) in out.iter_mut().zip(x).zip(e) {
+                        let x = x as f64;
+                        let sign = if x >= 0.0 { 1.0 } else { -1.0 };
+                        *o = (sign + a * (e as f64 + 0.1 * sin::<FMA>(x))) as $t;
+                    }
+                }
+            }
+            kernel(x, e, out, a);
+            if x.iter().any(|v| !((*v as f64).abs() <= REDUCTION_LIMIT)) {
+                for ((o, &x), &e) in out.iter_mut().zip(x).zip(e) {
+                    let v = x as f64;
+                    if !(v.abs() <= REDUCTION_LIMIT) {
+                        let sign = if v >= 0.0 { 1.0 } else { -1.0 };
+                        *o = (sign + a * (e as f64 + 0.1 * v.sin())) as $t;
+                    }
+                }
+            }
+        }
+
+        /// `out = g (q'(x) + 0.1 a cos x)`: the input gradient of the activation above.
+        pub(crate) fn $act_noise_grad(x: &[$t], g: &[$t], out: &mut [$t], q: Quantizer, a: f64) {
+            dispatch! {
+                fn kernel(x: &[$t], g: &[$t], out: &mut [$t], q: Quantizer, a: f64) {
+                    match q {
+                        Quantizer::Fda { omega, n } => {
+                            let scale = 4.0 * omega / PI;
+                            for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                                let x = x as f64;
+                                let d = scale * cos_odd_sum::<FMA>(omega * x, n);
+                                let d = if x.abs() <= 1.0 { d } else { 0.0 };
+                                *o = (g as f64 * (d + 0.1 * a * cos::<FMA>(x))) as $t;
+                            }
+                        }
+                        other => {
+                            for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                                let x = x as f64;
+                                *o = (g as f64 * (other.grad(x) + 0.1 * a * cos::<FMA>(x))) as $t;
+                            }
+                        }
+                    }
+                }
+            }
+            kernel(x, g, out, q, a);
+            let fda_too_wide = matches!(q, Quantizer::Fda { omega, n } if 2.0 * (n + 1) as f64 * omega.abs() > REDUCTION_LIMIT);
+            if fda_too_wide || x.iter().any(|v| !((*v as f64).abs() <= REDUCTION_LIMIT)) {
+                for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                    let v = x as f64;
+                    if fda_too_wide || !(v.abs() <= REDUCTION_LIMIT) {
+                        *o = (g as f64 * (q.grad(v) + 0.1 * a * v.cos())) as $t;
+                    }
+                }
+            }
+        }
+
         /// `out = g * (4 w / pi) sum_{i=0..n} cos((2i+1) w x) * 1_{|x| <= 1}` (FDA's backward).
         pub(crate) fn $fda_grad(x: &[$t], g: &[$t], out: &mut [$t], omega: f64, n: usize) {
             dispatch! {
@@ -205,8 +278,8 @@ macro_rules! kernels {
     };
 }
 
-kernels!(f32, fda_grad_f32, scaled_sin_f32);
-kernels!(f64, fda_grad_f64, scaled_sin_f64);
+kernels!(f32, fda_grad_f32, scaled_sin_f32, act_noise_fwd_f32, act_noise_grad_f32);
+kernels!(f64, fda_grad_f64, scaled_sin_f64, act_noise_fwd_f64, act_noise_grad_f64);
 
 #[cfg(test)]
 mod tests {
