@@ -31,6 +31,8 @@ use rayon::prelude::*;
 pub const ROW_TILE: usize = 64;
 /// Bytes of `B` per cache block (columns of `B` walked together for one tile of `A`).
 const B_BLOCK_BYTES: usize = 96 * 1024;
+/// Bytes of split `B` planes per block for the row-in-registers AVX2 kernel (L1 is 32 KiB).
+const L1_B_BYTES: usize = 20 * 1024;
 
 /// A binary GEMM kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +182,13 @@ pub fn bgemm_into(a: &PackedMatrix, b: &PackedMatrix, kernel: Kernel, out: &mut 
 unsafe fn bgemm_avx2_presplit(a: &PackedMatrix, b: &PackedMatrix, nb: usize, out: &mut [i32]) {
     let (m, n, wpr, k) = (a.rows, b.rows, a.words_per_row(), a.k as i32);
     let vecs = avx2_vecs(wpr);
+    // the row kernel (4-5 vectors per row) streams B past a row held in registers: keep the
+    // block's split planes in L1
+    let nb = if (4..=5).contains(&vecs) {
+        (L1_B_BYTES / (64 * vecs)).clamp(4, n.max(4)) / 4 * 4
+    } else {
+        nb
+    };
     let sb = split_nibbles(&b.data, n, wpr, vecs);
     out.par_chunks_mut(ROW_TILE * n).enumerate().for_each(|(t, tile)| {
         let i0 = t * ROW_TILE;
@@ -359,6 +368,13 @@ fn avx2_split_block(
         sa.len() >= m * 2 * vecs && sb.len() >= n * 2 * vecs,
         "avx2_split_block: planes too short"
     );
+    // few vectors per row (K from 1024 to 1535): a row of A fits in registers
+    // SAFETY: AVX2 and popcnt are enabled here; the plane lengths are asserted above.
+    match vecs {
+        4 => return unsafe { avx2_row_block::<4, 4>(sa, a, m, sb, b, n, wpr, out, ldo) },
+        5 => return unsafe { avx2_row_block::<5, 2>(sa, a, m, sb, b, n, wpr, out, ldo) },
+        _ => {}
+    }
     let dot = |i: usize, j: usize, from: usize| -> u32 {
         let (ar, br) = (&a[i * wpr..(i + 1) * wpr], &b[j * wpr..(j + 1) * wpr]);
         ar[from..].iter().zip(&br[from..]).map(|(x, y)| (x ^ y).count_ones()).sum()
@@ -397,6 +413,92 @@ fn avx2_split_block(
             out[r * ldo + jj] = dot(r, jj, 0);
         }
     }
+}
+
+/// [`avx2_split_block`] for `V` (4 or 5) vectors per row: one row of `A` at a time with both
+/// of its nibble planes held in registers (`2 V` of the 16 `ymm` registers), against `G`
+/// columns of `B` per step. With so few steps per dot product the `2 x 4` tile spent over a
+/// third of its time outside its step loop (setting up the tile, widening and storing the
+/// eight sums); here the per-pair overhead is one `vpsadbw` and a quarter of a four-way
+/// reduction. `B` is walked in blocks that fit L1 (see `bgemm_avx2_presplit`).
+///
+/// # Safety
+/// AVX2 and popcnt must be available; `sa` must hold `m` rows and `sb` `n` rows of `2 V`
+/// vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_row_block<const V: usize, const G: usize>(
+    sa: &[std::arch::x86_64::__m256i],
+    a: &[u64],
+    m: usize,
+    sb: &[std::arch::x86_64::__m256i],
+    b: &[u64],
+    n: usize,
+    wpr: usize,
+    out: &mut [u32],
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(G <= 4 && V * 8 < 256, "byte counters must not overflow");
+    debug_assert!(sa.len() >= m * 2 * V && sb.len() >= n * 2 * V);
+    let lut = _mm256_setr_epi8(
+        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+    );
+    let zero = _mm256_setzero_si256();
+    let tail = 4 * V;
+    let dot = |i: usize, j: usize, from: usize| -> u32 {
+        let (ar, br) = (&a[i * wpr..(i + 1) * wpr], &b[j * wpr..(j + 1) * wpr]);
+        ar[from..].iter().zip(&br[from..]).map(|(x, y)| (x ^ y).count_ones()).sum()
+    };
+    let full = n / G * G;
+    for i in 0..m {
+        let pa = sa.as_ptr().add(i * 2 * V);
+        let al: [__m256i; V] = std::array::from_fn(|v| *pa.add(v));
+        let ah: [__m256i; V] = std::array::from_fn(|v| *pa.add(V + v));
+        let orow = &mut out[i * ldo..i * ldo + n];
+        let mut j = 0;
+        while j < full {
+            let mut sums = [zero; 4];
+            for (c, sum) in sums.iter_mut().enumerate().take(G) {
+                let pb = sb.as_ptr().add((j + c) * 2 * V);
+                let mut acc = zero;
+                for v in 0..V {
+                    let lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(al[v], *pb.add(v)));
+                    let hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(ah[v], *pb.add(V + v)));
+                    acc = _mm256_add_epi8(acc, _mm256_add_epi8(lo, hi));
+                }
+                *sum = _mm256_sad_epu8(acc, zero);
+            }
+            let t = totals4(sums);
+            let mut four = [0u32; 4];
+            _mm_storeu_si128(four.as_mut_ptr() as *mut __m128i, t);
+            orow[j..j + G].copy_from_slice(&four[..G]);
+            j += G;
+        }
+        if tail < wpr {
+            for (jj, o) in orow.iter_mut().enumerate().take(full) {
+                *o += dot(i, jj, tail);
+            }
+        }
+        for (jj, o) in orow.iter_mut().enumerate().skip(full) {
+            *o = dot(i, jj, 0);
+        }
+    }
+}
+
+/// The four totals of four vectors of `u64` lane sums (from `vpsadbw`), as `u32`s: pair the
+/// lanes of `(s0, s1)` and `(s2, s3)` as `u32` halves, add the two `u64` halves of every
+/// 128-bit lane, then the two 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn totals4([s0, s1, s2, s3]: [std::arch::x86_64::__m256i; 4]) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    let t01 = _mm256_or_si256(s0, _mm256_slli_epi64::<32>(s1));
+    let t23 = _mm256_or_si256(s2, _mm256_slli_epi64::<32>(s3));
+    let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+    _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256::<1>(u))
 }
 
 /// 256-bit vectors per row for the AVX2 part of [`block_avx2`] (the words after them go
@@ -480,14 +582,7 @@ impl Tile<'_> {
             }
         }
         for r in 0..R {
-            // four totals at once: pair the u64 lanes of (s0, s1) and (s2, s3) as u32 halves,
-            // add the two u64 halves of every 128-bit lane, then the two 128-bit lanes
-            let [s0, s1, s2, s3] = wide[r];
-            let t01 = _mm256_or_si256(s0, _mm256_slli_epi64::<32>(s1));
-            let t23 = _mm256_or_si256(s2, _mm256_slli_epi64::<32>(s3));
-            let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
-            let t = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256::<1>(u));
-            _mm_storeu_si128(sums[r].as_mut_ptr() as *mut __m128i, t);
+            _mm_storeu_si128(sums[r].as_mut_ptr() as *mut __m128i, totals4(wide[r]));
         }
     }
 }
@@ -551,6 +646,13 @@ mod tests {
             (3, 6, 8200),
             (4, 10, 1088),
             (3, 11, 1600),
+            // the row-in-registers kernel: 4 and 5 vectors per row, with tail words, N not a
+            // multiple of its column group, more columns than one L1 block of B
+            (3, 7, 1024),
+            (2, 9, 1100),
+            (3, 5, 1280),
+            (2, 7, 1400),
+            (65, 203, 1024),
         ] {
             let a = random_signs(&mut rng, m * k);
             let b = random_signs(&mut rng, n * k);
