@@ -14,7 +14,10 @@
 //!   (`_mm256_shuffle_epi8`): both operands are split once into low- and high-nibble planes,
 //!   so a 256-bit step is two `xor`s, two lookups and two byte adds; a `2 x 4` register tile;
 //!   byte counts widened with `vpsadbw` every 31 steps; the words that do not fill a 256-bit
-//!   vector go through `popcnt`. Below 16 words per row it uses the `popcnt` loops.
+//!   vector go through `popcnt`. With 4-5 vectors per row (`K` from 1024 to 1535) a row of `A`
+//!   is held in registers instead and `B` streamed from L1, four columns at a time (the tile's
+//!   setup and reductions cost more than its step loop at so few steps). Below 16 words per
+//!   row it uses the `popcnt` loops.
 //! - [`Kernel::Popcnt`]: the 64-bit `popcnt` instruction; rows of up to 12 words (`K <= 768`,
 //!   every convolution of ResNet-20) use a loop specialised to the word count, fully unrolled,
 //!   with the row of `A` in registers; longer rows a 2 x 4 register tile.
