@@ -191,7 +191,7 @@ pub struct ExpAArgs {
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Methods to compare (float is the full-precision upper line).
-    #[arg(long, value_delimiter = ',', default_value = "float,ste,approxsign,fda,fda-noise")]
+    #[arg(long, value_delimiter = ',', default_value = EXP_A_METHODS)]
     pub methods: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
@@ -240,7 +240,7 @@ pub struct ExpBArgs {
 pub struct ExpCArgs {
     /// BiMLP variants (`bimlp-small`, `bimlp-small-plain`, ...) or nn-core backbones trained
     /// binary with the same quantizer (`resnet20`, ...).
-    #[arg(long, value_delimiter = ',', default_value = "bimlp-small,bimlp-small-plain,resnet20")]
+    #[arg(long, value_delimiter = ',', default_value = EXP_C_MODELS)]
     pub models: Vec<String>,
     /// Quantizer of every model: ste, approxsign, fda, fda-noise.
     #[arg(long, default_value = "ste")]
@@ -596,9 +596,44 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         eprintln!("partial runs (--max-steps): table printed, not written");
         return Ok(());
     }
-    let page = nn_core::report::write_section(&c.results, "bnn-core results", &format!("{}-{}", a.prefix, c.dataset), &t)?;
-    eprintln!("table: {}", page.display());
+    let Some(key) = exp_a_section(&a) else {
+        eprintln!(
+            "--methods {} leaves out some of {EXP_A_METHODS}: table printed, not written to {} (the experiment's table compares every method; a grid split over processes by --methods writes it when rerun with all of them)",
+            a.methods.join(","),
+            c.results
+        );
+        return Ok(());
+    };
+    let page = nn_core::report::write_section(&c.results, "bnn-core results", &key, &t)?;
+    eprintln!("table: {} (section {key})", page.display());
     Ok(())
+}
+
+/// Experiment C's models (the default of `--models`).
+const EXP_C_MODELS: &str = "bimlp-small,bimlp-small-plain,resnet20";
+
+/// Experiment A's methods (the default of `--methods`).
+const EXP_A_METHODS: &str = "float,ste,approxsign,fda,fda-noise";
+
+/// The results section of an experiment A grid: `<prefix>-<dataset>` for the default seeds,
+/// `<prefix>-<dataset>-seeds-<list>` for another seed set (so a grid over one seed does not
+/// replace the table of three), `None` for a grid that leaves out some of the methods.
+fn exp_a_section(a: &ExpAArgs) -> Option<String> {
+    if !EXP_A_METHODS.split(',').all(|m| a.methods.iter().any(|x| x == m)) {
+        return None;
+    }
+    Some(seeded_section(&format!("{}-{}", a.prefix, a.common.dataset), &a.seeds))
+}
+
+/// `base` for the default seeds 0, 1, 2, else `base-seeds-<list>`: a grid rerun over fewer
+/// seeds (to continue it, or split over processes) must not replace the table of all three.
+fn seeded_section(base: &str, seeds: &[u64]) -> String {
+    if seeds == [0, 1, 2] {
+        base.to_string()
+    } else {
+        let list: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+        format!("{base}-seeds-{}", list.join("-"))
+    }
 }
 
 /// Test top-1 of a grid run's summary: required of a completed run, NaN for a stopped
@@ -683,7 +718,7 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
         claim,
         complete && c.max_steps.is_none(),
         &c.results,
-        &format!("{}-{}", a.prefix, c.dataset),
+        &seeded_section(&format!("{}-{}", a.prefix, c.dataset), &a.seeds),
     )
 }
 
@@ -738,12 +773,17 @@ fn exp_c(a: ExpCArgs) -> Result<()> {
         );
     }
     let claim = "The paper's ablation claim: the multi-branch blocks and universal shortcuts raise the accuracy of the binary MLP at almost the same OPs.";
+    // another model list gets its own section too (a grid split over processes by --models)
+    let mut base = format!("{}-{}", a.prefix, c.dataset);
+    if a.models.join(",") != EXP_C_MODELS {
+        base += &format!("-models-{}", a.models.join("-"));
+    }
     finish_grid_table(
         t,
         claim,
         complete && c.max_steps.is_none(),
         &c.results,
-        &format!("{}-{}", a.prefix, c.dataset),
+        &seeded_section(&base, &a.seeds),
     )
 }
 
@@ -957,6 +997,32 @@ mod tests {
         // per-run sections and no grid table: a partial grid is not a result
         let page = std::fs::read_to_string(&results).unwrap_or_default();
         assert!(!page.contains("begin bnn-exp-a-mnist -->"), "{page}");
+    }
+
+    #[test]
+    fn exp_a_table_goes_to_a_section_only_for_every_method_and_is_keyed_by_seeds() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["exp-a", "--dataset", "mnist"];
+            argv.extend_from_slice(extra);
+            let BnnCommand::ExpA(a) = parse(&argv).unwrap() else {
+                panic!("not exp-a")
+            };
+            a
+        };
+        assert_eq!(exp_a_section(&args(&[])).as_deref(), Some("bnn-exp-a-mnist"));
+        assert_eq!(exp_a_section(&args(&["--seeds", "2"])).as_deref(), Some("bnn-exp-a-mnist-seeds-2"));
+        assert_eq!(
+            exp_a_section(&args(&["--seeds", "0,1"])).as_deref(),
+            Some("bnn-exp-a-mnist-seeds-0-1")
+        );
+        // a grid split over processes by --methods does not write (and so cannot replace) the table
+        assert_eq!(exp_a_section(&args(&["--methods", "fda,fda-noise"])), None);
+        assert_eq!(
+            exp_a_section(&args(&["--methods", "fda-noise,fda,approxsign,ste,float"])).as_deref(),
+            Some("bnn-exp-a-mnist")
+        );
+        assert_eq!(seeded_section("x", &[0, 1, 2]), "x");
+        assert_eq!(seeded_section("x", &[3]), "x-seeds-3");
     }
 
     #[test]
