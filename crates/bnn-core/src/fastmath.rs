@@ -19,29 +19,6 @@ const PI_C: f64 = 1.144_237_745_221_966_4e-17;
 /// Beyond this magnitude the reduction loses accuracy: the kernels fall back to libm.
 const REDUCTION_LIMIT: f64 = 1e7;
 
-/// Runs `f` compiled with AVX2+FMA enabled when the CPU has them (`FMA = true`), else as
-/// baseline code. `f` must be `#[inline(always)]` generic code for the lanes to vectorise.
-macro_rules! dispatch {
-    (fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
-        fn $name($($a: $t),*) {
-            #[inline(always)]
-            fn imp<const FMA: bool>($($a: $t),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) {
-                    imp::<true>($($a),*)
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `avx2` is compiled with.
-                    return unsafe { avx2($($a),*) };
-                }
-            }
-            imp::<false>($($a),*)
-        }
-    };
-}
-
 /// `a * b + c`, fused where the FMA unit is enabled (libm's `fma` is slow without it).
 #[inline(always)]
 fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
@@ -163,7 +140,7 @@ macro_rules! kernels {
         /// `out = sign(x) + a (e + 0.1 sin x)`: a binarised activation with FDA's noise
         /// adaptation (`e` the module's FC path).
         pub(crate) fn $act_noise_fwd(x: &[$t], e: &[$t], out: &mut [$t], a: f64) {
-            dispatch! {
+            nn_core::simd_dispatch! {
                 fn kernel(x: &[$t], e: &[$t], out: &mut [$t], a: f64) {
                     for ((o, &x), &e) in out.iter_mut().zip(x).zip(e) {
                         let x = x as f64;
@@ -186,7 +163,7 @@ macro_rules! kernels {
 
         /// `out = g (q'(x) + 0.1 a cos x)`: the input gradient of the activation above.
         pub(crate) fn $act_noise_grad(x: &[$t], g: &[$t], out: &mut [$t], q: Quantizer, a: f64) {
-            dispatch! {
+            nn_core::simd_dispatch! {
                 fn kernel(x: &[$t], g: &[$t], out: &mut [$t], q: Quantizer, a: f64) {
                     match q {
                         Quantizer::Fda { omega, n } => {
@@ -221,7 +198,7 @@ macro_rules! kernels {
 
         /// `out = g * (4 w / pi) sum_{i=0..n} cos((2i+1) w x) * 1_{|x| <= 1}` (FDA's backward).
         pub(crate) fn $fda_grad(x: &[$t], g: &[$t], out: &mut [$t], omega: f64, n: usize) {
-            dispatch! {
+            nn_core::simd_dispatch! {
                 fn kernel(x: &[$t], g: &[$t], out: &mut [$t], omega: f64, n: usize) {
                     let scale = 4.0 * omega / PI;
                     for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
@@ -246,7 +223,7 @@ macro_rules! kernels {
 
         /// `out = scale * sin(x)` (`grad = None`) or `out = grad * scale * cos(x)` (its backward).
         pub(crate) fn $scaled_sin(x: &[$t], grad: Option<&[$t]>, out: &mut [$t], scale: f64) {
-            dispatch! {
+            nn_core::simd_dispatch! {
                 fn kernel(x: &[$t], grad: Option<&[$t]>, out: &mut [$t], scale: f64) {
                     match grad {
                         None => {

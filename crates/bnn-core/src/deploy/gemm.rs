@@ -378,10 +378,7 @@ fn avx2_split_block(
         5 => return unsafe { avx2_row_block::<5, 2>(sa, a, m, sb, b, n, wpr, out, ldo) },
         _ => {}
     }
-    let dot = |i: usize, j: usize, from: usize| -> u32 {
-        let (ar, br) = (&a[i * wpr..(i + 1) * wpr], &b[j * wpr..(j + 1) * wpr]);
-        ar[from..].iter().zip(&br[from..]).map(|(x, y)| (x ^ y).count_ones()).sum()
-    };
+    let dot = |i: usize, j: usize, from: usize| row_dot_from(a, b, wpr, i, j, from);
     // columns outer, rows inner: the tile's four rows of B stay in L1 while the rows of A
     // (a task's tile of at most ROW_TILE rows) stream past them
     let full = n / 4 * 4;
@@ -450,10 +447,7 @@ unsafe fn avx2_row_block<const V: usize, const G: usize>(
     );
     let zero = _mm256_setzero_si256();
     let tail = 4 * V;
-    let dot = |i: usize, j: usize, from: usize| -> u32 {
-        let (ar, br) = (&a[i * wpr..(i + 1) * wpr], &b[j * wpr..(j + 1) * wpr]);
-        ar[from..].iter().zip(&br[from..]).map(|(x, y)| (x ^ y).count_ones()).sum()
-    };
+    let dot = |i: usize, j: usize, from: usize| row_dot_from(a, b, wpr, i, j, from);
     let full = n / G * G;
     for i in 0..m {
         let pa = sa.as_ptr().add(i * 2 * V);
@@ -502,6 +496,14 @@ fn totals4([s0, s1, s2, s3]: [std::arch::x86_64::__m256i; 4]) -> std::arch::x86_
     let t23 = _mm256_or_si256(s2, _mm256_slli_epi64::<32>(s3));
     let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
     _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256::<1>(u))
+}
+
+/// `popcount(a_i xor b_j)` over words `from..wpr` of row `i` of `a` and row `j` of `b` (the
+/// words past the AVX2 kernels' last whole vector; `popcnt` where the caller enables it).
+#[inline(always)]
+fn row_dot_from(a: &[u64], b: &[u64], wpr: usize, i: usize, j: usize, from: usize) -> u32 {
+    let (ar, br) = (&a[i * wpr..(i + 1) * wpr], &b[j * wpr..(j + 1) * wpr]);
+    ar[from..].iter().zip(&br[from..]).map(|(x, y)| (x ^ y).count_ones()).sum()
 }
 
 /// 256-bit vectors per row for the AVX2 part of [`block_avx2`] (the words after them go

@@ -227,7 +227,11 @@ pub(crate) fn outer_par() -> gemm::Parallelism {
 /// x86-64; the body is inlined into both, so its loops vectorise with 256-bit registers).
 /// Prefer it to [`simd`] for large kernels: a closure passed to `simd` is not always inlined
 /// into the AVX2 function, and then runs as baseline code.
-macro_rules! dispatch {
+///
+/// Exported as `nn_core::simd_dispatch!` for other crates' kernels (bnn-core's quantizers).
+/// The body sees a `const FMA: bool` (true in the AVX2+FMA build).
+#[macro_export]
+macro_rules! simd_dispatch {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         fn $name($($a: $t),*) {
@@ -249,7 +253,7 @@ macro_rules! dispatch {
         }
     };
 }
-pub(crate) use dispatch;
+pub(crate) use crate::simd_dispatch as dispatch;
 
 /// Runs `f` compiled with AVX2+FMA enabled when the CPU supports it (the crate is built
 /// for baseline x86-64), so that the auto-vectorised inner loops use 256-bit registers.
