@@ -373,9 +373,10 @@ fn avx2_split_block(
     );
     // few vectors per row (K from 1024 to 1535): a row of A fits in registers
     // SAFETY: AVX2 and popcnt are enabled here; the plane lengths are asserted above.
+    let ops = SplitOperands { sa, a, m, sb, b, n, wpr };
     match vecs {
-        4 => return unsafe { avx2_row_block::<4, 4>(sa, a, m, sb, b, n, wpr, out, ldo) },
-        5 => return unsafe { avx2_row_block::<5, 2>(sa, a, m, sb, b, n, wpr, out, ldo) },
+        4 => return unsafe { avx2_row_block::<4, 4>(&ops, out, ldo) },
+        5 => return unsafe { avx2_row_block::<5, 2>(&ops, out, ldo) },
         _ => {}
     }
     let dot = |i: usize, j: usize, from: usize| row_dot_from(a, b, wpr, i, j, from);
@@ -427,19 +428,9 @@ fn avx2_split_block(
 /// vectors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx2_row_block<const V: usize, const G: usize>(
-    sa: &[std::arch::x86_64::__m256i],
-    a: &[u64],
-    m: usize,
-    sb: &[std::arch::x86_64::__m256i],
-    b: &[u64],
-    n: usize,
-    wpr: usize,
-    out: &mut [u32],
-    ldo: usize,
-) {
+unsafe fn avx2_row_block<const V: usize, const G: usize>(ops: &SplitOperands, out: &mut [u32], ldo: usize) {
     use std::arch::x86_64::*;
+    let SplitOperands { sa, a, m, sb, b, n, wpr } = *ops;
     debug_assert!(G <= 4 && V * 8 < 256, "byte counters must not overflow");
     debug_assert!(sa.len() >= m * 2 * V && sb.len() >= n * 2 * V);
     let lut = _mm256_setr_epi8(
@@ -482,6 +473,20 @@ unsafe fn avx2_row_block<const V: usize, const G: usize>(
             *o = dot(i, jj, 0);
         }
     }
+}
+
+/// The operands of an AVX2 block: `m` rows of `a` and `n` rows of `b` (`wpr` words each) and
+/// their nibble planes `sa`, `sb` from [`split_nibbles`].
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SplitOperands<'a> {
+    sa: &'a [std::arch::x86_64::__m256i],
+    a: &'a [u64],
+    m: usize,
+    sb: &'a [std::arch::x86_64::__m256i],
+    b: &'a [u64],
+    n: usize,
+    wpr: usize,
 }
 
 /// The four totals of four vectors of `u64` lane sums (from `vpsadbw`), as `u32`s: pair the
