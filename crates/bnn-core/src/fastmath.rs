@@ -77,7 +77,7 @@ impl Lane for f64 {
 impl Lane for f32 {
     // `PI_A` = 3.140625 (8 bits) and `PI_B` (12 bits): exact products with multipliers of up
     // to 12 bits (`|x| < 2^11 pi`); the sum is pi to about 1e-15
-    const PI_PARTS: [f32; 3] = [3.140_625, 9.675_025_939_941_406e-4, 1.509_958_025_280_866_4e-7];
+    const PI_PARTS: [f32; 3] = [3.140_625, 9.675_026e-4, 1.509_958e-7];
     const FRAC_1_PI: f32 = std::f32::consts::FRAC_1_PI;
     // k = 6..1: the first omitted term is below 7e-10 on |r| <= pi/2
     const SIN_COEFFS: &'static [f32] = &[
@@ -207,6 +207,12 @@ pub(crate) fn cos_odd_sum_recurrence(t: f64, n: usize) -> f64 {
     sum
 }
 
+/// Whether `v` is outside the reduction range (NaN included): such inputs are redone with libm.
+#[inline(always)]
+fn beyond(v: f64, limit: f64) -> bool {
+    v.is_nan() || v.abs() > limit
+}
+
 /// Where FDA's gradient for `T` data is computed.
 enum Lanes {
     /// In `T` lanes.
@@ -263,10 +269,10 @@ macro_rules! kernels {
             }
             kernel(x, e, out, a);
             let limit = <$t as Lane>::REDUCTION_LIMIT;
-            if x.iter().any(|v| !((*v as f64).abs() <= limit)) {
+            if x.iter().any(|v| beyond(*v as f64, limit)) {
                 for ((o, &x), &e) in out.iter_mut().zip(x).zip(e) {
                     let v = x as f64;
-                    if !(v.abs() <= limit) {
+                    if beyond(v, limit) {
                         let sign = if v >= 0.0 { 1.0 } else { -1.0 };
                         *o = (sign + a * (e as f64 + 0.1 * v.sin())) as $t;
                     }
@@ -309,10 +315,10 @@ macro_rules! kernels {
             kernel(x, g, out, q, a);
             let limit = <$t as Lane>::REDUCTION_LIMIT;
             let fda_too_wide = matches!(q, Quantizer::Fda { omega, n } if matches!(fda_lanes::<$t>(omega, n), Lanes::Scalar));
-            if fda_too_wide || x.iter().any(|v| !((*v as f64).abs() <= limit)) {
+            if fda_too_wide || x.iter().any(|v| beyond(*v as f64, limit)) {
                 for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
                     let v = x as f64;
-                    if fda_too_wide || !(v.abs() <= limit) {
+                    if fda_too_wide || beyond(v, limit) {
                         *o = (g as f64 * (q.grad(v) + 0.1 * a * v.cos())) as $t;
                     }
                 }
@@ -369,10 +375,10 @@ macro_rules! kernels {
             }
             kernel(x, grad, out, scale);
             let limit = <$t as Lane>::REDUCTION_LIMIT;
-            if x.iter().any(|v| !((*v as f64).abs() <= limit)) {
+            if x.iter().any(|v| beyond(*v as f64, limit)) {
                 for (i, (o, &x)) in out.iter_mut().zip(x).enumerate() {
                     let v = x as f64;
-                    if !(v.abs() <= limit) {
+                    if beyond(v, limit) {
                         *o = match grad {
                             None => (scale * v.sin()) as $t,
                             Some(g) => (g[i] as f64 * scale * v.cos()) as $t,
