@@ -33,6 +33,33 @@ pub(crate) trait Lane:
     fn mul_add(self, b: Self, c: Self) -> Self;
 }
 
+/// The `Lane` methods that are the same for `f32` and `f64`: conversions through `as` and the
+/// inherent `floor`, `abs` and `mul_add`.
+macro_rules! lane_conversions {
+    ($t:ty) => {
+        #[inline(always)]
+        fn of(v: f64) -> Self {
+            v as $t
+        }
+        #[inline(always)]
+        fn to_f64(self) -> f64 {
+            self as f64
+        }
+        #[inline(always)]
+        fn floor(self) -> Self {
+            <$t>::floor(self)
+        }
+        #[inline(always)]
+        fn abs(self) -> Self {
+            <$t>::abs(self)
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            <$t>::mul_add(self, b, c)
+        }
+    };
+}
+
 impl Lane for f64 {
     // `PI_A`, `PI_B`: 27 significant bits, exact products with multipliers of up to 26 bits
     // (`|x| < 2^25`); the sum is pi to about 1e-32
@@ -52,26 +79,7 @@ impl Lane for f64 {
     ];
     const REDUCTION_LIMIT: f64 = 1e7;
     const NEAR_POLE: f64 = 1e-6;
-    #[inline(always)]
-    fn of(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn floor(self) -> Self {
-        f64::floor(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
-        f64::mul_add(self, b, c)
-    }
+    lane_conversions!(f64);
 }
 
 impl Lane for f32 {
@@ -90,26 +98,7 @@ impl Lane for f32 {
     ];
     const REDUCTION_LIMIT: f64 = 6000.0;
     const NEAR_POLE: f32 = 1e-5;
-    #[inline(always)]
-    fn of(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn floor(self) -> Self {
-        f32::floor(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
-        f32::mul_add(self, b, c)
-    }
+    lane_conversions!(f32);
 }
 
 /// `a * b + c`, fused where the FMA unit is enabled (libm's `fma` is slow without it).
