@@ -167,11 +167,6 @@ impl NoiseAdaptation {
         let z = nn_core::ops::activation::relu(&conv(x, &w1, &Conv2dConfig::new(d, h, 1))?)?;
         conv(&z, &w2, &Conv2dConfig::new(h, d, 1))
     }
-
-    /// `e` applied per position over the channels of an NCHW (or `[N, C]`) tensor.
-    pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc_path_channels(x)? + scaled_sin(x, 0.1)?
-    }
 }
 
 /// `scale * sin(t)`: a CPU custom op for `f32`/`f64` (vectorised polynomial `sin`, backward

@@ -19,9 +19,8 @@ pub(crate) trait Lane:
     /// products with the multiples of pi used below `REDUCTION_LIMIT` are exact.
     const PI_PARTS: [Self; 3];
     const FRAC_1_PI: Self;
-    /// Taylor coefficients `(-1)^k / (2k+1)!` of `sin r / r` in `r^2`, highest first, to the
-    /// lane's precision on `|r| <= pi/2`.
-    const SIN_COEFFS: &'static [Self];
+    /// How many of the [`SIN_TAYLOR`] coefficients the lane's precision needs on `|r| <= pi/2`.
+    const SIN_TERMS: usize;
     /// Beyond this magnitude the reduction is not exact: the kernels fall back to libm.
     const REDUCTION_LIMIT: f64;
     /// `|s| < NEAR_POLE`: the closed-form cosine sum takes its limit.
@@ -65,18 +64,8 @@ impl Lane for f64 {
     // (`|x| < 2^25`); the sum is pi to about 1e-32
     const PI_PARTS: [f64; 3] = [3.141_592_651_605_606, 1.984_187_147_918_703_4e-9, 1.144_237_745_221_966_4e-17];
     const FRAC_1_PI: f64 = std::f64::consts::FRAC_1_PI;
-    // k = 9..1: the first omitted term is below 1e-17 on |r| <= pi/2
-    const SIN_COEFFS: &'static [f64] = &[
-        -1.0 / 121_645_100_408_832_000.0,
-        1.0 / 355_687_428_096_000.0,
-        -1.0 / 1_307_674_368_000.0,
-        1.0 / 6_227_020_800.0,
-        -1.0 / 39_916_800.0,
-        1.0 / 362_880.0,
-        -1.0 / 5040.0,
-        1.0 / 120.0,
-        -1.0 / 6.0,
-    ];
+    // k = 1..9: the first omitted term is below 1e-17 on |r| <= pi/2
+    const SIN_TERMS: usize = 9;
     const REDUCTION_LIMIT: f64 = 1e7;
     const NEAR_POLE: f64 = 1e-6;
     lane_conversions!(f64);
@@ -87,19 +76,26 @@ impl Lane for f32 {
     // to 12 bits (`|x| < 2^11 pi`); the sum is pi to about 1e-15
     const PI_PARTS: [f32; 3] = [3.140_625, 9.675_026e-4, 1.509_958e-7];
     const FRAC_1_PI: f32 = std::f32::consts::FRAC_1_PI;
-    // k = 6..1: the first omitted term is below 7e-10 on |r| <= pi/2
-    const SIN_COEFFS: &'static [f32] = &[
-        1.0 / 6_227_020_800.0,
-        -1.0 / 39_916_800.0,
-        1.0 / 362_880.0,
-        -1.0 / 5040.0,
-        1.0 / 120.0,
-        -1.0 / 6.0,
-    ];
+    // k = 1..6: the first omitted term is below 7e-10 on |r| <= pi/2
+    const SIN_TERMS: usize = 6;
     const REDUCTION_LIMIT: f64 = 6000.0;
     const NEAR_POLE: f32 = 1e-5;
     lane_conversions!(f32);
 }
+
+/// Taylor coefficients `(-1)^k / (2k+1)!`, `k = 1..9`, of `sin r / r` in `r^2` (literal
+/// quotients, folded at compile time); a lane uses the first `SIN_TERMS`.
+const SIN_TAYLOR: [f64; 9] = [
+    -1.0 / 6.0,
+    1.0 / 120.0,
+    -1.0 / 5040.0,
+    1.0 / 362_880.0,
+    -1.0 / 39_916_800.0,
+    1.0 / 6_227_020_800.0,
+    -1.0 / 1_307_674_368_000.0,
+    1.0 / 355_687_428_096_000.0,
+    -1.0 / 121_645_100_408_832_000.0,
+];
 
 /// `a * b + c`, fused where the FMA unit is enabled (libm's `fma` is slow without it).
 #[inline(always)]
@@ -116,8 +112,8 @@ fn madd<L: Lane, const FMA: bool>(a: L, b: L, c: L) -> L {
 fn sin_poly<L: Lane, const FMA: bool>(r: L) -> L {
     let r2 = r * r;
     let mut p = L::of(0.0);
-    for &c in L::SIN_COEFFS {
-        p = madd::<L, FMA>(p, r2, c);
+    for &c in SIN_TAYLOR[..L::SIN_TERMS].iter().rev() {
+        p = madd::<L, FMA>(p, r2, L::of(c));
     }
     r * madd::<L, FMA>(p, r2, L::of(1.0))
 }
