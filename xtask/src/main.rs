@@ -1,6 +1,14 @@
 //! `cargo xtask <command>`: the experiments, benchmarks and data checks of compact-vision.
 //! The cargo alias builds it with `--release`: the kernels are far too slow to train with in
 //! a debug build.
+//!
+//! ## Why each dependency is here
+//! - the eight workspace crates: the methods whose experiments this runs.
+//! - `candle-core`: devices and tensors where a command builds inputs itself.
+//! - `clap`: the command line; `anyhow`: errors that name the flag, file or run that failed.
+//! - `serde`, `serde_json`: run configurations, `summary.json` and search state.
+//! - `rand`: seeded shuffles and subsets; `rayon`: the thread count reported by the benchmarks.
+//! - `image`: the JPEG class folders written for the ImageNet-layout preset checks.
 
 mod adder;
 mod bnn;

@@ -55,6 +55,8 @@
 //! - `rand`, `rand_distr`: seeded sampling of classes, target samples and Gaussian surrogates.
 //! - `serde`: serialisable configurations and reports (written into `summary.json`).
 //! - `anyhow`: errors that say which input or step is wrong.
+//! - `serde_json`, `rand_chacha`, `image` (tests only): the `ModelSpec` JSON round trip, seeded
+//!   synthetic features, and the class-folder images generated for the preset tests.
 
 pub mod adapt;
 pub mod backbones;

@@ -18,7 +18,7 @@
 //! - [`standalone`]: short stand-alone training (the careful evaluation), cached by architecture.
 //! - [`search`]: DC-NAS, random and global top-K on one budget; resumable JSON state.
 //! - [`parallel`]: candidates evaluated on several threads with a thread-count-independent result.
-//! - [`presets`]: named setups (`cifar10-small`, `mnist-small`, `imagenet-mbv2`).
+//! - [`presets`]: named setups (`cifar10-small`, `cifar10-fast`, `mnist-small`, `imagenet-mbv2`).
 //!
 //! ## Why each dependency is here
 //! - `nn-core`: layers, BatchNorm and convolution kernels, the trainer, optimizers, data

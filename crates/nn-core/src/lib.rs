@@ -18,6 +18,7 @@
 //! - `anyhow`, `thiserror`: errors that name the file or step that failed.
 //! - `half`: f16/bf16 element types shared with candle.
 //! - `libc`: `mallopt`, to keep freed activation buffers for reuse ([`alloc`]).
+//! - `proptest` (tests only): property tests of the binary dataset readers (`tests/data_props.rs`).
 
 pub mod alloc;
 pub mod bench;

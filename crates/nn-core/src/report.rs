@@ -48,19 +48,43 @@ pub fn write_section(page: &str, title: &str, key: &str, body: &str) -> std::io:
     Ok(path)
 }
 
-/// The command line that started this process, for reproduction notes.
+/// The command line that started this process, for reproduction notes: arguments a shell
+/// would split or interpret are single-quoted, so the line can be pasted back as it is.
 pub fn command_line() -> String {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
     let exe = std::env::args().next().unwrap_or_default();
     if exe.contains("xtask") {
         format!("cargo xtask {}", args.join(" "))
     } else {
-        format!("{exe} {}", args.join(" "))
+        format!("{} {}", shell_quote(&exe), args.join(" "))
+    }
+}
+
+/// `arg` as one POSIX shell word: unchanged when it holds only characters no shell treats
+/// specially, otherwise in single quotes (a `'` inside written as `'\''`).
+pub fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./,:=+%@".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        use super::shell_quote;
+        assert_eq!(shell_quote("--epochs"), "--epochs");
+        assert_eq!(shell_quote("runs/r20-s0"), "runs/r20-s0");
+        assert_eq!(shell_quote("0,1,2"), "0,1,2");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a run (load 2.1)"), "'a run (load 2.1)'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("$HOME;x"), "'$HOME;x'");
+    }
+
     #[test]
     fn sections_are_replaced_not_duplicated() {
         let page = format!("target/tmp-report-{}.md", std::process::id());

@@ -8,7 +8,8 @@
 //!   by residual adds (and offset by option-A zero padding), with every producer (conv
 //!   filters, BN) and consumer (next conv, linear) are removed together.
 //! - [`arch`]: the prunable backbones ([`Arch`]: CIFAR ResNets with option A or B, VGG-small,
-//!   ResNet-18/34), their channel graphs and how to rebuild them smaller through any
+//!   ResNet-18/34, bottleneck ResNet-50/101/152 and `resnet18-cifar`; see [`PRUNABLE_MODELS`]),
+//!   their channel graphs and how to rebuild them smaller through any
 //!   [`LayerFactory`](nn_core::LayerFactory).
 //! - [`prune`]: masks and physical pruning ([`prune_model`]); the pruned model computes what
 //!   the masked model computes; save/load with the architecture beside the weights.
