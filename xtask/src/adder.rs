@@ -113,10 +113,13 @@ pub struct TrainArgs {
     pub common: Common,
 }
 
+/// The methods a full comparison runs (the default of `--methods`).
+const COMPARE_METHODS: &str = "cnn,ann,pkkd";
+
 /// Options of `cargo xtask adder compare`.
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
-    #[arg(long, value_delimiter = ',', default_value = "cnn,ann,pkkd")]
+    #[arg(long, value_delimiter = ',', default_value = COMPARE_METHODS)]
     pub methods: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
@@ -596,14 +599,10 @@ fn compare(a: CompareArgs) -> Result<()> {
     for (m, runs) in &rows {
         let accs: Vec<f64> = runs.iter().map(|v| v["test_top1"].as_f64().unwrap_or(f64::NAN)).collect();
         let walls: Vec<f64> = runs.iter().map(|v| v["wall_s"].as_f64().unwrap_or(0.0)).collect();
-        let (mean, sd) = stats(&accs);
+        let mean = stats(&accs).0;
         means.push((m.clone(), mean));
         let v0 = &runs[0];
-        let ms = if accs.len() > 1 {
-            format!("{mean:.2} +- {sd:.2}")
-        } else {
-            format!("{mean:.2} (one seed, no std)")
-        };
+        let ms = nn_core::experiment::mean_std_cell(&accs);
         t += &format!(
             "| {m} | {ms} | {} | {} | {} | {:.3} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
@@ -627,10 +626,25 @@ fn compare(a: CompareArgs) -> Result<()> {
         t += "\n";
     }
     t += &format!("\n```\n{}\n```\n", nn_core::report::command_line());
-    let page = nn_core::report::write_section(RESULTS, TITLE, &format!("{}-{}-{}", a.prefix, r.model, r.dataset), &t)?;
     println!("{t}");
-    eprintln!("table: {}", page.display());
+    match compare_section(&a, &r.model, &r.dataset) {
+        Some(section) if a.common.max_steps.is_none() => {
+            let page = nn_core::report::write_section(RESULTS, TITLE, &section, &t)?;
+            eprintln!("table: {}", page.display());
+        }
+        _ => eprintln!("table not written: a grid over part of the methods, or of stopped (--max-steps) runs, is not a result"),
+    }
     Ok(())
+}
+
+/// The results section of a comparison: `<prefix>-<model>-<dataset>` for the default seeds,
+/// with `-seeds-<list>` for another seed set, `None` when some of CNN, ANN and ANN+PKKD are
+/// left out (a grid split over processes by `--methods` must not replace the full table).
+fn compare_section(a: &CompareArgs, model: &str, dataset: &str) -> Option<String> {
+    if !COMPARE_METHODS.split(',').all(|m| a.methods.iter().any(|x| x == m)) {
+        return None;
+    }
+    Some(crate::bnn::seeded_section(&format!("{}-{model}-{dataset}", a.prefix), &a.seeds))
 }
 
 /// Writes CIFAR-10 binary batches and an ImageNet class-folder tree (two classes) under `root`
@@ -781,5 +795,24 @@ mod tests {
         assert_eq!(train_args(&["--stop-after-steps", "5"]).unwrap().common.max_steps, Some(5));
         assert!(train_args(&["--max-steps", "x"]).is_err());
         assert!(train_args(&["--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn compare_table_is_written_only_for_every_method_and_is_keyed_by_seeds() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["adder", "compare"];
+            argv.extend_from_slice(extra);
+            match W::try_parse_from(argv).unwrap().c {
+                AdderCommand::Compare(a) => a,
+                _ => unreachable!("parsed a compare command"),
+            }
+        };
+        let section = |extra: &[&str]| compare_section(&args(extra), "resnet20-b", "cifar10");
+        assert_eq!(section(&[]).as_deref(), Some("adder-cmp-resnet20-b-cifar10"));
+        assert_eq!(section(&["--prefix", "p", "--seeds", "1"]).as_deref(), Some("p-resnet20-b-cifar10-seeds-1"));
+        // a grid split over processes by --methods does not write (and so cannot replace) the table
+        assert_eq!(section(&["--methods", "cnn"]), None);
+        assert_eq!(section(&["--methods", "cnn,ann"]), None);
+        assert_eq!(section(&["--methods", "pkkd,cnn,ann"]).as_deref(), Some("adder-cmp-resnet20-b-cifar10"));
     }
 }

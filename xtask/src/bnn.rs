@@ -573,9 +573,9 @@ fn exp_a(a: ExpAArgs) -> Result<()> {
         a.seeds
     );
     for (m, accs, walls) in &rows {
-        let (mean, sd) = stats(accs);
+        let cell = nn_core::experiment::mean_std_cell(accs);
         t += &format!(
-            "| {m} | {mean:.2} +- {sd:.2} | {} | {:.0} |\n",
+            "| {m} | {cell} | {} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
             stats(walls).0
         );
@@ -627,7 +627,7 @@ fn exp_a_section(a: &ExpAArgs) -> Option<String> {
 
 /// `base` for the default seeds 0, 1, 2, else `base-seeds-<list>`: a grid rerun over fewer
 /// seeds (to continue it, or split over processes) must not replace the table of all three.
-fn seeded_section(base: &str, seeds: &[u64]) -> String {
+pub(crate) fn seeded_section(base: &str, seeds: &[u64]) -> String {
     if seeds == [0, 1, 2] {
         base.to_string()
     } else {
@@ -705,9 +705,9 @@ fn exp_b(a: ExpBArgs) -> Result<()> {
         a.seeds
     );
     for (name, accs, walls) in &rows {
-        let (mean, sd) = stats(accs);
+        let cell = nn_core::experiment::mean_std_cell(accs);
         t += &format!(
-            "| {name} | {mean:.2} +- {sd:.2} | {} | {:.0} |\n",
+            "| {name} | {cell} | {} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
             stats(walls).0
         );
@@ -762,9 +762,9 @@ fn exp_c(a: ExpCArgs) -> Result<()> {
             walls.push(v["wall_s"].as_f64().unwrap_or(0.0));
             counts = v["binary_counts"].clone();
         }
-        let (mean, sd) = stats(&accs);
+        let cell = nn_core::experiment::mean_std_cell(&accs);
         t += &format!(
-            "| {model} | {mean:.2} +- {sd:.2} | {} | {} | {} | {:.4e} | {:.0} |\n",
+            "| {model} | {cell} | {} | {} | {} | {:.4e} | {:.0} |\n",
             accs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
             counts["binary_params"],
             counts["float_params"],

@@ -181,6 +181,17 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, sd)
 }
 
+/// A table cell for per-seed results: `mean +- std` (two decimals), or `mean (one seed)` when
+/// there is a single value, whose spread is unknown rather than zero.
+pub fn mean_std_cell(v: &[f64]) -> String {
+    let (m, sd) = mean_std(v);
+    if v.len() > 1 {
+        format!("{m:.2} +- {sd:.2}")
+    } else {
+        format!("{m:.2} (one seed)")
+    }
+}
+
 #[cfg(test)]
 mod mean_std_tests {
     #[test]
@@ -189,5 +200,11 @@ mod mean_std_tests {
         assert_eq!(m, 2.5);
         assert!((s - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(super::mean_std(&[7.0]), (7.0, 0.0));
+    }
+
+    #[test]
+    fn a_single_seed_cell_has_no_std() {
+        assert_eq!(super::mean_std_cell(&[1.0, 2.0, 3.0]), "2.00 +- 1.00");
+        assert_eq!(super::mean_std_cell(&[66.155]), "66.16 (one seed)");
     }
 }
