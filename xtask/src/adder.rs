@@ -809,10 +809,16 @@ mod tests {
         };
         let section = |extra: &[&str]| compare_section(&args(extra), "resnet20-b", "cifar10");
         assert_eq!(section(&[]).as_deref(), Some("adder-cmp-resnet20-b-cifar10"));
-        assert_eq!(section(&["--prefix", "p", "--seeds", "1"]).as_deref(), Some("p-resnet20-b-cifar10-seeds-1"));
+        assert_eq!(
+            section(&["--prefix", "p", "--seeds", "1"]).as_deref(),
+            Some("p-resnet20-b-cifar10-seeds-1")
+        );
         // a grid split over processes by --methods does not write (and so cannot replace) the table
         assert_eq!(section(&["--methods", "cnn"]), None);
         assert_eq!(section(&["--methods", "cnn,ann"]), None);
-        assert_eq!(section(&["--methods", "pkkd,cnn,ann"]).as_deref(), Some("adder-cmp-resnet20-b-cifar10"));
+        assert_eq!(
+            section(&["--methods", "pkkd,cnn,ann"]).as_deref(),
+            Some("adder-cmp-resnet20-b-cifar10")
+        );
     }
 }

@@ -455,7 +455,11 @@ fn grid(a: GridArgs) -> Result<()> {
     );
     for (m, mean, sd, accs, wall) in &rows {
         let per: Vec<String> = accs.iter().map(|x| format!("{x:.2}")).collect();
-        let cell = if accs.len() > 1 { format!("{mean:.2} +- {sd:.2}") } else { format!("{mean:.2} (one seed)") };
+        let cell = if accs.len() > 1 {
+            format!("{mean:.2} +- {sd:.2}")
+        } else {
+            format!("{mean:.2} (one seed)")
+        };
         body.push_str(&format!("| {m} | {cell} | {} | {wall:.0} |\n", per.join(", ")));
     }
     if a.methods.iter().any(|m| m == "local-nnpu") {
