@@ -641,10 +641,10 @@ fn compare(a: CompareArgs) -> Result<()> {
 /// with `-seeds-<list>` for another seed set, `None` when some of CNN, ANN and ANN+PKKD are
 /// left out (a grid split over processes by `--methods` must not replace the full table).
 fn compare_section(a: &CompareArgs, model: &str, dataset: &str) -> Option<String> {
-    if !COMPARE_METHODS.split(',').all(|m| a.methods.iter().any(|x| x == m)) {
+    if !crate::grid::covers_all(COMPARE_METHODS, &a.methods) {
         return None;
     }
-    Some(crate::bnn::seeded_section(&format!("{}-{model}-{dataset}", a.prefix), &a.seeds))
+    Some(crate::grid::seeded_section(&format!("{}-{model}-{dataset}", a.prefix), &a.seeds))
 }
 
 /// Writes CIFAR-10 binary batches and an ImageNet class-folder tree (two classes) under `root`

@@ -3,6 +3,7 @@
 //! and the binary counts) and a section of `docs/results/bnn-core.md`.
 
 use crate::cli::DataArgs;
+use crate::grid::{covers_all, seeded_section};
 use anyhow::{bail, Context, Result};
 use bnn_core::{BiMlp, BiMlpConfig, BinaryConfig, BinaryCounts, BinaryFactory, FdaCallback, LnsCallback, LnsRegistry};
 use clap::{Args, Subcommand};
@@ -619,21 +620,10 @@ const EXP_A_METHODS: &str = "float,ste,approxsign,fda,fda-noise";
 /// `<prefix>-<dataset>-seeds-<list>` for another seed set (so a grid over one seed does not
 /// replace the table of three), `None` for a grid that leaves out some of the methods.
 fn exp_a_section(a: &ExpAArgs) -> Option<String> {
-    if !EXP_A_METHODS.split(',').all(|m| a.methods.iter().any(|x| x == m)) {
+    if !covers_all(EXP_A_METHODS, &a.methods) {
         return None;
     }
     Some(seeded_section(&format!("{}-{}", a.prefix, a.common.dataset), &a.seeds))
-}
-
-/// `base` for the default seeds 0, 1, 2, else `base-seeds-<list>`: a grid rerun over fewer
-/// seeds (to continue it, or split over processes) must not replace the table of all three.
-pub(crate) fn seeded_section(base: &str, seeds: &[u64]) -> String {
-    if seeds == [0, 1, 2] {
-        base.to_string()
-    } else {
-        let list: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
-        format!("{base}-seeds-{}", list.join("-"))
-    }
 }
 
 /// Test top-1 of a grid run's summary: required of a completed run, NaN for a stopped

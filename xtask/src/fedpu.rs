@@ -418,8 +418,8 @@ fn grid(a: GridArgs) -> Result<()> {
             walls.push(s["wall_s"].as_f64().unwrap_or(0.0));
             summaries.push(s);
         }
-        let (m, sd) = mean_std(&accs);
-        rows.push((method.clone(), m, sd, accs, walls.iter().sum::<f64>()));
+        let m = mean_std(&accs).0;
+        rows.push((method.clone(), m, accs, walls.iter().sum::<f64>()));
     }
     let c = &a.common;
     let s0 = &summaries[0];
@@ -453,13 +453,9 @@ fn grid(a: GridArgs) -> Result<()> {
         if c.strategy == "fedprox" { format!("mu {}", c.mu) } else { "no proximal term".into() },
         s0["test_images"],
     );
-    for (m, mean, sd, accs, wall) in &rows {
+    for (m, _, accs, wall) in &rows {
         let per: Vec<String> = accs.iter().map(|x| format!("{x:.2}")).collect();
-        let cell = if accs.len() > 1 {
-            format!("{mean:.2} +- {sd:.2}")
-        } else {
-            format!("{mean:.2} (one seed)")
-        };
+        let cell = nn_core::experiment::mean_std_cell(accs);
         body.push_str(&format!("| {m} | {cell} | {} | {wall:.0} |\n", per.join(", ")));
     }
     if a.methods.iter().any(|m| m == "local-nnpu") {
@@ -492,7 +488,7 @@ fn grid(a: GridArgs) -> Result<()> {
          finished runs; this invocation took {:.0} s). Per-run `summary.json` (with per-round history) in `runs/{}-<method>-s<seed>/`.\n\n```\n{}\n```\n",
         s0["params"],
         s0["macs"],
-        rows.iter().map(|r| r.4).sum::<f64>(),
+        rows.iter().map(|r| r.3).sum::<f64>(),
         t0.elapsed().as_secs_f64(),
         a.prefix,
         nn_core::report::command_line()

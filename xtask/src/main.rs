@@ -15,6 +15,7 @@ mod bnn;
 mod bnn_deploy;
 mod cli;
 mod fedpu;
+mod grid;
 mod nas;
 mod nn;
 mod prune;
