@@ -137,6 +137,10 @@ pub struct GridArgs {
     pub methods: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub seeds: Vec<u64>,
+    /// Names the runs: searches in runs/<prefix>-search-<method>-s<seed>, the table in
+    /// runs/<prefix>-grid/summary.json and the `<prefix>-grid` section of docs/results/nas.md.
+    #[arg(long, default_value = "nas")]
+    pub prefix: String,
     #[command(flatten)]
     pub common: SearchCommon,
 }
@@ -267,8 +271,9 @@ fn supernet(a: SupernetArgs) -> Result<()> {
     setup.supernet_wall_s = s.wall_s;
     write_json_atomic(&a.out.join(SETUP_FILE), &setup)?;
     let body = format!(
-        "## Supernet ({})\n\n| preset | dataset | train / val / test images | epochs | seed | params (all ops) | last train loss | wall s |\n|---|---|---|---|---|---|---|---|\n| {} | {} | {} / {} / {} | {} | {} | {} | {:.3} | {:.0} |\n\nUniform single-path sampling (one random sub-network per step), SGD Nesterov lr {} cosine, batch {}, weight decay 5e-4. Class-balanced subsets of the CIFAR-10 training split (validation disjoint from training).\n\n```\n{}\n```\n",
+        "## Supernet ({}, `{}`)\n\n| preset | dataset | train / val / test images | epochs | seed | params (all ops) | last train loss | wall s |\n|---|---|---|---|---|---|---|---|\n| {} | {} | {} / {} / {} | {} | {} | {} | {:.3} | {:.0} |\n\nUniform single-path sampling (one random sub-network per step), SGD Nesterov lr {} cosine, batch {}, weight decay 5e-4. Class-balanced subsets of the CIFAR-10 training split (validation disjoint from training).\n\n```\n{}\n```\n",
         p.name,
+        a.out.display(),
         p.name,
         p.dataset,
         data.train.len(),
@@ -283,7 +288,7 @@ fn supernet(a: SupernetArgs) -> Result<()> {
         a.batch_size,
         setup.command
     );
-    write_section(RESULTS, TITLE, "supernet", &body)?;
+    write_section(RESULTS, TITLE, &run_name(&a.out), &body)?;
     eprintln!(
         "supernet trained in {:.0} s (this session {:.0} s)",
         s.wall_s,
@@ -351,21 +356,19 @@ fn run_one(l: &Loaded, cfg: &SearchConfig, c: &SearchCommon, out: &Path) -> Resu
     run_search(cfg, &ctx, &out.join("state.json"))
 }
 
-/// Search states whose cheap evaluations may be reused (only when their supernet id matches).
+/// Search states whose cheap evaluations may be reused: every `runs/*/state.json` (the search
+/// reads one only when its space, feature and supernet id match; other files are skipped).
 fn cheap_sources() -> Vec<PathBuf> {
-    let mut v = vec![PathBuf::from("runs/nas-rank/state.json")];
-    if let Ok(rd) = std::fs::read_dir("runs") {
-        let mut more: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nas-search-")))
-            .map(|p| p.join("state.json"))
-            .filter(|p| p.exists())
-            .collect();
-        more.sort();
-        v.extend(more);
-    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir("runs")
+        .map(|rd| rd.flatten().map(|e| e.path().join("state.json")).filter(|p| p.exists()).collect())
+        .unwrap_or_default();
+    v.sort();
     v
+}
+
+/// The section key of a run: its directory name.
+fn run_name(out: &Path) -> String {
+    out.file_name().map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 fn fmt(v: Option<f64>) -> String {
@@ -431,7 +434,7 @@ fn rank(a: RankArgs) -> Result<()> {
     write_json_atomic(&a.out.join("summary.json"), &summary)?;
     let per = |w: &nas::rank::ClusterTau| w.per_cluster.iter().map(|t| fmt(*t)).collect::<Vec<_>>().join(", ");
     let body = format!(
-        "## Ranking quality: cheap criterion vs stand-alone accuracy\n\n\
+        "## Ranking quality: cheap criterion vs stand-alone accuracy (`{}`)\n\n\
 {} sampled architectures of `{}`, each evaluated with supernet weights (validation top-1 after BatchNorm recalibration on {} training images) and trained stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch {}, seed 0) on the {}-image training subset. \
 Clusters: k-means++ (K = {}, seed {}) on the standardised `{}` representations; cluster sizes {:?}.\n\n\
 | Kendall tau of supernet val top-1 vs | stand-alone val top-1 | stand-alone test top-1 |\n|---|---|---|\n\
@@ -442,6 +445,7 @@ Clusters: k-means++ (K = {}, seed {}) on the standardised `{}` representations; 
 | random groups of the same sizes, mean over groups | {:.3} +- {:.3} | |\n\n\
 Per-cluster tau (val): {}.\n\n\
 Cheap evaluation {:.0} s in all, stand-alone training {:.0} s in all (recorded per architecture; cached in `{}`). Supernet: {} epochs.\n\n```\n{}\n```\n",
+        a.out.display(),
         idx.len(),
         l.space.name,
         l.data.calib.dims()[0],
@@ -471,7 +475,7 @@ Cheap evaluation {:.0} s in all, stand-alone training {:.0} s in all (recorded p
         l.setup.supernet_epochs,
         command_line()
     );
-    write_section(RESULTS, TITLE, "rank", &body)?;
+    write_section(RESULTS, TITLE, &run_name(&a.out), &body)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -540,11 +544,14 @@ fn search(a: SearchArgs) -> Result<SearchRow> {
 
 fn grid(a: GridArgs) -> Result<()> {
     let t0 = Instant::now();
+    if a.prefix.is_empty() || a.prefix.contains(['/', '\\']) {
+        bail!("--prefix {:?} must be a plain, non-empty run-name prefix", a.prefix);
+    }
     let l = load_supernet(&a.common)?;
     let mut rows = Vec::new();
     for (done, &seed) in a.seeds.iter().enumerate() {
         for method in &a.methods {
-            let out = PathBuf::from(format!("runs/nas-search-{method}-s{seed}"));
+            let out = PathBuf::from(format!("runs/{}-search-{method}-s{seed}", a.prefix));
             let row = search_with(&l, method, seed, &a.common, &out)?;
             eprintln!("{method} seed {seed}: test top-1 {:.2}% ({})", row.test_top1, row.key);
             rows.push(row);
@@ -560,12 +567,13 @@ fn grid(a: GridArgs) -> Result<()> {
 
 fn grid_table(a: &GridArgs, l: &Loaded, rows: &[SearchRow], wall_s: f64, finished: bool) -> Result<String> {
     let mut body = format!(
-        "## Search: DC-NAS vs random vs global top-K, equal budget\n\n\
+        "## Search: DC-NAS vs random vs global top-K, equal budget (`{}`)\n\n\
 Per seed: N = {} architectures sampled from `{}` (seeded); every method trains K = {} of them stand-alone ({} epochs, SGD Nesterov lr {} cosine, batch {}, seed 0, {}-image training subset) and returns the one with the best stand-alone validation top-1 (validation: {} images from the training split). \
 DC-NAS: k-means++ clusters of the `{}` representations, best supernet score per cluster. Top-1: the K best supernet scores globally. Random: K uniformly chosen. \
 The supernet ({} epochs, {:.0} s, trained once with seed {}) is shared by all seeds. \
 Search seconds = cheap evaluations the method needs + the recorded stand-alone trainings of its K candidates (stand-alone results are cached by architecture in `{}` and shared between methods and the ranking study, which is exact because a training is a function of the architecture). Accuracy on a class-balanced {}-image CIFAR-10 test subset.\n\n\
 | method | test top-1 % (mean +- std) | val top-1 % | params | MACs | search s (excl. supernet) |\n|---|---|---|---|---|---|\n",
+        format!("{}-grid", a.prefix),
         a.common.candidates,
         l.space.name,
         a.common.clusters,
@@ -612,15 +620,18 @@ Search seconds = cheap evaluations the method needs + the recorded stand-alone t
         body += "\n**Partial: not every seed has finished yet.**\n";
     }
     body += &format!(
-        "\nWall time of this grid invocation {:.0} s (finished searches are read back from their states; each search's own wall time is `state_wall_s` in `runs/nas-search-<method>-s<seed>/summary.json`).\n\n```\n{}\n```\n",
+        "\nWall time of this grid invocation {:.0} s (finished searches are read back from their states; each search's own wall time is `state_wall_s` in `runs/{}-search-<method>-s<seed>/summary.json`).\n\n```\n{}\n```\n",
         wall_s,
+        a.prefix,
         command_line()
     );
+    let name = format!("{}-grid", a.prefix);
+    std::fs::create_dir_all(Path::new("runs").join(&name))?;
     write_json_atomic(
-        Path::new("runs/nas-grid-summary.json"),
-        &json!({"command": command_line(), "rows": rows, "wall_s": wall_s}),
+        &Path::new("runs").join(&name).join("summary.json"),
+        &json!({"command": command_line(), "rows": rows, "wall_s": wall_s, "finished": finished}),
     )?;
-    write_section(RESULTS, TITLE, "grid", &body)?;
+    write_section(RESULTS, TITLE, &name, &body)?;
     Ok(body)
 }
 
@@ -656,7 +667,12 @@ mod tests {
         let NasCommand::Grid(g) = parse(&["grid", "--seeds", "0,1"]).unwrap() else {
             panic!()
         };
-        assert_eq!(g.seeds, vec![0, 1]);
+        assert_eq!((g.seeds.as_slice(), g.prefix.as_str()), ([0, 1].as_slice(), "nas"));
+        let NasCommand::Grid(g) = parse(&["grid", "--prefix", "nas-10k"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.prefix, "nas-10k");
+        assert_eq!(run_name(Path::new("runs/nas-rank-10k")), "nas-rank-10k");
         assert!(Method::parse("dcnas").is_ok() && Method::parse("evolution").is_err());
         assert!(presets::preset("cifar10-small").is_ok());
     }

@@ -147,10 +147,7 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    #[arg(
-        long,
-        default_value = "vit_tiny_patch16_224,swin_tiny_patch4_window7_224,pvt_v2_b0,tnt_s_patch16_224"
-    )]
+    #[arg(long, default_value = DEFAULT_BENCH_MODELS)]
     pub models: String,
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -165,6 +162,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
 }
+
+/// The models of the forward benchmark.
+const DEFAULT_BENCH_MODELS: &str = "vit_tiny_patch16_224,swin_tiny_patch4_window7_224,pvt_v2_b0,tnt_s_patch16_224";
 
 pub fn run(cmd: VitCommand) -> Result<()> {
     match cmd {
@@ -542,9 +542,32 @@ fn bench(a: BenchArgs) -> Result<()> {
         nn_core::report::command_line()
     );
     print!("{table}");
-    let page = nn_core::report::write_section(RESULTS, TITLE, &format!("bench-forward-{threads}t"), &table)?;
-    eprintln!("written to {}", page.display());
+    match bench_section(&a, threads, torch_error.is_none()) {
+        Some(key) => {
+            let page = nn_core::report::write_section(RESULTS, TITLE, &key, &table)?;
+            eprintln!("written to {} (section {key})", page.display());
+        }
+        None => eprintln!("not written to {RESULTS}: without the PyTorch reference this is no comparison"),
+    }
     Ok(())
+}
+
+/// The results section of a `vit bench` run: `bench-forward-<threads>t` for the issue's
+/// comparison (default models, batch 8), suffixed by batch and models otherwise, so that a
+/// bench of other models never replaces it; `None` (printed only) when PyTorch did not run.
+fn bench_section(a: &BenchArgs, threads: usize, torch_ran: bool) -> Option<String> {
+    if a.no_torch || !torch_ran {
+        return None;
+    }
+    let mut key = format!("bench-forward-{threads}t");
+    if a.batch != 8 {
+        key += &format!("-b{}", a.batch);
+    }
+    let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if models != DEFAULT_BENCH_MODELS.split(',').collect::<Vec<_>>() {
+        key += &format!("-{}", models.join("+"));
+    }
+    Some(key)
 }
 
 fn torch_bench(models: &[&str], threads: usize, batch: usize) -> Result<Vec<(String, f64)>> {
@@ -814,4 +837,34 @@ fn compare(runs: &str, section: &str, note: &str) -> Result<()> {
     let page = nn_core::report::write_section(RESULTS, TITLE, section, &table)?;
     eprintln!("written to {}", page.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct W {
+        #[command(flatten)]
+        b: BenchArgs,
+    }
+
+    fn args(a: &[&str]) -> BenchArgs {
+        W::try_parse_from(std::iter::once("bench").chain(a.iter().copied())).unwrap().b
+    }
+
+    #[test]
+    fn only_the_full_comparison_writes_the_bench_section() {
+        assert_eq!(bench_section(&args(&[]), 2, true).as_deref(), Some("bench-forward-2t"));
+        // No PyTorch, by flag or because it failed: printed, not written.
+        assert_eq!(bench_section(&args(&["--no-torch"]), 2, true), None);
+        assert_eq!(bench_section(&args(&[]), 2, false), None);
+        // Other models or batch: their own section, never the comparison.
+        assert_eq!(
+            bench_section(&args(&["--models", "vit_tiny_patch16_224"]), 2, true).as_deref(),
+            Some("bench-forward-2t-vit_tiny_patch16_224")
+        );
+        assert_eq!(bench_section(&args(&["--batch", "1"]), 1, true).as_deref(), Some("bench-forward-1t-b1"));
+    }
 }

@@ -28,6 +28,9 @@ impl Split2 {
 #[derive(Clone, Debug)]
 pub struct NasData {
     pub dataset: String,
+    /// What the subsets are (dataset, sizes, seed): stand-alone results cached for other data
+    /// are never reused (see [`crate::standalone::cached`]).
+    pub id: String,
     pub train: Split2,
     pub val: Split2,
     pub test: Split2,
@@ -98,6 +101,12 @@ impl NasData {
         let n = train.len();
         Ok(Self {
             dataset: dataset.into(),
+            id: format!(
+                "{dataset} train {} val {} test {} seed {seed}",
+                tr.len(),
+                va.len(),
+                te.len()
+            ),
             probe: train.images.narrow(0, 0, sizes.probe.min(n))?,
             calib: train.images.narrow(0, 0, sizes.calib.min(n))?,
             val: to_tensors(&va, &mean, &std, device)?,

@@ -42,6 +42,9 @@ impl Default for StandaloneConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StandaloneResult {
     pub key: String,
+    /// [`NasData::id`] of the data it was trained and evaluated on.
+    #[serde(default)]
+    pub data_id: String,
     pub arch: Arch,
     pub config: StandaloneConfig,
     /// Top-1 (percent) on the validation subset (used to choose among candidates; `f32` so
@@ -63,16 +66,34 @@ pub fn run_dir(pool: &Path, arch: &Arch) -> PathBuf {
     pool.join(arch.short_id())
 }
 
-/// A cached result of `arch` with `cfg` in `pool`, if any.
-pub fn cached(pool: &Path, arch: &Arch, cfg: &StandaloneConfig) -> Option<StandaloneResult> {
-    let text = std::fs::read_to_string(run_dir(pool, arch).join(RESULT_FILE)).ok()?;
-    let r: StandaloneResult = serde_json::from_str(&text).ok()?;
-    (r.key == arch.key() && &r.config == cfg).then_some(r)
+/// The cached result of `arch` with `cfg` on `data` in `pool`: `Ok(None)` if there is none, an
+/// error if the pool holds a result of this architecture for other data or another training
+/// config (its run directory would be reused, so the pool must not be shared across budgets).
+pub fn cached(pool: &Path, arch: &Arch, cfg: &StandaloneConfig, data: &NasData) -> Result<Option<StandaloneResult>> {
+    let path = run_dir(pool, arch).join(RESULT_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let r: StandaloneResult = serde_json::from_str(&text).with_context(|| format!("{} is not a stand-alone result", path.display()))?;
+    if r.key != arch.key() || &r.config != cfg || r.data_id != data.id {
+        anyhow::bail!(
+            "{} holds a stand-alone result of {} on [{}] with {:?}, but this search trains {} on [{}] with {:?}; \
+             use another --pool for this budget",
+            path.display(),
+            r.key,
+            r.data_id,
+            r.config,
+            arch.key(),
+            data.id,
+            cfg
+        );
+    }
+    Ok(Some(r))
 }
 
 /// Trains `arch` stand-alone (or returns the cached result from `pool`).
 pub fn train_standalone(space: &SearchSpace, arch: &Arch, data: &NasData, cfg: &StandaloneConfig, pool: &Path) -> Result<StandaloneResult> {
-    if let Some(r) = cached(pool, arch, cfg) {
+    if let Some(r) = cached(pool, arch, cfg, data)? {
         return Ok(r);
     }
     let dir = run_dir(pool, arch);
@@ -100,6 +121,7 @@ pub fn train_standalone(space: &SearchSpace, arch: &Arch, data: &NasData, cfg: &
     )?;
     let r = StandaloneResult {
         key: arch.key(),
+        data_id: data.id.clone(),
         arch: arch.clone(),
         config: cfg.clone(),
         val_top1: summary.test_top1.unwrap_or(0.0) as f32,

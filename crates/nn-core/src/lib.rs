@@ -9,6 +9,8 @@
 //! - `candle-core`, `candle-nn`: tensors, autograd, the `Module`/`ModuleT` traits.
 //! - `gemm`: the matrix-multiply kernels candle itself uses, called directly by the im2col
 //!   and Winograd convolutions and the linear layer, so no tensor is allocated per image.
+//!   Built with its `x86-v4` feature (workspace `Cargo.toml`): AVX-512 micro-kernels, picked
+//!   at run time on CPUs with avx512f, for candle's matmuls as well as ours.
 //! - `rayon`: data parallelism of the CPU kernels and the loader.
 //! - `rand`, `rand_chacha`, `rand_distr`: seeded, portable random streams (candle's CPU RNG
 //!   cannot be seeded).
