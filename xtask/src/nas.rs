@@ -368,7 +368,8 @@ fn cheap_sources() -> Vec<PathBuf> {
 
 /// The section key of a run: its directory name.
 fn run_name(out: &Path) -> String {
-    out.file_name().map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into_owned())
+    out.file_name()
+        .map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 fn fmt(v: Option<f64>) -> String {

@@ -865,6 +865,9 @@ mod tests {
             bench_section(&args(&["--models", "vit_tiny_patch16_224"]), 2, true).as_deref(),
             Some("bench-forward-2t-vit_tiny_patch16_224")
         );
-        assert_eq!(bench_section(&args(&["--batch", "1"]), 1, true).as_deref(), Some("bench-forward-1t-b1"));
+        assert_eq!(
+            bench_section(&args(&["--batch", "1"]), 1, true).as_deref(),
+            Some("bench-forward-1t-b1")
+        );
     }
 }

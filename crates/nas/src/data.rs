@@ -101,12 +101,7 @@ impl NasData {
         let n = train.len();
         Ok(Self {
             dataset: dataset.into(),
-            id: format!(
-                "{dataset} train {} val {} test {} seed {seed}",
-                tr.len(),
-                va.len(),
-                te.len()
-            ),
+            id: format!("{dataset} train {} val {} test {} seed {seed}", tr.len(), va.len(), te.len()),
             probe: train.images.narrow(0, 0, sizes.probe.min(n))?,
             calib: train.images.narrow(0, 0, sizes.calib.min(n))?,
             val: to_tensors(&va, &mean, &std, device)?,

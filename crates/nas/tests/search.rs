@@ -186,12 +186,20 @@ fn a_pool_never_serves_results_of_other_data() {
     assert_eq!(first.data_id, data.id);
     // The same data: the cached result comes back (no training: the same run directory, same numbers).
     let again = nas::standalone::train_standalone(&space, &arch, &data, &cfg, &dir).unwrap();
-    assert_eq!((again.val_top1, again.test_top1, again.seconds), (first.val_top1, first.test_top1, first.seconds));
+    assert_eq!(
+        (again.val_top1, again.test_top1, again.seconds),
+        (first.val_top1, first.test_top1, first.seconds)
+    );
     // Other subsets of the same dataset: refused, naming both and the fix.
     let mut other = data.clone();
     other.id = format!("{} (other subsets)", data.id);
-    let err = nas::standalone::train_standalone(&space, &arch, &other, &cfg, &dir).unwrap_err().to_string();
-    assert!(err.contains("(other subsets)") && err.contains(&data.id) && err.contains("another --pool"), "{err}");
+    let err = nas::standalone::train_standalone(&space, &arch, &other, &cfg, &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(other subsets)") && err.contains(&data.id) && err.contains("another --pool"),
+        "{err}"
+    );
     // Another training config: refused too.
     let longer = StandaloneConfig { epochs: 2, ..cfg };
     assert!(nas::standalone::train_standalone(&space, &arch, &data, &longer, &dir).is_err());
