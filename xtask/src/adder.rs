@@ -489,10 +489,7 @@ fn train(method: &str, c: &Common) -> Result<serde_json::Value> {
         pair.as_ref().map(|p| &p.config),
         vs.num_params(),
     )?;
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = crate::grid::run_name(&out);
     let mut notes =
         format!(
         "Method `{method}`{}. Per image: {} multiplications, {} additions, energy {:.3} uJ (45 nm: add 0.9 pJ, mul 3.7 pJ); {} params{}.",

@@ -486,10 +486,7 @@ fn fit_and_report(
     }
     let summary = trainer.fit(&d.train, Some(&d.test))?;
     write_summary(&out, &summary, method, &counts)?;
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = crate::grid::run_name(&out);
     let mut n = format!(
         "Method `{method}`. Inference counts per image: {} float params, {} binary params, FLOPs {}, BOPs {}, OPs = FLOPs + BOPs/64 = {:.4e}, packed size {:.1} KiB. {notes}",
         counts.float_params,

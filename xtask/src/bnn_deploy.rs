@@ -386,10 +386,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         nn_core::report::command_line()
     );
     println!("{body}");
-    let key = format!(
-        "export-{}",
-        run.dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
-    );
+    let key = format!("export-{}", crate::grid::run_name(&run.dir));
     nn_core::report::write_section(RESULTS, TITLE, &key, &body)?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! rerun of the same command resumes); stand-alone trainings are cached by architecture in
 //! `runs/nas-pool/` and shared by every study and search with the same training config.
 
+use crate::grid::run_name;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use nas::data::{DataSizes, NasData};
@@ -364,12 +365,6 @@ fn cheap_sources() -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-/// The section key of a run: its directory name.
-fn run_name(out: &Path) -> String {
-    out.file_name()
-        .map_or_else(|| out.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 fn fmt(v: Option<f64>) -> String {

@@ -335,10 +335,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         a.seed
     );
     let summary = Trainer::new(cfg, model.as_ref(), &vs)?.fit(&data.train, Some(&data.test))?;
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = crate::grid::run_name(&out);
     let notes = a.data.subset_note();
     let page = nn_core::report::write_section(&a.results, "nn-core results", &name, &summary_markdown(&name, &summary, &notes))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -486,7 +486,7 @@ fn finish(a: &RunArgs, out: &Path, s: &TrainSummary, r: PruneReport) -> Result<P
         );
         return Ok(r);
     }
-    let name = out.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let name = crate::grid::run_name(&out);
     let body = format!(
         "## {name}\n\n{} of {} ({}), seed {}, rate {}: top-1 {:.2} (dense) -> {} (pruned, before fine-tuning) -> **{:.2}** after {} fine-tuning epoch(s); parameters {} -> {} ({:+.1}% removed), MACs/image {} -> {:.0} ({:.1}% removed); wall {:.0} s.\n\n```\n{}\n```\n",
         r.method,

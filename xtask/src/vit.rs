@@ -404,10 +404,7 @@ fn train(a: TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let name = out
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = crate::grid::run_name(&out);
     let opt = if a.sgd { "SGD (momentum 0.9)" } else { "AdamW" };
     let mut notes = format!(
         "{opt}, lr {}, weight decay {}, cosine after {} warmup epoch(s), label smoothing {}, stochastic depth {}, batch {}, {threads} thread(s), crop + flip augmentation.",
@@ -758,11 +755,7 @@ fn efficiency(a: EfficiencyArgs) -> Result<()> {
     }
     let sb = &test[..a.speed_batches.clamp(1, test.len())];
     let ips = round_robin_speed(&models, sb, a.speed_repeats)?;
-    let name = a
-        .run
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "run".into());
+    let name = crate::grid::run_name(&a.run);
     let mut table = format!(
         "## Efficiency methods on {} ({name})\n\n| method | setting | params | MACs (M) | MACs vs base | test top-1 % | change (points) | img/s | speed vs base |\n|---|---|---|---|---|---|---|---|---|\n",
         a.model

@@ -6,7 +6,7 @@
 //! which are written with candle primitives so they record a backward pass; candle-nn's fused
 //! versions are forward-only.
 
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var};
 use nn_core::init::Init;
 use nn_core::layers::functional;
 use nn_core::layers::{Conv2d, Conv2dConfig};
@@ -178,23 +178,17 @@ impl Mlp {
 
 /// Scaled dot-product attention, Eq. (1) of the survey: softmax(Q K^T * scale + bias) V.
 ///
-/// `q`: `[B, H, Nq, d]`, `k`: `[B, H, Nk, d]`, `v`: `[B, H, Nk, dv]`; `bias` broadcasts to
-/// `[B, H, Nq, Nk]`. The softmax is nn-core's fused one and the products run in parallel over
-/// batch and heads (`nn_core::ops::matmul::batched_matmul`), both with gradients.
+/// `q`: `[B, H, Nq, d]`, `k`: `[B, H, Nk, d]`, `v`: `[B, H, Nk, dv]` (any strides: heads split
+/// out of a projection by a permute are read in place); `bias` broadcasts to `[B, H, Nq, Nk]`.
+/// nn-core's fused kernels (`nn_core::ops::attention`), with gradients; the result is a view
+/// whose `transpose(1, 2)` is contiguous token layout.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    let scores = attention_probs(q, k, scale, bias)?;
-    nn_core::ops::matmul::batched_matmul(&scores, &v.contiguous()?)
+    nn_core::ops::attention::scaled_dot_product_attention(q, k, v, scale, bias)
 }
 
 /// The attention matrix softmax(Q K^T * scale + bias), `[B, H, Nq, Nk]`.
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
-    let q = (q.contiguous()? * scale)?;
-    let kt = k.contiguous()?.transpose(D::Minus2, D::Minus1)?;
-    let mut s = nn_core::ops::matmul::batched_matmul(&q, &kt)?;
-    if let Some(b) = bias {
-        s = s.broadcast_add(b)?;
-    }
-    functional::softmax_last_dim(&s)
+    nn_core::ops::attention::attention_probs(q, k, scale, bias)
 }
 
 /// MACs of the two attention matmuls (Q K^T and A V) per image.

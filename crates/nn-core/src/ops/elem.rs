@@ -222,27 +222,36 @@ pub(crate) fn outer_par() -> gemm::Parallelism {
     }
 }
 
-/// Defines `fn name(args)` whose body is compiled twice, for baseline x86-64 and with AVX2+FMA
-/// enabled, the latter chosen at run time where the CPU has it (the crate is built for baseline
-/// x86-64; the body is inlined into both, so its loops vectorise with 256-bit registers).
+/// Defines `fn name(args)` whose body is compiled three times, for baseline x86-64, with AVX2+FMA
+/// and with AVX-512 (F, BW, DQ, VL) enabled, the best one the CPU has chosen at run time (the
+/// crate is built for baseline x86-64; the body is inlined into each, so its loops vectorise
+/// with 256- or 512-bit registers).
 /// Prefer it to [`simd`] for large kernels: a closure passed to `simd` is not always inlined
-/// into the AVX2 function, and then runs as baseline code.
+/// into the vector function, and then runs as baseline code.
 ///
 /// Exported as `nn_core::simd_dispatch!` for other crates' kernels (bnn-core's quantizers).
-/// The body sees a `const FMA: bool` (true in the AVX2+FMA build).
+/// The body sees a `const FMA: bool` (true in the AVX2+FMA and AVX-512 builds).
 #[macro_export]
 macro_rules! simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        fn $name($($a: $t),*) {
+        $vis fn $name($($a: $t),*) {
             // `FMA` selects fused multiply-adds in the polynomial helpers (see `fma`)
             #[inline(always)]
             fn imp<const FMA: bool>($($a: $t),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn avx512($($a: $t),*) {
+                    imp::<true>($($a),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($a: $t),*) {
                     imp::<true>($($a),*)
+                }
+                if $crate::ops::has_avx512() {
+                    // SAFETY: the CPU has the features enabled for `avx512`.
+                    return unsafe { avx512($($a),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features enabled for `avx2`.
@@ -255,15 +264,23 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use crate::simd_dispatch as dispatch;
 
-/// Runs `f` compiled with AVX2+FMA enabled when the CPU supports it (the crate is built
-/// for baseline x86-64), so that the auto-vectorised inner loops use 256-bit registers.
+/// Runs `f` compiled with AVX-512 or AVX2+FMA enabled when the CPU supports it (the crate is
+/// built for baseline x86-64), so that the auto-vectorised inner loops use 512- or 256-bit
+/// registers.
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
+        }
+        if crate::ops::has_avx512() {
+            return unsafe { avx512(f) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return unsafe { avx2(f) };

@@ -5,7 +5,8 @@
 //! threading, which for small matrices (a ViT-Ti head: `197 x 64` by `64 x 197`; a Swin window:
 //! `49 x 32` by `32 x 49`) spends much of its time synchronising threads. Here the batch is
 //! split over rayon's threads and each product runs single-threaded, reading the operands
-//! through their strides (a transposed view needs no copy).
+//! through their strides: a transposed view, or heads permuted out of a projection (batch
+//! dimensions with any strides, [`BatchIndex`]), need no copy.
 //!
 //! Backward: `dA = dC B^T`, `dB = A^T dC`, with the same op on transposed views.
 
@@ -13,24 +14,57 @@ use crate::ops::elem::{gemm, Mat};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// `(batch, batch stride)` of the leading dimensions of `l`, if they collapse to one stride.
-fn batch_of(l: &Layout) -> Option<(usize, usize)> {
-    let (dims, strides) = (l.dims(), l.stride());
-    let mut count = 1usize;
-    let mut stride = None;
-    // innermost batch dimension first: each outer one must step over all inner ones
-    for i in (0..dims.len() - 2).rev() {
-        if dims[i] == 1 {
-            continue;
+/// The leading (batch) dimensions of a layout with their strides: the offset of product `i`
+/// (row-major over the batch dimensions) is `BatchIndex::offset(i)`, so any strided view (a
+/// permuted or transposed one: attention heads read straight out of a `qkv` projection)
+/// needs no copy.
+pub(crate) struct BatchIndex {
+    dims: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl BatchIndex {
+    pub(crate) fn of(l: &Layout) -> Self {
+        let r = l.dims().len();
+        Self {
+            dims: l.dims()[..r - 2].to_vec(),
+            strides: l.stride()[..r - 2].to_vec(),
         }
-        match stride {
-            None => stride = Some(strides[i]),
-            Some(s) if strides[i] == s * count => {}
-            Some(_) => return None,
-        }
-        count *= dims[i];
     }
-    Some((count, stride.unwrap_or(0)))
+    pub(crate) fn count(&self) -> usize {
+        self.dims.iter().product()
+    }
+    /// Offset of product `i` from the layout's start.
+    pub(crate) fn offset(&self, mut i: usize) -> usize {
+        let mut off = 0;
+        for (&d, &s) in self.dims.iter().zip(&self.strides).rev() {
+            off += (i % d) * s;
+            i /= d;
+        }
+        off
+    }
+    /// Offset of the last element of product `count - 1` for a `rows x cols` matrix with
+    /// strides `rs`, `cs` (None for an empty batch or matrix).
+    pub(crate) fn last_element(&self, start: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+        let n = self.count();
+        if n == 0 || rows == 0 || cols == 0 {
+            return None;
+        }
+        let last_batch: usize = self.dims.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum();
+        Some(start + last_batch + (rows - 1) * rs + (cols - 1) * cs)
+    }
+}
+
+/// Checks that every element of the `rows x cols` matrices of `l` lies inside `len` values.
+pub(crate) fn check_inside(l: &Layout, len: usize, what: &str) -> Result<()> {
+    let (d, s) = (l.dims(), l.stride());
+    let r = d.len();
+    if let Some(last) = BatchIndex::of(l).last_element(l.start_offset(), d[r - 2], d[r - 1], s[r - 2], s[r - 1]) {
+        if last >= len {
+            candle_core::bail!("{what}: layout exceeds its storage");
+        }
+    }
+    Ok(())
 }
 
 struct BatchedMatmul;
@@ -47,25 +81,15 @@ impl CustomOp2 for BatchedMatmul {
         let (da, db) = (l1.dims(), l2.dims());
         let r = da.len();
         let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
-        let ((batch, bsa), (batch_b, bsb)) = match (batch_of(l1), batch_of(l2)) {
-            (Some(x), Some(y)) => (x, y),
-            _ => candle_core::bail!("batched matmul: batch dimensions must collapse to one stride"),
-        };
-        if batch != batch_b || db[r - 2] != k {
+        let (ia, ib) = (BatchIndex::of(l1), BatchIndex::of(l2));
+        if ia.dims != ib.dims || db[r - 2] != k {
             candle_core::bail!("batched matmul: shapes {da:?} and {db:?} do not match");
         }
+        let batch = ia.count();
         let (sa, sb) = (l1.stride(), l2.stride());
         let (ra, ca, rb, cb) = (sa[r - 2], sa[r - 1], sb[r - 2], sb[r - 1]);
-        // every element read must lie inside the buffers
-        let last = |off: usize, bs: usize, rows: usize, cols: usize, rs: usize, cs: usize| {
-            off + (batch - 1) * bs + (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-        };
-        if batch > 0
-            && m * k * n > 0
-            && (last(l1.start_offset(), bsa, m, k, ra, ca) >= a.len() || last(l2.start_offset(), bsb, k, n, rb, cb) >= b.len())
-        {
-            candle_core::bail!("batched matmul: layout exceeds its storage");
-        }
+        check_inside(l1, a.len(), "batched matmul")?;
+        check_inside(l2, b.len(), "batched matmul")?;
         let len = batch * m * n;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         if m * n > 0 {
@@ -76,12 +100,12 @@ impl CustomOp2 for BatchedMatmul {
                 .enumerate()
                 .for_each(|(i, c)| {
                     let lhs = Mat {
-                        ptr: a[l1.start_offset() + i * bsa..].as_ptr(),
+                        ptr: a[l1.start_offset() + ia.offset(i)..].as_ptr(),
                         rs: ra as isize,
                         cs: ca as isize,
                     };
                     let rhs = Mat {
-                        ptr: b[l2.start_offset() + i * bsb..].as_ptr(),
+                        ptr: b[l2.start_offset() + ib.offset(i)..].as_ptr(),
                         rs: rb as isize,
                         cs: cb as isize,
                     };
@@ -116,19 +140,10 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && a.dims()[..r - 2] == b.dims()[..r - 2]
         && a.dims()[..r - 2].iter().product::<usize>() >= 2 * rayon::current_num_threads();
     if !fast {
-        return a.matmul(b);
+        // candle's matmul refuses some strided batches: those are copied first
+        return a.matmul(b).or_else(|_| a.contiguous()?.matmul(&b.contiguous()?));
     }
-    let a = if batch_of(a.layout()).is_some() {
-        a.clone()
-    } else {
-        a.contiguous()?
-    };
-    let b = if batch_of(b.layout()).is_some() {
-        b.clone()
-    } else {
-        b.contiguous()?
-    };
-    a.apply_op2(&b, BatchedMatmul)
+    a.apply_op2(b, BatchedMatmul)
 }
 
 #[cfg(test)]
@@ -159,7 +174,7 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(d < 1e-5, "{d}");
         }
-        // a batch split by a non-collapsible permutation is copied first; shape errors are named
+        // a batch split by a non-collapsible permutation is read in place; shape errors are named
         let x = Tensor::randn(0f32, 1.0, (4, 6, 3, 3), &dev)?.permute((1, 0, 2, 3))?;
         let y = Tensor::randn(0f32, 1.0, (6, 4, 3, 2), &dev)?;
         let d = (batched_matmul(&x, &y)? - x.contiguous()?.matmul(&y)?)?

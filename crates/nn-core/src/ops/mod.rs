@@ -51,10 +51,12 @@
 //! * [`rowwise`]: softmax, layer normalisation and exact GELU over the last dimension, fused
 //!   and multi-threaded (vectorised `exp`/`erfc`), with backward.
 //! * [`matmul`]: batched matrix products parallel over the batch (attention heads, windows).
+//! * [`attention`]: scaled dot-product attention as two fused kernels reading heads in place.
 //! * [`transpose`]: blocked, multi-threaded contiguous transpose of the last two dimensions.
 //! * [`depthwise_tokens`]: depthwise convolution on channels-last tokens, with backward.
 
 pub mod activation;
+pub mod attention;
 pub mod batch_norm;
 pub mod channel;
 mod conv;
@@ -71,6 +73,28 @@ mod winograd;
 use candle_core::{DType, Device, Result, Tensor};
 pub use conv::{set_winograd, winograd_enabled};
 use std::sync::Arc;
+
+/// Whether the vectorised kernels (`simd_dispatch!`) take their AVX-512 build: the CPU has
+/// AVX-512 F/BW/DQ/VL and the environment variable `NN_CORE_NO_AVX512` is unset (set it to
+/// compare against the AVX2 build on the same machine). Read once.
+#[doc(hidden)]
+pub fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("NN_CORE_NO_AVX512").is_none()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
 
 /// Parameters of [`conv2d`]; all pairs are `(height, width)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

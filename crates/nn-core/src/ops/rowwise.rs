@@ -283,6 +283,29 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// In place, per row of `d` values: `y = softmax(scale * y + bias)`, `bias` holding rows of
+    /// the same shape (or none): the score rows of [`crate::ops::attention`].
+    pub(crate) fn scaled_softmax_rows_inplace(ys: &mut [f32], d: usize, scale: f32, bias: Option<&[f32]>) {
+        for (r, y) in ys.chunks_exact_mut(d).enumerate() {
+            match bias {
+                Some(b) => {
+                    for (o, &v) in y.iter_mut().zip(&b[r * d..(r + 1) * d]) {
+                        *o = fma::<FMA>(*o, scale, v);
+                    }
+                }
+                None => y.iter_mut().for_each(|o| *o *= scale),
+            }
+            let m = max_lanes(y);
+            for o in y.iter_mut() {
+                *o = exp_f32::<FMA>(*o - m);
+            }
+            let inv = 1.0 / sum_lanes(y);
+            y.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -300,7 +323,8 @@ impl CustomOp1 for Softmax {
     }
 }
 
-struct SoftmaxGrad;
+/// `dx = y (g - sum(g y))` per last-dimension row of `y` (the softmax output) and `g`.
+pub(crate) struct SoftmaxGrad;
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
