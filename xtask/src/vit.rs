@@ -532,10 +532,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         (None, false) => table += &format!("\nImages/s are medians over {rounds} alternating rounds (every model here, then every model in PyTorch, repeated), so that the shared machine's slow periods hit both sides; ratio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo), also given per round. PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py bench`, run by this command on the same machine.\n"),
     }
     table += &format!(
-        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model and round after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs.\n\n```\n{}\n```\n",
+        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model and round after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs. Machine: {}.\n\n```\n{}\n```\n",
         a.seconds,
         load_before,
         load(),
+        nn_core::bench::machine_description(),
         nn_core::report::command_line()
     );
     print!("{table}");

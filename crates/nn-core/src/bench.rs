@@ -23,6 +23,38 @@ pub struct Timing {
     pub runs: usize,
 }
 
+/// The machine a benchmark ran on, for its report: the CPU's model name (with family and
+/// model numbers from `/proc/cpuinfo` where present), the number of logical CPUs, and which
+/// build of nn-core's vectorised kernels runs (the `gemm` crate chooses its own the same way).
+/// Timings from different machines are not comparable; this line says which one it was.
+pub fn machine_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let ids = match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!(" (family {f}, model {m})"),
+        _ => String::new(),
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    let simd = if crate::ops::has_avx512() {
+        "AVX-512"
+    } else if avx2 {
+        "AVX2+FMA"
+    } else {
+        "baseline"
+    };
+    format!("{name}{ids}, {cpus} logical CPUs, {simd} kernels")
+}
+
 /// Runs `f` `warmup` times untimed, then `runs` times timed, and returns the median.
 pub fn time_it(warmup: usize, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Timing> {
     for _ in 0..warmup {
@@ -391,6 +423,14 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_description_names_cpus_and_kernels() {
+        let d = machine_description();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert!(d.contains(&format!("{cpus} logical CPUs")), "{d}");
+        assert!(["AVX-512 kernels", "AVX2+FMA kernels", "baseline kernels"].iter().any(|k| d.ends_with(k)), "{d}");
+    }
 
     #[test]
     fn time_it_and_report_format() {
