@@ -429,7 +429,12 @@ mod tests {
         let d = machine_description();
         let cpus = std::thread::available_parallelism().unwrap().get();
         assert!(d.contains(&format!("{cpus} logical CPUs")), "{d}");
-        assert!(["AVX-512 kernels", "AVX2+FMA kernels", "baseline kernels"].iter().any(|k| d.ends_with(k)), "{d}");
+        assert!(
+            ["AVX-512 kernels", "AVX2+FMA kernels", "baseline kernels"]
+                .iter()
+                .any(|k| d.ends_with(k)),
+            "{d}"
+        );
     }
 
     #[test]

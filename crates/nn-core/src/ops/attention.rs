@@ -43,6 +43,18 @@ fn dims4(l: &Layout, what: &str) -> Result<[usize; 4]> {
     }
 }
 
+/// The matrix of (batch, head) `i` of a `[B, H, rows, cols]` layout over `data`, or (when
+/// `transposed`) its transpose.
+fn head(data: &[f32], l: &Layout, batch: &BatchIndex, i: usize, transposed: bool) -> Mat<f32> {
+    let s = l.stride();
+    let (rs, cs) = if transposed { (s[3], s[2]) } else { (s[2], s[3]) };
+    Mat {
+        ptr: data.as_ptr().wrapping_add(l.start_offset() + batch.offset(i)),
+        rs: rs as isize,
+        cs: cs as isize,
+    }
+}
+
 /// An output pointer shared by parallel tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -95,7 +107,6 @@ impl ScoresSoftmax {
         }
         let (iq, ik) = (BatchIndex::of(lq), BatchIndex::of(lk));
         let ib = bias.map(|(_, lb)| BatchIndex::of(lb));
-        let (sq, sk) = (lq.stride(), lk.stride());
         let len = b * h * nq * nk;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         if nq * nk > 0 {
@@ -104,17 +115,7 @@ impl ScoresSoftmax {
                 .enumerate()
                 .for_each_init(Vec::new, |gathered, (i, p)| {
                     let p = p.as_mut_ptr() as *mut f32;
-                    let lhs = Mat {
-                        ptr: q.as_ptr().wrapping_add(lq.start_offset() + iq.offset(i)),
-                        rs: sq[2] as isize,
-                        cs: sq[3] as isize,
-                    };
-                    // K^T: rows along k's feature dimension
-                    let rhs = Mat {
-                        ptr: k.as_ptr().wrapping_add(lk.start_offset() + ik.offset(i)),
-                        rs: sk[3] as isize,
-                        cs: sk[2] as isize,
-                    };
+                    let (lhs, rhs) = (head(q, lq, &iq, i, false), head(k, lk, &ik, i, true));
                     // SAFETY: every element read lies inside q and k (checked above); `p` is
                     // this task's nq x nk block, written whole by the product.
                     unsafe { product(nq, nk, d, p, nk, lhs, rhs) };
@@ -211,23 +212,13 @@ impl CustomOp2 for AttendValues {
         check_inside(l1, p.len(), "attention values (probabilities)")?;
         check_inside(l2, v.len(), "attention values (v)")?;
         let (ip, iv) = (BatchIndex::of(l1), BatchIndex::of(l2));
-        let (sp, sv) = (l1.stride(), l2.stride());
         let len = b * nq * h * dv;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         let dst = SharedOut(out.as_mut_ptr());
         if len > 0 {
             (0..b * h).into_par_iter().for_each(|i| {
                 let (bi, hi) = (i / h, i % h);
-                let lhs = Mat {
-                    ptr: p.as_ptr().wrapping_add(l1.start_offset() + ip.offset(i)),
-                    rs: sp[2] as isize,
-                    cs: sp[3] as isize,
-                };
-                let rhs = Mat {
-                    ptr: v.as_ptr().wrapping_add(l2.start_offset() + iv.offset(i)),
-                    rs: sv[2] as isize,
-                    cs: sv[3] as isize,
-                };
+                let (lhs, rhs) = (head(p, l1, &ip, i, false), head(v, l2, &iv, i, false));
                 // SAFETY: reads checked above; head `hi` of image `bi` is an nq x dv block with
                 // row stride h * dv that no other task writes.
                 unsafe { product(nq, dv, nk, dst.at(bi * nq * h * dv + hi * dv), h * dv, lhs, rhs) };
