@@ -11,8 +11,9 @@
 //! # Why
 //! Composed from separate ops, the same attention copied q, k and v into contiguous heads, ran
 //! the softmax as a second pass over a scores tensor, and copied the transposed output back
-//! into token layout: in a ViT-Ti forward on this project's 2-core machine, copies took 13% of
-//! the time (`perf record` of `cargo xtask vit bench`).
+//! into token layout: in a ViT-Ti forward, copies took 13% of the time on an AVX-512 machine
+//! (`perf record` of `cargo xtask vit bench`), about 2% on an AVX2 one whose matrix products
+//! are slower (docs/results/vit-survey-zoo.md has the measurements).
 //!
 //! # Backward
 //! With `S = scale Q K^T + bias`, `P = softmax(S)`, `O = P V` and `dO` given:
