@@ -25,7 +25,7 @@
 //! Other devices and dtypes take the composed form, which has the same gradients.
 
 use crate::ops::elem::{gemm, Mat};
-use crate::ops::matmul::{batched_matmul, check_inside, BatchIndex};
+use crate::ops::matmul::{batch_matrix, batched_matmul, check_inside, BatchIndex};
 use crate::ops::rowwise::{scaled_softmax_rows_inplace, softmax_last_dim, SoftmaxGrad};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -41,18 +41,6 @@ fn dims4(l: &Layout, what: &str) -> Result<[usize; 4]> {
     match *l.dims() {
         [a, b, c, d] => Ok([a, b, c, d]),
         _ => candle_core::bail!("{what}: expected 4 dimensions [B, H, N, d], got {:?}", l.dims()),
-    }
-}
-
-/// The matrix of (batch, head) `i` of a `[B, H, rows, cols]` layout over `data`, or (when
-/// `transposed`) its transpose.
-fn head(data: &[f32], l: &Layout, batch: &BatchIndex, i: usize, transposed: bool) -> Mat<f32> {
-    let s = l.stride();
-    let (rs, cs) = if transposed { (s[3], s[2]) } else { (s[2], s[3]) };
-    Mat {
-        ptr: data.as_ptr().wrapping_add(l.start_offset() + batch.offset(i)),
-        rs: rs as isize,
-        cs: cs as isize,
     }
 }
 
@@ -116,7 +104,7 @@ impl ScoresSoftmax {
                 .enumerate()
                 .for_each_init(Vec::new, |gathered, (i, p)| {
                     let p = p.as_mut_ptr() as *mut f32;
-                    let (lhs, rhs) = (head(q, lq, &iq, i, false), head(k, lk, &ik, i, true));
+                    let (lhs, rhs) = (batch_matrix(q, lq, &iq, i, false), batch_matrix(k, lk, &ik, i, true));
                     // SAFETY: every element read lies inside q and k (checked above); `p` is
                     // this task's nq x nk block, written whole by the product.
                     unsafe { product(nq, nk, d, p, nk, lhs, rhs) };
@@ -219,7 +207,7 @@ impl CustomOp2 for AttendValues {
         if len > 0 {
             (0..b * h).into_par_iter().for_each(|i| {
                 let (bi, hi) = (i / h, i % h);
-                let (lhs, rhs) = (head(p, l1, &ip, i, false), head(v, l2, &iv, i, false));
+                let (lhs, rhs) = (batch_matrix(p, l1, &ip, i, false), batch_matrix(v, l2, &iv, i, false));
                 // SAFETY: reads checked above; head `hi` of image `bi` is an nq x dv block with
                 // row stride h * dv that no other task writes.
                 unsafe { product(nq, dv, nk, dst.at(bi * nq * h * dv + hi * dv), h * dv, lhs, rhs) };

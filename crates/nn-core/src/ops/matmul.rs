@@ -43,26 +43,31 @@ impl BatchIndex {
         }
         off
     }
-    /// Offset of the last element of product `count - 1` for a `rows x cols` matrix with
-    /// strides `rs`, `cs` (None for an empty batch or matrix).
-    pub(crate) fn last_element(&self, start: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
-        let n = self.count();
-        if n == 0 || rows == 0 || cols == 0 {
-            return None;
-        }
-        let last_batch: usize = self.dims.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum();
-        Some(start + last_batch + (rows - 1) * rs + (cols - 1) * cs)
+}
+
+/// The matrix of product `i` of a `[..., rows, cols]` layout over `data` (`batch` from
+/// [`BatchIndex::of`] of the same layout), or, when `transposed`, its transpose.
+pub(crate) fn batch_matrix(data: &[f32], l: &Layout, batch: &BatchIndex, i: usize, transposed: bool) -> Mat<f32> {
+    let s = l.stride();
+    let r = s.len();
+    let (rs, cs) = if transposed { (s[r - 1], s[r - 2]) } else { (s[r - 2], s[r - 1]) };
+    Mat {
+        ptr: data.as_ptr().wrapping_add(l.start_offset() + batch.offset(i)),
+        rs: rs as isize,
+        cs: cs as isize,
     }
 }
 
 /// Checks that every element of the `rows x cols` matrices of `l` lies inside `len` values.
 pub(crate) fn check_inside(l: &Layout, len: usize, what: &str) -> Result<()> {
     let (d, s) = (l.dims(), l.stride());
-    let r = d.len();
-    if let Some(last) = BatchIndex::of(l).last_element(l.start_offset(), d[r - 2], d[r - 1], s[r - 2], s[r - 1]) {
-        if last >= len {
-            candle_core::bail!("{what}: layout exceeds its storage");
-        }
+    if d.contains(&0) {
+        return Ok(());
+    }
+    // the last element of the last product: every index at its maximum
+    let last = l.start_offset() + d.iter().zip(s).map(|(&n, &st)| (n - 1) * st).sum::<usize>();
+    if last >= len {
+        candle_core::bail!("{what}: layout exceeds its storage");
     }
     Ok(())
 }
@@ -86,8 +91,6 @@ impl CustomOp2 for BatchedMatmul {
             candle_core::bail!("batched matmul: shapes {da:?} and {db:?} do not match");
         }
         let batch = ia.count();
-        let (sa, sb) = (l1.stride(), l2.stride());
-        let (ra, ca, rb, cb) = (sa[r - 2], sa[r - 1], sb[r - 2], sb[r - 1]);
         check_inside(l1, a.len(), "batched matmul")?;
         check_inside(l2, b.len(), "batched matmul")?;
         let len = batch * m * n;
@@ -99,16 +102,7 @@ impl CustomOp2 for BatchedMatmul {
                 .par_chunks_mut(m * n)
                 .enumerate()
                 .for_each(|(i, c)| {
-                    let lhs = Mat {
-                        ptr: a[l1.start_offset() + ia.offset(i)..].as_ptr(),
-                        rs: ra as isize,
-                        cs: ca as isize,
-                    };
-                    let rhs = Mat {
-                        ptr: b[l2.start_offset() + ib.offset(i)..].as_ptr(),
-                        rs: rb as isize,
-                        cs: cb as isize,
-                    };
+                    let (lhs, rhs) = (batch_matrix(a, l1, &ia, i, false), batch_matrix(b, l2, &ib, i, false));
                     // SAFETY: bounds checked above; `c` is this product's m x n output.
                     unsafe { gemm(m, n, k, c.as_mut_ptr() as *mut f32, n, false, lhs, rhs, gemm::Parallelism::None) };
                 });

@@ -254,16 +254,23 @@ fn check_same(l1: &Layout, l2: &Layout, what: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // softmax
 
+/// In place, `y = softmax(y)` of one row: max, shifted exponentials, normalisation.
+#[inline(always)]
+fn softmax_row_inplace<const F: bool>(y: &mut [f32]) {
+    let m = max_lanes(y);
+    for o in y.iter_mut() {
+        *o = exp_f32::<F>(*o - m);
+    }
+    let inv = 1.0 / sum_lanes(y);
+    y.iter_mut().for_each(|o| *o *= inv);
+}
+
 dispatch! {
     /// Softmax of each row of `d` values.
     fn softmax_rows(xs: &[f32], ys: &mut [f32], d: usize) {
         for (x, y) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)) {
-            let m = max_lanes(x);
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = exp_f32::<FMA>(v - m);
-            }
-            let inv = 1.0 / sum_lanes(y);
-            y.iter_mut().for_each(|o| *o *= inv);
+            y.copy_from_slice(x);
+            softmax_row_inplace::<FMA>(y);
         }
     }
 }
@@ -296,12 +303,7 @@ dispatch! {
                 }
                 None => y.iter_mut().for_each(|o| *o *= scale),
             }
-            let m = max_lanes(y);
-            for o in y.iter_mut() {
-                *o = exp_f32::<FMA>(*o - m);
-            }
-            let inv = 1.0 / sum_lanes(y);
-            y.iter_mut().for_each(|o| *o *= inv);
+            softmax_row_inplace::<FMA>(y);
         }
     }
 }
