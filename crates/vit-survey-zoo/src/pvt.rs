@@ -6,7 +6,7 @@
 //! Names follow timm 1.0's `pvt_v2`.
 
 use crate::layers::{
-    check_input, conv2d, conv_forward, conv_macs, drop_path_rate, flatten_tokens, gelu, tokens_to_map, DropPath, LayerNorm, Linear,
+    check_input, conv2d, conv_forward, conv_macs, drop_path_rate, flatten_tokens, patchify_conv_tokens, tokens_to_map, DropPath, LayerNorm, Linear,
 };
 use crate::registry::{ModelOptions, ZooModel};
 use candle_core::{Result, Tensor};
@@ -77,7 +77,7 @@ impl SrAttention {
         let (b, n, c) = x.dims3()?;
         let q = self.q.forward(x)?.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?;
         let kv_in = match &self.sr {
-            Some((conv, norm)) => norm.forward(&flatten_tokens(&conv_forward(conv, &tokens_to_map(x, h, w)?)?)?)?,
+            Some((conv, norm)) => norm.forward(&patchify_conv_tokens(conv, x, h, w)?)?,
             None => x.clone(),
         };
         let nk = kv_in.dims()[1];
@@ -121,8 +121,9 @@ impl ConvMlp {
             None => Tensor::zeros(self.dwconv.config.out_channels, y.dtype(), y.device())?,
         };
         let bias = &bias;
-        let y = nn_core::ops::depthwise_tokens::depthwise_conv_tokens(&y, self.dwconv.weight.as_tensor(), bias, h, w)?;
-        self.fc2.forward(&gelu(&y)?)
+        // the convolution and GELU in one pass
+        let y = nn_core::ops::depthwise_tokens::depthwise_conv_tokens_gelu(&y, self.dwconv.weight.as_tensor(), bias, h, w)?;
+        self.fc2.forward(&y)
     }
     fn macs(&self, h: usize, w: usize) -> u64 {
         self.fc1.macs(h * w) + conv_macs(&self.dwconv, h, w).0 + self.fc2.macs(h * w)
