@@ -8,8 +8,11 @@
       the same for models timm does not have, from their official repositories' code:
       pvt_tiny (whai362/PVT classification/pvt.py, 224x224) and cmt_ti
       (huawei-noah/Efficient-AI-Backbones cmt_pytorch/cmt.py, 160x160).
-  python3 bench/torch/vit_survey_zoo_reference.py bench [--threads 2] [--batch 8] [model ...]
-      forward images/s at 224x224 in eval mode, printed as `model img/s`.
+  python3 bench/torch/vit_survey_zoo_reference.py bench [--threads 2] [--batch 8] [--seconds 5] [model ...]
+      forward images/s at 224x224 in eval mode, printed as `model img/s` (1 s of warm-up first).
+  python3 bench/torch/vit_survey_zoo_reference.py serve [--threads 2] [--batch 8] [--seconds 5]
+      the same for one model per line of stdin, in one warm process (what `cargo xtask vit
+      bench` runs, alternating its own measurements with these).
   python3 bench/torch/vit_survey_zoo_reference.py macs [model ...]
       PyTorch FLOP counter's count, halved (multiply-accumulates), for one 224x224 image.
 """
@@ -80,19 +83,42 @@ def export_official(name, out, path):
     print(name, "exported", tuple(y.shape))
 
 
-def bench(names, threads, batch):
-    torch.set_num_threads(threads)
-    for n in names:
-        m = make(n)
-        x = torch.randn(batch, 3, 224, 224)
-        with torch.inference_mode():
+def timed(m, x, seconds):
+    """Images/s of eval-mode forwards of `m` on `x`: at least 1 s of warm-up forwards, then at
+    least 3 forwards and `seconds` timed."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        m(x)
+        while time.perf_counter() - t0 < 1.0:
             m(x)
-            reps, t0 = 0, time.perf_counter()
-            while reps < 3 or time.perf_counter() - t0 < 5.0:
-                m(x)
-                reps += 1
-            dt = (time.perf_counter() - t0) / reps
-        print(f"{n} {batch / dt:.2f}")
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < seconds:
+            m(x)
+            reps += 1
+        return x.shape[0] * reps / (time.perf_counter() - t0)
+
+
+def bench(names, threads, batch, seconds=5.0):
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, 224, 224)
+    for n in names:
+        print(f"{n} {timed(make(n), x, seconds):.2f}", flush=True)
+
+
+def serve(threads, batch, seconds):
+    """Like `bench`, one model per line of stdin (models built once and kept), so that a caller
+    can alternate its own measurements with these in one warm process."""
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, 3, 224, 224)
+    models = {}
+    # imports done: the caller starts timing its own models only now
+    print("ready", flush=True)
+    for line in sys.stdin:
+        n = line.strip()
+        if n:
+            if n not in models:
+                models[n] = make(n)
+            print(f"{n} {timed(models[n], x, seconds):.2f}", flush=True)
 
 
 def macs(names):
@@ -111,17 +137,22 @@ if __name__ == "__main__":
         export(args[0], args[1:] or DEFAULT)
     elif cmd == "export-official":
         export_official(args[0], args[1], args[2])
-    elif cmd == "bench":
-        threads, batch, rest = 2, 8, []
+    elif cmd in ("bench", "serve"):
+        threads, batch, seconds, rest = 2, 8, 5.0, []
         it = iter(args)
         for a in it:
             if a == "--threads":
                 threads = int(next(it))
             elif a == "--batch":
                 batch = int(next(it))
+            elif a == "--seconds":
+                seconds = float(next(it))
             else:
                 rest.append(a)
-        bench(rest or DEFAULT, threads, batch)
+        if cmd == "bench":
+            bench(rest or DEFAULT, threads, batch, seconds)
+        else:
+            serve(threads, batch, seconds)
     elif cmd == "macs":
         macs(args or DEFAULT)
     else:

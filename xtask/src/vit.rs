@@ -157,9 +157,10 @@ pub struct BenchArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_torch: bool,
-    /// Alternating rounds (all models here, then all in PyTorch); the table reports medians
-    /// over rounds, so a slow period of the shared machine hits both sides alike.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Rounds; in each, every model runs here and in PyTorch back to back (the order of the
+    /// pair alternating by round), so a slow period of the shared machine hits both sides
+    /// alike; the table reports medians over rounds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
 }
 
@@ -471,10 +472,45 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut ours = vec![Vec::new(); models.len()];
     let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
     let mut torch_error = None;
+    // each model here and in PyTorch back to back (seconds apart, so that the shared machine's
+    // speed changes hit both sides of a pair alike), the order of the pair alternating by round
+    let mut torch = if a.no_torch {
+        None
+    } else {
+        match TorchServer::start(threads, a.batch, a.seconds) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                torch_error = Some(e);
+                None
+            }
+        }
+    };
+    // each model here and in PyTorch back to back (seconds apart, so that the shared machine's
+    // speed changes hit both sides of a pair alike), the order of the pair alternating by round
     for round in 0..rounds {
         for (i, name) in models.iter().enumerate() {
+            let torch_first = round % 2 == 1;
+            let mut run_torch = |theirs: &mut Vec<Vec<f64>>| {
+                if let Some(t) = torch.as_mut() {
+                    match t.images_per_s(name) {
+                        Ok(v) => theirs[i].push(v),
+                        Err(e) => {
+                            torch_error = Some(e);
+                            torch = None;
+                        }
+                    }
+                }
+            };
+            if torch_first {
+                run_torch(&mut theirs);
+            }
             let m = &built[i].1;
+            // warm-up: at least one forward and 1 s, as on the PyTorch side
+            let t = std::time::Instant::now();
             m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+            while t.elapsed().as_secs_f64() < 1.0 {
+                m.forward_t(&x, false)?.to_dtype(DType::F32)?;
+            }
             let t = std::time::Instant::now();
             let mut reps = 0;
             while reps < 3 || t.elapsed().as_secs_f64() < a.seconds {
@@ -484,21 +520,12 @@ fn bench(a: BenchArgs) -> Result<()> {
             let ips = (reps * a.batch) as f64 / t.elapsed().as_secs_f64();
             println!("round {}/{rounds} vit-survey-zoo {name}: {ips:.2} img/s", round + 1);
             ours[i].push(ips);
-        }
-        if a.no_torch || torch_error.is_some() {
-            continue;
-        }
-        match torch_bench(&models, threads, a.batch) {
-            Ok(t) => {
-                for (i, name) in models.iter().enumerate() {
-                    if let Some((_, v)) = t.iter().find(|(n, _)| n == name) {
-                        theirs[i].push(*v);
-                    }
-                }
+            if !torch_first {
+                run_torch(&mut theirs);
             }
-            Err(e) => torch_error = Some(e),
         }
     }
+    drop(torch);
     let median = |v: &[f64]| -> Option<f64> {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -529,10 +556,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     match (&torch_error, a.no_torch) {
         (_, true) => table += "\nPyTorch reference not run: --no-torch\n",
         (Some(e), _) => table += &format!("\nPyTorch reference not run: {e}\n"),
-        (None, false) => table += &format!("\nImages/s are medians over {rounds} alternating rounds (every model here, then every model in PyTorch, repeated), so that the shared machine's slow periods hit both sides; ratio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo), also given per round. PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py bench`, run by this command on the same machine.\n"),
+        (None, false) => table += &format!("\nImages/s are medians over {rounds} rounds; in every round each model runs here and in PyTorch back to back (PyTorch first in every other round), so that the shared machine's speed changes hit both sides of a pair alike; ratio = vit-survey-zoo / PyTorch (higher is better for vit-survey-zoo), also given per round (per pair). PyTorch numbers from `bench/torch/vit_survey_zoo_reference.py serve` (one warm process for the whole run, models built once, glibc malloc tuned through its environment variables as nn-core tunes this process: freed memory kept, mmap only above 32 MiB), run by this command on the same machine.\n"),
     }
     table += &format!(
-        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model and round after one warm-up. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs. Machine: {}.\n\n```\n{}\n```\n",
+        "\nEval mode, random weights, synthetic input; at least 3 timed forwards and {} s per model and round after at least 1 s of warm-up forwards, on both sides. 1-minute load average of the machine (shared with other jobs) {} before and {} after the runs. Machine: {}.\n\n```\n{}\n```\n",
         a.seconds,
         load_before,
         load(),
@@ -568,31 +595,83 @@ fn bench_section(a: &BenchArgs, threads: usize, torch_ran: bool) -> Option<Strin
     Some(key)
 }
 
-fn torch_bench(models: &[&str], threads: usize, batch: usize) -> Result<Vec<(String, f64)>> {
-    let script = nn_core::report::workspace_root().join("bench/torch/vit_survey_zoo_reference.py");
-    let out = std::process::Command::new("python3")
-        .arg(&script)
-        .args(["bench", "--threads", &threads.to_string(), "--batch", &batch.to_string()])
-        .args(models)
-        .output()
-        .with_context(|| format!("running python3 {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
-        );
-    }
-    let s = String::from_utf8_lossy(&out.stdout);
-    let mut v = Vec::new();
-    for line in s.lines() {
-        let mut it = line.split_whitespace();
-        if let (Some(n), Some(ips)) = (it.next(), it.next().and_then(|x| x.parse::<f64>().ok())) {
-            println!("PyTorch/timm {n}: {ips:.2} img/s");
-            v.push((n.to_string(), ips));
+/// `bench/torch/vit_survey_zoo_reference.py serve`: one warm PyTorch process, asked for one
+/// model at a time, so that its measurements can alternate with ours without paying (or
+/// suffering) a fresh process each time.
+struct TorchServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl TorchServer {
+    fn start(threads: usize, batch: usize, seconds: f64) -> Result<Self> {
+        use std::process::{Command, Stdio};
+        let script = nn_core::report::workspace_root().join("bench/torch/vit_survey_zoo_reference.py");
+        let mut child = Command::new("python3")
+            // glibc malloc tuned as nn_core::alloc::tune_allocator tunes this process (keep
+            // freed memory, mmap only above 32 MiB): with glibc's defaults PyTorch's PVTv2-B0
+            // ran at 23-24 img/s against 37-40 with these (fresh processes, 2026-12-07)
+            .env("MALLOC_MMAP_THRESHOLD_", (32u64 << 20).to_string())
+            .env("MALLOC_TRIM_THRESHOLD_", i32::MAX.to_string())
+            .env("MALLOC_TOP_PAD_", (64u64 << 20).to_string())
+            .arg(&script)
+            .args(["serve", "--threads", &threads.to_string(), "--batch", &batch.to_string(), "--seconds", &seconds.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running python3 {}", script.display()))?;
+        let stdin = child.stdin.take().context("python3: no stdin")?;
+        let stdout = child.stdout.take().context("python3: no stdout")?;
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let mut server = Self { child, stdin, lines };
+        // wait until python has imported torch and timm (seconds of CPU), so that its start
+        // does not overlap the first measurement here
+        match server.lines.next() {
+            Some(Ok(l)) if l.trim() == "ready" => Ok(server),
+            _ => Err(server.failure("start")),
         }
     }
-    Ok(v)
+
+    /// The error of a server that stopped answering: its last line on stderr.
+    fn failure(&mut self, during: &str) -> anyhow::Error {
+        let _ = self.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        anyhow::anyhow!(
+            "bench/torch/vit_survey_zoo_reference.py serve failed ({during}): {}",
+            err.lines().last().unwrap_or("no output")
+        )
+    }
+
+    /// PyTorch/timm images/s of `model`.
+    fn images_per_s(&mut self, model: &str) -> Result<f64> {
+        use std::io::Write;
+        let asked = writeln!(self.stdin, "{model}").and_then(|_| self.stdin.flush());
+        let line = match (asked, self.lines.next()) {
+            (Ok(()), Some(Ok(line))) => line,
+            // the process died (an unknown model, ...)
+            _ => return Err(self.failure(model)),
+        };
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next().and_then(|v| v.parse::<f64>().ok())) {
+            (Some(n), Some(ips)) if n == model => {
+                println!("PyTorch/timm {n}: {ips:.2} img/s");
+                Ok(ips)
+            }
+            _ => bail!("bench/torch/vit_survey_zoo_reference.py serve: unexpected answer `{line}` for {model}"),
+        }
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
