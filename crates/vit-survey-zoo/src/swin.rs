@@ -95,26 +95,29 @@ impl WindowAttention {
     /// `x`: `[B * nW, N, C]`; `mask`: `[nW, N, N]` for shifted windows.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (bw, n, c) = x.dims3()?;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((bw, n, 3, self.heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let bias = self.bias()?.unsqueeze(0)?; // [1, H, N, N]
-        let bias = match mask {
-            None => bias,
+        let qkv = self.qkv.forward(x)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let bias = self.bias()?; // [H, N, N]
+        let o = match mask {
+            None => {
+                let qkv = qkv.reshape((bw, n, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?;
+                let o = crate::layers::attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, Some(&bias))?;
+                o.transpose(1, 2)?.reshape((bw, n, c))?
+            }
             Some(m) => {
+                // heads as [B, nW, H, N, d], so that the [nW, H, N, N] mask + bias broadcasts
+                // over the images instead of being tiled into a [B * nW, H, N, N] copy
                 let nw = m.dims()[0];
-                // [nW, 1, N, N] + [1, H, N, N] -> [nW, H, N, N], tiled over the batch
-                let b = m.unsqueeze(1)?.broadcast_add(&bias)?;
-                b.unsqueeze(0)?
-                    .broadcast_as((bw / nw, nw, self.heads, n, n))?
-                    .reshape((bw, self.heads, n, n))?
+                let qkv = qkv
+                    .reshape((bw / nw, nw, n, 3, self.heads, self.head_dim))?
+                    .permute((3, 0, 1, 4, 2, 5))?;
+                let bias = m.unsqueeze(1)?.broadcast_add(&bias.unsqueeze(0)?)?;
+                let o = crate::layers::attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, Some(&bias))?;
+                // [B, nW, H, N, d] -> [B, nW, N, H, d], contiguous on the fused path
+                o.transpose(2, 3)?.reshape((bw, n, c))?
             }
         };
-        let o = crate::layers::attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5), Some(&bias))?;
-        self.proj.forward(&o.transpose(1, 2)?.reshape((bw, n, c))?)
+        self.proj.forward(&o)
     }
 
     fn macs(&self, windows: usize) -> u64 {

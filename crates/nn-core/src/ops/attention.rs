@@ -27,7 +27,7 @@
 use crate::ops::elem::{gemm, Mat};
 use crate::ops::matmul::{batch_matrix, batched_matmul, check_inside, BatchIndex};
 use crate::ops::rowwise::{scaled_softmax_rows_inplace, softmax_last_dim, SoftmaxGrad};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
@@ -37,10 +37,12 @@ fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-fn dims4(l: &Layout, what: &str) -> Result<[usize; 4]> {
-    match *l.dims() {
-        [a, b, c, d] => Ok([a, b, c, d]),
-        _ => candle_core::bail!("{what}: expected 4 dimensions [B, H, N, d], got {:?}", l.dims()),
+/// `(leading dimensions, rows, columns)` of a `[..., H, N, d]` layout (at least 4 dimensions:
+/// batch dimensions, heads, tokens, features; Swin's windows are `[B, windows, H, N, d]`).
+fn split_dims<'a>(l: &'a Layout, what: &str) -> Result<(&'a [usize], usize, usize)> {
+    match l.dims() {
+        [lead @ .., n, d] if lead.len() >= 2 => Ok((lead, *n, *d)),
+        other => candle_core::bail!("{what}: expected at least 4 dimensions [..., H, N, d], got {other:?}"),
     }
 }
 
@@ -77,26 +79,24 @@ struct ScoresSoftmax {
 
 impl ScoresSoftmax {
     fn forward(&self, q: &[f32], lq: &Layout, k: &[f32], lk: &Layout, bias: Option<(&[f32], &Layout)>) -> Result<(CpuStorage, Shape)> {
-        let [b, h, nq, d] = dims4(lq, "attention scores (q)")?;
-        let [bk, hk, nk, dk] = dims4(lk, "attention scores (k)")?;
-        if (bk, hk, dk) != (b, h, d) {
+        let (lead, nq, d) = split_dims(lq, "attention scores (q)")?;
+        let (lead_k, nk, dk) = split_dims(lk, "attention scores (k)")?;
+        if (lead_k, dk) != (lead, d) {
             candle_core::bail!("attention scores: q {:?} and k {:?} do not match", lq.dims(), lk.dims());
         }
+        let mut out_dims = lead.to_vec();
+        out_dims.extend([nq, nk]);
         check_inside(lq, q.len(), "attention scores (q)")?;
         check_inside(lk, k.len(), "attention scores (k)")?;
         if let Some((bs, lb)) = bias {
-            if lb.dims() != [b, h, nq, nk] {
-                candle_core::bail!(
-                    "attention scores: bias {:?} is not [B, H, Nq, Nk] = {:?}",
-                    lb.dims(),
-                    [b, h, nq, nk]
-                );
+            if lb.dims() != out_dims {
+                candle_core::bail!("attention scores: bias {:?} is not [..., H, Nq, Nk] = {out_dims:?}", lb.dims());
             }
             check_inside(lb, bs.len(), "attention scores (bias)")?;
         }
         let (iq, ik) = (BatchIndex::of(lq), BatchIndex::of(lk));
         let ib = bias.map(|(_, lb)| BatchIndex::of(lb));
-        let len = b * h * nq * nk;
+        let len = out_dims.iter().product();
         let mut out: Vec<f32> = Vec::with_capacity(len);
         if nq * nk > 0 {
             out.spare_capacity_mut()[..len]
@@ -112,7 +112,8 @@ impl ScoresSoftmax {
                     let bias_rows = match (bias, &ib) {
                         (Some((bs, lb)), Some(ib)) => {
                             let off = lb.start_offset() + ib.offset(i);
-                            let (rs, cs) = (lb.stride()[2], lb.stride()[3]);
+                            let r = lb.stride().len();
+                            let (rs, cs) = (lb.stride()[r - 2], lb.stride()[r - 1]);
                             if rs == nk && cs == 1 {
                                 Some(&bs[off..off + nq * nk])
                             } else {
@@ -129,7 +130,7 @@ impl ScoresSoftmax {
         }
         // SAFETY: every (batch, head) block was written above (or the output is empty).
         unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from((b, h, nq, nk))))
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 
     /// `(dQ, dK, dS)` from `P` (the output) and `dP`.
@@ -137,7 +138,7 @@ impl ScoresSoftmax {
         let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxGrad)?;
         let ds_scaled = (&ds * self.scale as f64)?;
         let dq = batched_matmul(&ds_scaled, k)?;
-        let dk = batched_matmul(&ds_scaled.transpose(2, 3)?, q)?;
+        let dk = batched_matmul(&ds_scaled.transpose(D::Minus2, D::Minus1)?, q)?;
         Ok((dq, dk, ds))
     }
 }
@@ -184,7 +185,7 @@ impl CustomOp3 for ScoresSoftmax {
     }
 }
 
-/// `P V` written in token layout `[B, Nq, H, dv]`.
+/// `P V` written in token layout `[..., Nq, H, dv]`.
 struct AttendValues;
 
 impl CustomOp2 for AttendValues {
@@ -193,11 +194,16 @@ impl CustomOp2 for AttendValues {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (p, v) = (f32_data(s1, "attention values")?, f32_data(s2, "attention values")?);
-        let [b, h, nq, nk] = dims4(l1, "attention values (probabilities)")?;
-        let [bv, hv, nkv, dv] = dims4(l2, "attention values (v)")?;
-        if (bv, hv, nkv) != (b, h, nk) {
+        let (lead, nq, nk) = split_dims(l1, "attention values (probabilities)")?;
+        let (lead_v, nkv, dv) = split_dims(l2, "attention values (v)")?;
+        if (lead_v, nkv) != (lead, nk) {
             candle_core::bail!("attention values: probabilities {:?} and v {:?} do not match", l1.dims(), l2.dims());
         }
+        // heads: the last leading dimension; b: all the others together
+        let h = lead[lead.len() - 1];
+        let b = lead[..lead.len() - 1].iter().product::<usize>();
+        let mut out_dims = lead[..lead.len() - 1].to_vec();
+        out_dims.extend([nq, h, dv]);
         check_inside(l1, p.len(), "attention values (probabilities)")?;
         check_inside(l2, v.len(), "attention values (v)")?;
         let (ip, iv) = (BatchIndex::of(l1), BatchIndex::of(l2));
@@ -215,32 +221,37 @@ impl CustomOp2 for AttendValues {
         }
         // SAFETY: every (batch, head) block was written above (or the output is empty).
         unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from((b, nq, h, dv))))
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
     fn bwd(&self, p: &Tensor, v: &Tensor, _o: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.transpose(1, 2)?; // [B, H, Nq, dv]
-        let dp = batched_matmul(&g, &v.transpose(2, 3)?)?;
-        let dv = batched_matmul(&p.transpose(2, 3)?, &g)?;
+        let r = g.rank();
+        let g = g.transpose(r - 3, r - 2)?; // [..., H, Nq, dv]
+        let dp = batched_matmul(&g, &v.transpose(D::Minus2, D::Minus1)?)?;
+        let dv = batched_matmul(&p.transpose(D::Minus2, D::Minus1)?, &g)?;
         Ok((Some(dp), Some(dv)))
     }
 }
 
 fn fused(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4)
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() >= 4)
 }
 
 /// The attention matrix `softmax(Q K^T * scale + bias)`, `[B, H, Nq, Nk]`, with gradients.
 ///
 /// `q`: `[B, H, Nq, d]`, `k`: `[B, H, Nk, d]` (any strides); `bias` broadcasts to
-/// `[B, H, Nq, Nk]` (a relative position bias, a mask).
+/// `[B, H, Nq, Nk]` (a relative position bias, a mask). More leading dimensions work alike
+/// (`[B, W, H, N, d]`: Swin's windows, whose mask depends on the window `W` but not on the
+/// image `B`, so that it broadcasts instead of being tiled over the batch).
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     if fused(&[q, k]) && bias.is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32) {
         let op = ScoresSoftmax { scale: scale as f32 };
         return match bias {
             None => q.apply_op2(k, op),
             Some(bias) => {
-                let (b, h, nq, _) = q.dims4()?;
-                let bias = bias.broadcast_as((b, h, nq, k.dims()[2]))?;
+                let mut dims = q.dims().to_vec();
+                let r = dims.len();
+                dims[r - 1] = k.dims()[r - 2];
+                let bias = bias.broadcast_as(dims)?;
                 q.apply_op3(k, &bias, op)
             }
         };
@@ -254,13 +265,15 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, bias: Option<&Tensor>
     softmax_last_dim(&s)
 }
 
-/// `P V` for `p`: `[B, H, Nq, Nk]` and `v`: `[B, H, Nk, dv]`, returned as `[B, H, Nq, dv]`.
+/// `P V` for `p`: `[B, H, Nq, Nk]` and `v`: `[B, H, Nk, dv]`, returned as `[B, H, Nq, dv]`
+/// (or with more leading dimensions, `[..., H, Nq, dv]`).
 ///
 /// On the fused path the result is a `transpose(1, 2)` view of a contiguous `[B, Nq, H, dv]`
 /// tensor: `o.transpose(1, 2)?.reshape((B, Nq, H * dv))` merges the heads without a copy.
 pub fn attend(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[p, v]) {
-        return p.apply_op2(v, AttendValues)?.transpose(1, 2);
+        let r = p.rank();
+        return p.apply_op2(v, AttendValues)?.transpose(r - 3, r - 2);
     }
     batched_matmul(&p.contiguous()?, &v.contiguous()?)
 }
@@ -290,9 +303,10 @@ mod tests {
             Some(b) => s.broadcast_add(b)?,
             None => s,
         };
-        let m = s.max_keepdim(3)?;
+        let last = s.rank() - 1;
+        let m = s.max_keepdim(last)?;
         let e = s.broadcast_sub(&m)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(3)?)?.matmul(&v.contiguous()?)
+        e.broadcast_div(&e.sum_keepdim(last)?)?.matmul(&v.contiguous()?)
     }
 
     /// q, k, v split out of one `[B, N, 3, H, d]` projection by a permute (the layout of every
@@ -347,6 +361,37 @@ mod tests {
 
     /// Heads are merged by `transpose(1, 2)` + `reshape` without a copy, different query and
     /// key lengths work (PVT's reduced keys), and mismatched shapes are refused by name.
+    /// Five dimensions `[B, W, H, N, d]` (Swin's windows) with a bias `[W, H, N, N]` that
+    /// broadcasts over `B`: values and the gradients of q, k, v and the bias against the f64
+    /// composed reference.
+    #[test]
+    fn fused_attention_takes_extra_batch_dimensions() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, w, h, n, d) = (2usize, 3usize, 2usize, 6usize, 4usize);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, w, n, 3, h, d), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, (w, h, n, n), &dev)?)?;
+        let weight = Tensor::randn(0f32, 1.0, (b, w, h, n, d), &dev)?;
+        let heads = |x: &Tensor, i: usize| x.permute((3, 0, 1, 4, 2, 5))?.get(i);
+        let xs = x.as_tensor();
+        let fast = scaled_dot_product_attention(&heads(xs, 0)?, &heads(xs, 1)?, &heads(xs, 2)?, 0.4, Some(bias.as_tensor()))?;
+        let x64 = Var::from_tensor(&xs.to_dtype(DType::F64)?)?;
+        let bias64 = Var::from_tensor(&bias.as_tensor().to_dtype(DType::F64)?)?;
+        let xd = x64.as_tensor();
+        // the reference on [B * W, H, N, d] with the bias tiled over the images (candle's
+        // matmul takes at most two batch dimensions)
+        let flat = |t: Tensor| t.contiguous()?.reshape((b * w, h, n, d));
+        let tiled = bias64.as_tensor().unsqueeze(0)?.broadcast_as((b, w, h, n, n))?.reshape((b * w, h, n, n))?;
+        let slow = reference(&flat(heads(xd, 0)?)?, &flat(heads(xd, 1)?)?, &flat(heads(xd, 2)?)?, 0.4, Some(&tiled))?
+            .reshape((b, w, h, n, d))?;
+        assert_eq!(fast.dims(), [b, w, h, n, d]);
+        assert!(max_diff(&fast, &slow)? < 1e-5, "values");
+        let gf = fast.mul(&weight)?.sum_all()?.backward()?;
+        let gs = slow.mul(&weight.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+        assert!(max_diff(gf.get(xs).unwrap(), gs.get(xd).unwrap())? < 1e-4, "d qkv");
+        assert!(max_diff(gf.get(bias.as_tensor()).unwrap(), gs.get(bias64.as_tensor()).unwrap())? < 1e-4, "d bias");
+        Ok(())
+    }
+
     #[test]
     fn output_is_token_layout_and_shapes_are_checked() -> Result<()> {
         let dev = Device::Cpu;
