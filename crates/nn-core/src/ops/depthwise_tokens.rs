@@ -321,6 +321,22 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// `fast` and `slow` agree within 1e-5, and so do the gradients of a random weighting of
+    /// them with respect to every variable in `vars`.
+    fn assert_same_with_gradients(fast: &Tensor, slow: &Tensor, vars: &[&Var]) -> Result<()> {
+        let max_diff = |a: &Tensor, b: &Tensor| (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+        let d = max_diff(fast, slow)?;
+        assert!(d < 1e-5, "forward {d}");
+        let probe = Tensor::randn(0f32, 1.0, fast.dims(), fast.device())?;
+        let gf = fast.mul(&probe)?.sum_all()?.backward()?;
+        let gs = slow.mul(&probe)?.sum_all()?.backward()?;
+        for v in vars {
+            let d = max_diff(gf.get(v.as_tensor()).expect("a gradient"), gs.get(v.as_tensor()).expect("a gradient"))?;
+            assert!(d < 1e-4, "gradient {d} for {:?}", v.dims());
+        }
+        Ok(())
+    }
+
     #[test]
     fn equals_the_nchw_convolution_with_gradients() -> Result<()> {
         let dev = Device::Cpu;
@@ -334,7 +350,6 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev)?)?;
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev)?)?;
-            let probe = Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?;
             let fast = depthwise_conv_tokens(x.as_tensor(), wt.as_tensor(), b.as_tensor(), h, w)?;
             let cfg = crate::layers::Conv2dConfig::new(c, c, k).groups(c);
             let map = x.as_tensor().transpose(1, 2)?.reshape((n, c, h, w))?;
@@ -342,18 +357,7 @@ mod tests {
                 .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1))?)?
                 .reshape((n, c, h * w))?
                 .transpose(1, 2)?;
-            let d = (&fast - &slow)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(d < 1e-5, "forward {d}");
-            let gf = fast.mul(&probe)?.sum_all()?.backward()?;
-            let gs = slow.mul(&probe)?.sum_all()?.backward()?;
-            for v in [&x, &wt, &b] {
-                let d = (gf.get(v.as_tensor()).unwrap() - gs.get(v.as_tensor()).unwrap())?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                assert!(d < 1e-4, "gradient {d} for {:?}", v.dims());
-            }
+            assert_same_with_gradients(&fast, &slow, &[&x, &wt, &b])?;
         }
         Ok(())
     }
@@ -365,22 +369,10 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, 1, 3, 3), &dev)?)?;
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev)?)?;
-            let probe = Tensor::randn(0f32, 1.0, (n, h * w, c), &dev)?;
             let fused = depthwise_conv_tokens_gelu(x.as_tensor(), wt.as_tensor(), b.as_tensor(), h, w)?;
             // reference: the unfused op, then candle's own erf GELU
             let apart = depthwise_conv_tokens(x.as_tensor(), wt.as_tensor(), b.as_tensor(), h, w)?.gelu_erf()?;
-            let d = (&fused - &apart)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(d < 1e-5, "forward {d}");
-            let gf = fused.mul(&probe)?.sum_all()?.backward()?;
-            let ga = apart.mul(&probe)?.sum_all()?.backward()?;
-            for v in [&x, &wt, &b] {
-                let d = (gf.get(v.as_tensor()).unwrap() - ga.get(v.as_tensor()).unwrap())?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                assert!(d < 1e-4, "gradient {d} for {:?}", v.dims());
-            }
+            assert_same_with_gradients(&fused, &apart, &[&x, &wt, &b])?;
         }
         Ok(())
     }
