@@ -472,8 +472,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut ours = vec![Vec::new(); models.len()];
     let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
     let mut torch_error = None;
-    // each model here and in PyTorch back to back (seconds apart, so that the shared machine's
-    // speed changes hit both sides of a pair alike), the order of the pair alternating by round
+    // one warm PyTorch process for the whole run (none with --no-torch)
     let mut torch = if a.no_torch {
         None
     } else {
