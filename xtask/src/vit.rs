@@ -601,6 +601,9 @@ struct TorchServer {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Drains the child's stderr (so that warnings can never fill the pipe and stall it) and
+    /// returns the text for error messages.
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl TorchServer {
@@ -624,7 +627,18 @@ impl TorchServer {
         let stdin = child.stdin.take().context("python3: no stdin")?;
         let stdout = child.stdout.take().context("python3: no stdout")?;
         let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-        let mut server = Self { child, stdin, lines };
+        let mut err_pipe = child.stderr.take().context("python3: no stderr")?;
+        let stderr = Some(std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err_pipe, &mut text);
+            text
+        }));
+        let mut server = Self {
+            child,
+            stdin,
+            lines,
+            stderr,
+        };
         // wait until python has imported torch and timm (seconds of CPU), so that its start
         // does not overlap the first measurement here
         match server.lines.next() {
@@ -636,10 +650,8 @@ impl TorchServer {
     /// The error of a server that stopped answering: its last line on stderr.
     fn failure(&mut self, during: &str) -> anyhow::Error {
         let _ = self.child.kill();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
+        let _ = self.child.wait();
+        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         anyhow::anyhow!(
             "bench/torch/vit_survey_zoo_reference.py serve failed ({during}): {}",
             err.lines().last().unwrap_or("no output")
