@@ -563,6 +563,8 @@ pub fn list() -> Result<()> {
 fn torch_train_bench(steps: usize, batch: usize, threads: usize) -> Result<(f64, f64, String)> {
     let script = nn_core::report::workspace_root().join("bench/torch/bench_train.py");
     let out = std::process::Command::new("python3")
+        // glibc malloc tuned as this process is (nn_core::alloc::tune_allocator)
+        .envs(nn_core::alloc::glibc_tuning_env())
         .arg(&script)
         .args([
             "--steps",

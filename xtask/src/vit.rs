@@ -611,12 +611,8 @@ impl TorchServer {
         use std::process::{Command, Stdio};
         let script = nn_core::report::workspace_root().join("bench/torch/vit_survey_zoo_reference.py");
         let mut child = Command::new("python3")
-            // glibc malloc tuned as nn_core::alloc::tune_allocator tunes this process (keep
-            // freed memory, mmap only above 32 MiB): with glibc's defaults PyTorch's PVTv2-B0
-            // ran at 23-24 img/s against 37-40 with these (fresh processes, 2026-12-07)
-            .env("MALLOC_MMAP_THRESHOLD_", (32u64 << 20).to_string())
-            .env("MALLOC_TRIM_THRESHOLD_", i32::MAX.to_string())
-            .env("MALLOC_TOP_PAD_", (64u64 << 20).to_string())
+            // glibc malloc tuned as nn_core::alloc::tune_allocator tunes this process
+            .envs(nn_core::alloc::glibc_tuning_env())
             .arg(&script)
             .args(["serve", "--threads", &threads.to_string(), "--batch", &batch.to_string(), "--seconds", &seconds.to_string()])
             .stdin(Stdio::piped())

@@ -285,6 +285,8 @@ fn run_torch(cases: &[ConvCase], threads: usize) -> anyhow::Result<Vec<TorchTimi
         .arg(threads.to_string())
         .arg(serde_json::to_string(cases)?)
         .env("OMP_NUM_THREADS", threads.to_string())
+        // glibc malloc tuned as this process is (crate::alloc::tune_allocator)
+        .envs(crate::alloc::glibc_tuning_env())
         .output()?;
     anyhow::ensure!(out.status.success(), "torch bench failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_slice(&out.stdout)?)
