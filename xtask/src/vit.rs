@@ -614,7 +614,15 @@ impl TorchServer {
             // glibc malloc tuned as nn_core::alloc::tune_allocator tunes this process
             .envs(nn_core::alloc::glibc_tuning_env())
             .arg(&script)
-            .args(["serve", "--threads", &threads.to_string(), "--batch", &batch.to_string(), "--seconds", &seconds.to_string()])
+            .args([
+                "serve",
+                "--threads",
+                &threads.to_string(),
+                "--batch",
+                &batch.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -449,7 +449,12 @@ pub fn patchify_conv_tokens(c: &Conv2d, x: &Tensor, h: usize, w: usize) -> Resul
         .permute((0, 1, 3, 2, 4, 5))?
         .contiguous()?
         .reshape((b * oh * ow, s * s * ci))?;
-    let weight = c.weight.as_tensor().permute((0, 2, 3, 1))?.contiguous()?.reshape((co, s * s * ci))?;
+    let weight = c
+        .weight
+        .as_tensor()
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((co, s * s * ci))?;
     let bias = c.bias.as_ref().map(|v| v.as_tensor());
     nn_core::ops::linear::linear(&patches, &weight, bias)?.reshape((b, oh * ow, co))
 }
@@ -524,7 +529,11 @@ mod tests {
     #[test]
     fn patchify_conv_on_tokens_equals_the_map_route() -> Result<()> {
         let dev = Device::Cpu;
-        for (b, h, w, ci, co, s) in [(2usize, 8usize, 8usize, 5usize, 7usize, 4usize), (1, 5, 7, 3, 4, 2), (2, 3, 3, 2, 6, 3)] {
+        for (b, h, w, ci, co, s) in [
+            (2usize, 8usize, 8usize, 5usize, 7usize, 4usize),
+            (1, 5, 7, 3, 4, 2),
+            (2, 3, 3, 2, 6, 3),
+        ] {
             let vs = VarStore::new(7, &dev);
             let c = conv2d(&vs.root().pp("sr"), Conv2dConfig::new(ci, co, s).stride(s).padding(0).bias(true))?;
             let bias = c.bias.as_ref().expect("a bias");

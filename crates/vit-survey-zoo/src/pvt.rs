@@ -6,7 +6,8 @@
 //! Names follow timm 1.0's `pvt_v2`.
 
 use crate::layers::{
-    check_input, conv2d, conv_forward, conv_macs, drop_path_rate, flatten_tokens, patchify_conv_tokens, tokens_to_map, DropPath, LayerNorm, Linear,
+    check_input, conv2d, conv_forward, conv_macs, drop_path_rate, flatten_tokens, patchify_conv_tokens, tokens_to_map, DropPath, LayerNorm,
+    Linear,
 };
 use crate::registry::{ModelOptions, ZooModel};
 use candle_core::{Result, Tensor};

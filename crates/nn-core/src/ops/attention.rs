@@ -380,15 +380,28 @@ mod tests {
         // the reference on [B * W, H, N, d] with the bias tiled over the images (candle's
         // matmul takes at most two batch dimensions)
         let flat = |t: Tensor| t.contiguous()?.reshape((b * w, h, n, d));
-        let tiled = bias64.as_tensor().unsqueeze(0)?.broadcast_as((b, w, h, n, n))?.reshape((b * w, h, n, n))?;
-        let slow = reference(&flat(heads(xd, 0)?)?, &flat(heads(xd, 1)?)?, &flat(heads(xd, 2)?)?, 0.4, Some(&tiled))?
-            .reshape((b, w, h, n, d))?;
+        let tiled = bias64
+            .as_tensor()
+            .unsqueeze(0)?
+            .broadcast_as((b, w, h, n, n))?
+            .reshape((b * w, h, n, n))?;
+        let slow = reference(
+            &flat(heads(xd, 0)?)?,
+            &flat(heads(xd, 1)?)?,
+            &flat(heads(xd, 2)?)?,
+            0.4,
+            Some(&tiled),
+        )?
+        .reshape((b, w, h, n, d))?;
         assert_eq!(fast.dims(), [b, w, h, n, d]);
         assert!(max_diff(&fast, &slow)? < 1e-5, "values");
         let gf = fast.mul(&weight)?.sum_all()?.backward()?;
         let gs = slow.mul(&weight.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
         assert!(max_diff(gf.get(xs).unwrap(), gs.get(xd).unwrap())? < 1e-4, "d qkv");
-        assert!(max_diff(gf.get(bias.as_tensor()).unwrap(), gs.get(bias64.as_tensor()).unwrap())? < 1e-4, "d bias");
+        assert!(
+            max_diff(gf.get(bias.as_tensor()).unwrap(), gs.get(bias64.as_tensor()).unwrap())? < 1e-4,
+            "d bias"
+        );
         Ok(())
     }
 

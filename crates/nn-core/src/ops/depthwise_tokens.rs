@@ -331,7 +331,10 @@ mod tests {
         let gf = fast.mul(&probe)?.sum_all()?.backward()?;
         let gs = slow.mul(&probe)?.sum_all()?.backward()?;
         for v in vars {
-            let d = max_diff(gf.get(v.as_tensor()).expect("a gradient"), gs.get(v.as_tensor()).expect("a gradient"))?;
+            let d = max_diff(
+                gf.get(v.as_tensor()).expect("a gradient"),
+                gs.get(v.as_tensor()).expect("a gradient"),
+            )?;
             assert!(d < 1e-4, "gradient {d} for {:?}", v.dims());
         }
         Ok(())

@@ -134,7 +134,14 @@ fn normal_cdf<const F: bool>(x: f32) -> f32 {
 const PHI_CLAMP: f32 = 5.3;
 /// Numerator of [`normal_cdf_rational`] in `s = x^2`, Horner order (the constant term is
 /// `1 / sqrt(2 pi)`, the slope of `Phi` at 0).
-const PHI_P: [f32; 6] = [2.405_003_3e-8, 6.379_056_2e-6, 1.603_361_5e-4, 4.628_002_6e-3, 3.293_595_8e-2, 3.989_422_6e-1];
+const PHI_P: [f32; 6] = [
+    2.405_003_3e-8,
+    6.379_056_2e-6,
+    1.603_361_5e-4,
+    4.628_002_6e-3,
+    3.293_595_8e-2,
+    3.989_422_6e-1,
+];
 /// Denominator of [`normal_cdf_rational`] in `s = x^2` without its constant term 1, Horner order.
 const PHI_Q: [f32; 5] = [1.237_160_2e-6, 7.135_277e-5, 1.836_580_6e-3, 2.813_892_1e-2, 2.492_244_4e-1];
 
