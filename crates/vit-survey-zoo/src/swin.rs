@@ -97,26 +97,19 @@ impl WindowAttention {
         let (bw, n, c) = x.dims3()?;
         let qkv = self.qkv.forward(x)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let bias = self.bias()?; // [H, N, N]
-        let o = match mask {
-            None => {
-                let qkv = qkv.reshape((bw, n, 3, self.heads, self.head_dim))?.permute((2, 0, 3, 1, 4))?;
-                let o = crate::layers::attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, Some(&bias))?;
-                o.transpose(1, 2)?.reshape((bw, n, c))?
-            }
-            Some(m) => {
-                // heads as [B, nW, H, N, d], so that the [nW, H, N, N] mask + bias broadcasts
-                // over the images instead of being tiled into a [B * nW, H, N, N] copy
-                let nw = m.dims()[0];
-                let qkv = qkv
-                    .reshape((bw / nw, nw, n, 3, self.heads, self.head_dim))?
-                    .permute((3, 0, 1, 4, 2, 5))?;
-                let bias = m.unsqueeze(1)?.broadcast_add(&bias.unsqueeze(0)?)?;
-                let o = crate::layers::attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, Some(&bias))?;
-                // [B, nW, H, N, d] -> [B, nW, N, H, d], contiguous on the fused path
-                o.transpose(2, 3)?.reshape((bw, n, c))?
-            }
+        // heads as [B, nW, H, N, d] (nW = 1 without a mask), so that the [nW, H, N, N] mask +
+        // bias broadcasts over the images instead of being tiled into a [B * nW, H, N, N] copy
+        let bias = self.bias()?.unsqueeze(0)?; // [1, H, N, N]
+        let (nw, bias) = match mask {
+            None => (1, bias),
+            Some(m) => (m.dims()[0], m.unsqueeze(1)?.broadcast_add(&bias)?),
         };
+        let qkv = qkv
+            .reshape((bw / nw, nw, n, 3, self.heads, self.head_dim))?
+            .permute((3, 0, 1, 4, 2, 5))?;
+        let o = crate::layers::attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, scale, Some(&bias))?;
+        // [B, nW, H, N, d] -> [B, nW, N, H, d], contiguous on the fused path
+        let o = o.transpose(2, 3)?.reshape((bw, n, c))?;
         self.proj.forward(&o)
     }
 
