@@ -3,7 +3,11 @@
 
 Usage: conv_bench.py THREADS CASES_JSON [WARMUP RUNS]
 CASES_JSON is a list of objects with keys name, n, cin, h, w, cout, k, stride, padding,
-groups. Prints a JSON list of {"name", "fwd_ms", "fwd_bwd_ms"} (medians) on stdout.
+groups. Prints a JSON list of {"name", "fwd_ms", "fwd_bwd_ms", "kernels_ms"} (medians) on
+stdout. fwd_bwd_ms is an autograd step (conv, sum, backward for input and weight);
+kernels_ms runs the forward and then aten.convolution_backward (the kernel that autograd
+calls for a convolution's backward) for the input and weight gradients of a fixed random
+output gradient, without autograd bookkeeping.
 """
 import json
 import statistics
@@ -50,10 +54,21 @@ def main():
             wg.grad = None
             F.conv2d(xg, wg, **kw).sum().backward()
 
+        with torch.no_grad():
+            gy = torch.randn_like(F.conv2d(x, w, **kw))
+        s, p = [c["stride"]] * 2, [c["padding"]] * 2
+
+        def kernels():
+            with torch.no_grad():
+                F.conv2d(x, w, **kw)
+                torch.ops.aten.convolution_backward(
+                    gy, x, w, None, s, p, [1, 1], False, [0, 0], c["groups"], [True, True, False])
+
         out.append({
             "name": c["name"],
             "fwd_ms": median_ms(fwd, warmup, runs),
             "fwd_bwd_ms": median_ms(fwd_bwd, warmup, runs),
+            "kernels_ms": median_ms(kernels, warmup, runs),
         })
     print(json.dumps(out))
 

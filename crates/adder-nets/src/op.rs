@@ -128,6 +128,8 @@ impl AdderGeom {
 }
 
 /// Runs `f` compiled with AVX2+FMA when the CPU has them (the crate targets baseline x86-64).
+/// Callers mark the closure `#[inline(always)]`: only code inlined into the wrapper gets the
+/// features (see `nn_core`'s `ops::elem::simd`).
 #[inline(always)]
 fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -466,21 +468,24 @@ fn fwd_chunk(g: &AdderGeom, x: &[f32], packed: &[Vec<f32>], b0: usize, out: &mut
             let xg = &x[((b0 + b) * g.cin + grp * cin_g) * hw..][..cin_g * hw];
             im2col(g, xg, &mut col, lp, k);
             let og = &mut out[(b * g.cout + grp * cout_g) * l..][..cout_g * l];
-            simd(|| {
-                for p0 in (0..lp).step_by(NR) {
-                    let nr = NR.min(l - p0);
-                    for tile in 0..cout_g.div_ceil(MR) {
-                        // SAFETY: col is k x lp, wp holds every tile's k x MR floats.
-                        let acc = unsafe { fwd_tile_best(avx, k, wp.as_ptr().add(tile * k * MR), col.as_ptr(), lp, p0) };
-                        for (m, a) in acc.iter().enumerate().take(cout_g - tile * MR) {
-                            let o = &mut og[(tile * MR + m) * l + p0..][..nr];
-                            for (o, a) in o.iter_mut().zip(a) {
-                                *o = -*a;
+            simd(
+                #[inline(always)]
+                || {
+                    for p0 in (0..lp).step_by(NR) {
+                        let nr = NR.min(l - p0);
+                        for tile in 0..cout_g.div_ceil(MR) {
+                            // SAFETY: col is k x lp, wp holds every tile's k x MR floats.
+                            let acc = unsafe { fwd_tile_best(avx, k, wp.as_ptr().add(tile * k * MR), col.as_ptr(), lp, p0) };
+                            for (m, a) in acc.iter().enumerate().take(cout_g - tile * MR) {
+                                let o = &mut og[(tile * MR + m) * l + p0..][..nr];
+                                for (o, a) in o.iter_mut().zip(a) {
+                                    *o = -*a;
+                                }
                             }
                         }
                     }
-                }
-            });
+                },
+            );
         }
     }
 }
@@ -509,27 +514,30 @@ fn bwd_chunk(g: &AdderGeom, x: &[f32], gy: &[f32], packed: &[Vec<f32>], b0: usiz
                 let s: f32 = gyg[t * l..][..l].iter().sum();
                 rowsum[grp * cout_g + t] += s;
             }
-            simd(|| {
-                for k0 in (0..kp).step_by(KR) {
-                    for p0 in (0..lp).step_by(NR) {
-                        // SAFETY: col and gcol are kp x lp, gyp is cout_g x lp, wt is kp x cout_g.
-                        let acc = unsafe {
-                            bwd_x_tile_best(
-                                avx,
-                                cout_g,
-                                wt.as_ptr().add(k0 * cout_g),
-                                gyp.as_ptr(),
-                                col.as_ptr().add(k0 * lp),
-                                lp,
-                                p0,
-                            )
-                        };
-                        for (m, a) in acc.iter().enumerate() {
-                            gcol[(k0 + m) * lp + p0..][..NR].copy_from_slice(a);
+            simd(
+                #[inline(always)]
+                || {
+                    for k0 in (0..kp).step_by(KR) {
+                        for p0 in (0..lp).step_by(NR) {
+                            // SAFETY: col and gcol are kp x lp, gyp is cout_g x lp, wt is kp x cout_g.
+                            let acc = unsafe {
+                                bwd_x_tile_best(
+                                    avx,
+                                    cout_g,
+                                    wt.as_ptr().add(k0 * cout_g),
+                                    gyp.as_ptr(),
+                                    col.as_ptr().add(k0 * lp),
+                                    lp,
+                                    p0,
+                                )
+                            };
+                            for (m, a) in acc.iter().enumerate() {
+                                gcol[(k0 + m) * lp + p0..][..NR].copy_from_slice(a);
+                            }
                         }
                     }
-                }
-            });
+                },
+            );
             col2im(g, &gcol, lp, &mut gx[(b * g.cin + grp * cin_g) * hw..][..cin_g * hw]);
             // dot[t, k] += sum_p gy[t, p] col[k, p]; padded columns are zero in both.
             let d = &mut dot[grp * cout_g * k..][..cout_g * k];

@@ -1,11 +1,12 @@
-//! Splits a convolution's training cost into forward, input gradient and weight gradient
-//! (medians over a few runs) on the ResNet-20 shapes: `cargo run --release -p nn-core
-//! --example conv_parts`. The weight-gradient column runs with a constant input, the
-//! input-gradient column with a constant weight. An argument such as `64ch@8x8` keeps only
+//! Splits a convolution's training cost into the forward, input-gradient and weight-gradient
+//! kernels (medians over a few runs; the gradient kernels through `conv2d_backward`-style
+//! calls given a random output gradient) and the whole autograd step (`conv2d`, `sum_all`,
+//! `backward`) on the ResNet-20 shapes: `cargo run --release -p nn-core --example
+//! conv_parts`. An argument such as `64ch@8x8` keeps only
 //! the shapes whose name contains it, `--all-only` times just the full step (for profiling),
 //! `--im2col` turns the Winograd path off.
 use candle_core::{Device, Tensor, Var};
-use nn_core::ops::{conv2d, Conv2dOpts};
+use nn_core::ops::{conv2d, conv2d_input_grad, conv2d_weight_grad, Conv2dOpts};
 use std::time::Instant;
 
 fn median_ms(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
@@ -33,8 +34,8 @@ fn main() -> candle_core::Result<()> {
         (64, 16, 64, 1, 64),
     ];
     println!(
-        "{:<22} {:>8} {:>10} {:>10} {:>8}",
-        "shape (batch 128)", "fwd ms", "+dX ms", "+dW ms", "all ms"
+        "{:<22} {:>8} {:>10} {:>10} {:>8} {:>8}",
+        "shape (batch 128)", "fwd ms", "dX ms", "dW ms", "step ms", "seq ms"
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all_only = args.iter().any(|a| a == "--all-only");
@@ -61,10 +62,17 @@ fn main() -> candle_core::Result<()> {
             continue;
         }
         let fwd = median_ms(7, || conv2d(&x, &w, o).map(|_| ()))?;
-        let dx = median_ms(7, || conv2d(xv.as_tensor(), &w, o)?.sum_all()?.backward().map(|_| ()))?;
-        let dw = median_ms(7, || conv2d(&x, wv.as_tensor(), o)?.sum_all()?.backward().map(|_| ()))?;
+        let gy = Tensor::randn(0f32, 1.0, conv2d(&x, &w, o)?.shape(), &dev)?;
+        let dx = median_ms(7, || conv2d_input_grad(&gy, &w, x.dims(), o).map(|_| ()))?;
+        let dw = median_ms(7, || conv2d_weight_grad(&x, &gy, w.dims(), o).map(|_| ()))?;
         let all = median_ms(7, step)?;
-        println!("{name:<22} {fwd:>8.2} {dx:>10.2} {dw:>10.2} {all:>8.2}");
+        let seq = median_ms(7, || {
+            let y = conv2d(&x, &w, o)?;
+            let gy = y.ones_like()?;
+            conv2d_input_grad(&gy, &w, x.dims(), o)?;
+            conv2d_weight_grad(&x, &gy, w.dims(), o).map(|_| ())
+        })?;
+        println!("{name:<22} {fwd:>8.2} {dx:>10.2} {dw:>10.2} {all:>8.2} {seq:>8.2}");
     }
     Ok(())
 }

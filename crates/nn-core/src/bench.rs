@@ -170,12 +170,28 @@ pub struct ConvBenchRow {
     /// Smallest and largest per-round nn-core/PyTorch forward+backward ratio.
     #[serde(default)]
     pub round_ratios: Option<(f64, f64)>,
+    /// nn-core's kernels alone: forward, then the input and weight gradients of a fixed
+    /// output gradient ([`crate::ops::conv2d_input_grad`], [`crate::ops::conv2d_weight_grad`]),
+    /// no autograd bookkeeping.
+    #[serde(default)]
+    pub nn_kernels_ms: Option<f64>,
+    /// PyTorch's kernels alone: forward, then `aten.convolution_backward` for both gradients.
+    #[serde(default)]
+    pub torch_kernels_ms: Option<f64>,
+    /// Smallest and largest per-round nn-core/PyTorch kernel-time ratio.
+    #[serde(default)]
+    pub kernel_round_ratios: Option<(f64, f64)>,
 }
 
 impl ConvBenchRow {
     /// nn-core / PyTorch forward+backward time ratio (target: <= 1).
     pub fn ratio_nn_torch(&self) -> Option<f64> {
         self.torch_fwd_bwd_ms.map(|t| self.nn_fwd_bwd_ms / t)
+    }
+    /// nn-core / PyTorch ratio of the kernels alone (forward + both gradient kernels;
+    /// target: <= 1).
+    pub fn ratio_kernels(&self) -> Option<f64> {
+        Some(self.nn_kernels_ms? / self.torch_kernels_ms?)
     }
     /// candle / nn-core forward+backward time ratio (speed-up over stock candle).
     pub fn ratio_candle_nn(&self) -> Option<f64> {
@@ -202,23 +218,27 @@ impl ConvBenchReport {
     /// The report as a markdown table followed by the notes.
     pub fn to_markdown(&self) -> String {
         let mut s = String::from(
-            "| shape (batch 128) | threads | nn-core fwd | candle fwd | torch fwd | nn-core fwd+bwd | candle fwd+bwd | torch fwd+bwd | nn-core/torch (fwd+bwd) | candle/nn-core (fwd+bwd) | per-round nn-core/torch |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| shape (batch 128) | threads | nn-core fwd | candle fwd | torch fwd | nn-core kernels | torch kernels | nn-core/torch (kernels) | per-round (kernels) | nn-core step | candle step | torch step | nn-core/torch (step) | candle/nn-core (step) | per-round (step) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
+        let range = |r: Option<(f64, f64)>| r.map_or_else(|| "n/a".to_string(), |(lo, hi)| format!("{lo:.2}-{hi:.2}"));
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {:.1} | {} | {} | {:.1} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |\n",
                 r.case,
                 r.threads,
                 r.nn_fwd_ms,
                 fmt_opt(r.candle_fwd_ms, 1),
                 fmt_opt(r.torch_fwd_ms, 1),
+                fmt_opt(r.nn_kernels_ms, 1),
+                fmt_opt(r.torch_kernels_ms, 1),
+                fmt_opt(r.ratio_kernels(), 2),
+                range(r.kernel_round_ratios),
                 r.nn_fwd_bwd_ms,
                 fmt_opt(r.candle_fwd_bwd_ms, 1),
                 fmt_opt(r.torch_fwd_bwd_ms, 1),
                 fmt_opt(r.ratio_nn_torch(), 2),
                 fmt_opt(r.ratio_candle_nn(), 1),
-                r.round_ratios
-                    .map_or_else(|| "n/a".to_string(), |(lo, hi)| format!("{lo:.2}-{hi:.2}")),
+                range(r.round_ratios),
             );
         }
         s += "\nTimes are medians in milliseconds.\n";
@@ -260,11 +280,25 @@ fn time_conv(f: ConvFn, c: &ConvCase, x: &Var, w: &Var, runs: usize) -> anyhow::
     Ok((fwd.median_ms, fb.median_ms))
 }
 
+/// Times nn-core's kernels alone: forward, input gradient and weight gradient of the fixed
+/// output gradient `gy`.
+fn time_kernels(c: &ConvCase, x: &Tensor, w: &Tensor, gy: &Tensor, runs: usize) -> anyhow::Result<f64> {
+    let o = Conv2dOpts::new(c.stride, c.padding).with_groups(c.groups);
+    Ok(time_it(1, runs, || {
+        conv2d(x, w, o)?;
+        crate::ops::conv2d_input_grad(gy, w, x.dims(), o)?;
+        crate::ops::conv2d_weight_grad(x, gy, w.dims(), o)?;
+        Ok(())
+    })?
+    .median_ms)
+}
+
 #[derive(Deserialize)]
 struct TorchTiming {
     name: String,
     fwd_ms: f64,
     fwd_bwd_ms: f64,
+    kernels_ms: f64,
 }
 
 fn torch_available() -> bool {
@@ -334,9 +368,14 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
                 Var::from_tensor(&(Tensor::randn(0f32, 1.0, (c.cout, c.cin / c.groups, c.k, c.k), &dev)? * 0.1)?.to_dtype(DType::F32)?)?;
             inputs.push((x, w));
         }
-        // per case: one (fwd, fwd+bwd) pair per round
-        let mut nn: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
-        let mut torch: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+        let grads_out = inputs
+            .iter()
+            .zip(cases)
+            .map(|((x, w), c)| Tensor::randn(0f32, 1.0, nn_conv(x.as_tensor(), w.as_tensor(), c)?.shape(), &dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // per case: one (fwd, fwd+bwd, kernels) triple per round
+        let mut nn: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); cases.len()];
+        let mut torch: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); cases.len()];
         let mut torch_ok = has_torch;
         for _round in 0..CONV_BENCH_ROUNDS {
             if torch_ok {
@@ -344,7 +383,7 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
                     Ok(v) => {
                         for (i, c) in cases.iter().enumerate() {
                             if let Some(r) = v.iter().find(|r| r.name == c.name) {
-                                torch[i].push((r.fwd_ms, r.fwd_bwd_ms));
+                                torch[i].push((r.fwd_ms, r.fwd_bwd_ms, r.kernels_ms));
                             }
                         }
                     }
@@ -356,7 +395,9 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
             }
             for (i, c) in cases.iter().enumerate() {
                 let (x, w) = &inputs[i];
-                nn[i].push(pool.install(|| time_conv(nn_conv, c, x, w, runs))?);
+                let (f, fb) = pool.install(|| time_conv(nn_conv, c, x, w, runs))?;
+                let k = pool.install(|| time_kernels(c, x.as_tensor(), w.as_tensor(), &grads_out[i], runs))?;
+                nn[i].push((f, fb, k));
             }
         }
         for (i, c) in cases.iter().enumerate() {
@@ -376,15 +417,26 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
             };
             let nf: Vec<f64> = nn[i].iter().map(|r| r.0).collect();
             let nfb: Vec<f64> = nn[i].iter().map(|r| r.1).collect();
-            let (tf, tfb, range) = if torch[i].len() == nn[i].len() {
-                let tf: Vec<f64> = torch[i].iter().map(|r| r.0).collect();
-                let tfb: Vec<f64> = torch[i].iter().map(|r| r.1).collect();
-                let ratios: Vec<f64> = nfb.iter().zip(&tfb).map(|(a, b)| a / b).collect();
+            let nk: Vec<f64> = nn[i].iter().map(|r| r.2).collect();
+            let ratio_range = |a: &[f64], b: &[f64]| {
+                let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
                 let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
                 let hi = ratios.iter().copied().fold(0.0, f64::max);
-                (Some(median(&tf)), Some(median(&tfb)), Some((lo, hi)))
+                (lo, hi)
+            };
+            let (tf, tfb, tk, range, krange) = if torch[i].len() == nn[i].len() {
+                let tf: Vec<f64> = torch[i].iter().map(|r| r.0).collect();
+                let tfb: Vec<f64> = torch[i].iter().map(|r| r.1).collect();
+                let tk: Vec<f64> = torch[i].iter().map(|r| r.2).collect();
+                (
+                    Some(median(&tf)),
+                    Some(median(&tfb)),
+                    Some(median(&tk)),
+                    Some(ratio_range(&nfb, &tfb)),
+                    Some(ratio_range(&nk, &tk)),
+                )
             } else {
-                (None, None, None)
+                (None, None, None, None, None)
             };
             rows.push(ConvBenchRow {
                 case: c.name.clone(),
@@ -396,6 +448,9 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
                 candle_fwd_bwd_ms: cfb,
                 torch_fwd_bwd_ms: tfb,
                 round_ratios: range,
+                nn_kernels_ms: Some(median(&nk)),
+                torch_kernels_ms: tk,
+                kernel_round_ratios: krange,
             });
         }
     }
@@ -409,9 +464,16 @@ pub fn conv_benchmark_cases(cases: &[ConvCase], threads: &[usize], runs: usize, 
     notes.push(format!(
         "{CONV_BENCH_ROUNDS} alternating rounds (PyTorch, all shapes, in a fresh python3 process; then nn-core, all shapes); \
          per round and shape nn-core takes the median of {runs} timed runs and PyTorch of 7; the table gives the median \
-         over rounds, the last column the range of the per-round nn-core/torch ratios; candle: {candle_runs} runs, once. \
-         fwd+bwd = conv, sum, backward for input and weight"
+         over rounds, the per-round columns the range of the per-round nn-core/torch ratios; candle: {candle_runs} runs, once"
     ));
+    notes.push(
+        "kernels = the convolution itself: forward, then the input- and weight-gradient kernels for a fixed random output \
+         gradient (nn-core: conv2d, conv2d_input_grad, conv2d_weight_grad; PyTorch: F.conv2d and aten.convolution_backward, \
+         the kernel its autograd calls). step = an autograd step: conv, sum, backward for input and weight; it adds each \
+         framework's bookkeeping: candle materialises the broadcast gradient of the sum and accumulates every gradient into a \
+         zero tensor (zeros_like + add), which costs stock candle and nn-core the same, several ms on the 8 MiB tensors here"
+            .into(),
+    );
     notes.push("candle runs inside the same rayon pool with RAYON_NUM_THREADS set to the thread count (its gemm reads it)".into());
     let report = ConvBenchReport {
         rows,
@@ -459,8 +521,12 @@ mod tests {
             candle_fwd_bwd_ms: Some(18.0),
             torch_fwd_bwd_ms: Some(4.0),
             round_ratios: Some((0.45, 0.6)),
+            nn_kernels_ms: Some(1.5),
+            torch_kernels_ms: Some(2.0),
+            kernel_round_ratios: Some((0.7, 0.8)),
         };
         assert_eq!(row.ratio_nn_torch(), Some(0.5));
+        assert_eq!(row.ratio_kernels(), Some(0.75));
         assert_eq!(row.ratio_candle_nn(), Some(9.0));
         let rep = ConvBenchReport {
             rows: vec![row],
@@ -469,7 +535,7 @@ mod tests {
         };
         let md = rep.to_markdown();
         assert!(
-            md.contains("| x | 2 | 1.0 | 6.0 | n/a | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 | 0.45-0.60 |"),
+            md.contains("| x | 2 | 1.0 | 6.0 | n/a | 1.5 | 2.0 | 0.75 | 0.70-0.80 | 2.0 | 18.0 | 4.0 | 0.50 | 9.0 | 0.45-0.60 |"),
             "{md}"
         );
         let back: ConvBenchReport = serde_json::from_str(&serde_json::to_string(&rep).unwrap()).unwrap();

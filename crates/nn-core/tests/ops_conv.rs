@@ -310,3 +310,55 @@ fn non_contiguous_input_and_resnet_like_shapes() {
     // Bad shapes error out instead of panicking.
     assert!(conv2d(&x, &wt, Conv2dOpts::new(1, 1).with_groups(3)).is_err());
 }
+
+/// `conv2d_backward` (the kernels without autograd) gives the reference gradients, and
+/// rejects an output gradient of the wrong shape with a message naming both shapes.
+#[test]
+fn conv2d_backward_matches_reference_and_checks_shape() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let dev = Device::Cpu;
+    for _ in 0..30 {
+        let c = random_case(&mut rng);
+        let (oh, ow) = c.out();
+        let x = rand_vec(&mut rng, c.n * c.cin * c.h * c.w);
+        let w = rand_vec(&mut rng, c.cout * c.cin / c.o.groups * c.kh * c.kw);
+        let r = rand_vec(&mut rng, c.n * c.cout * oh * ow);
+        let (_, gx, gw) = reference(&c, &x, &w, &r);
+        let xt = Tensor::from_slice(&x, (c.n, c.cin, c.h, c.w), &dev).unwrap();
+        let wt = Tensor::from_slice(&w, (c.cout, c.cin / c.o.groups, c.kh, c.kw), &dev).unwrap();
+        let rt = Tensor::from_slice(&r, (c.n, c.cout, oh, ow), &dev).unwrap();
+        let (gxt, gwt) = nn_core::ops::conv2d_backward(&xt, &wt, &rt, c.o).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_close("conv2d_backward gx", &c, &flat(&gxt), &gx, 1e-12);
+        assert_close("conv2d_backward gw", &c, &flat(&gwt), &gw, 1e-12);
+        // Non-native dtype takes the autograd route and agrees to f32 rounding.
+        let to32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (gx16, gw16) = nn_core::ops::conv2d_backward(
+            &xt.to_dtype(DType::BF16).unwrap(),
+            &wt.to_dtype(DType::BF16).unwrap(),
+            &rt.to_dtype(DType::BF16).unwrap(),
+            c.o,
+        )
+        .unwrap();
+        assert_eq!(gx16.dims(), xt.dims());
+        assert_eq!(gw16.dims(), wt.dims());
+        let f = |t: &Tensor| {
+            to32(t)
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_close("conv2d_backward gx bf16", &c, &f(&gx16), &gx, 0.1);
+        assert_close("conv2d_backward gw bf16", &c, &f(&gw16), &gw, 0.1);
+    }
+    let xt = Tensor::zeros((2, 3, 8, 8), DType::F32, &dev).unwrap();
+    let wt = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap();
+    let bad = Tensor::zeros((2, 4, 7, 7), DType::F32, &dev).unwrap();
+    let err = nn_core::ops::conv2d_backward(&xt, &wt, &bad, Conv2dOpts::new(1, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[2, 4, 7, 7]") && err.contains("[2, 4, 8, 8]"), "{err}");
+}

@@ -132,30 +132,33 @@ impl CustomOp3 for FusedBatchNorm {
         let stats: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                simd(|| {
-                    let mut sum = 0f64;
-                    for b in 0..n {
-                        sum += block_sum(&x[(b * c + ch) * inner..][..inner]) as f64;
-                    }
-                    let mean = (sum / m as f64) as f32;
-                    let mut sq = 0f64;
-                    for b in 0..n {
-                        sq += block_sq_dev(&x[(b * c + ch) * inner..][..inner], mean) as f64;
-                    }
-                    let var = (sq / m as f64) as f32;
-                    let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
-                    let (scale, shift) = (gamma[ch] * inv, beta[ch] - gamma[ch] * inv * mean);
-                    let yp = &yp;
-                    for b in 0..n {
-                        let off = (b * c + ch) * inner;
-                        // SAFETY: each (b, ch) block is written by exactly one task.
-                        let out = unsafe { yp.range(off, inner) };
-                        for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
-                            o.write(v * scale + shift);
+                simd(
+                    #[inline(always)]
+                    || {
+                        let mut sum = 0f64;
+                        for b in 0..n {
+                            sum += block_sum(&x[(b * c + ch) * inner..][..inner]) as f64;
                         }
-                    }
-                    (mean, var)
-                })
+                        let mean = (sum / m as f64) as f32;
+                        let mut sq = 0f64;
+                        for b in 0..n {
+                            sq += block_sq_dev(&x[(b * c + ch) * inner..][..inner], mean) as f64;
+                        }
+                        let var = (sq / m as f64) as f32;
+                        let inv = 1.0 / (var as f64 + self.eps).sqrt() as f32;
+                        let (scale, shift) = (gamma[ch] * inv, beta[ch] - gamma[ch] * inv * mean);
+                        let yp = &yp;
+                        for b in 0..n {
+                            let off = (b * c + ch) * inner;
+                            // SAFETY: each (b, ch) block is written by exactly one task.
+                            let out = unsafe { yp.range(off, inner) };
+                            for (o, &v) in out.iter_mut().zip(&x[off..off + inner]) {
+                                o.write(v * scale + shift);
+                            }
+                        }
+                        (mean, var)
+                    },
+                )
             })
             .collect();
         // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.
@@ -193,31 +196,34 @@ impl CustomOp3 for FusedBatchNorm {
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                simd(|| {
-                    let mean = st.mean[ch];
-                    let inv = 1.0 / (st.var[ch] as f64 + self.eps).sqrt() as f32;
-                    let (mut sdy, mut sdyx) = (0f64, 0f64);
-                    for b in 0..n {
-                        let off = (b * c + ch) * inner;
-                        let (a, bb) = block_grad_sums(&xv[off..off + inner], &gv[off..off + inner], mean);
-                        sdy += a as f64;
-                        sdyx += bb as f64;
-                    }
-                    let dbeta = sdy as f32;
-                    let dgamma = sdyx as f32 * inv;
-                    let k = wv[ch] * inv / m;
-                    let dxp = &dxp;
-                    for b in 0..n {
-                        let off = (b * c + ch) * inner;
-                        // SAFETY: each (b, ch) block is written by exactly one task.
-                        let out = unsafe { dxp.range(off, inner) };
-                        for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
-                            let xhat = (xi - mean) * inv;
-                            o.write(k * (m * gi - dbeta - xhat * dgamma));
+                simd(
+                    #[inline(always)]
+                    || {
+                        let mean = st.mean[ch];
+                        let inv = 1.0 / (st.var[ch] as f64 + self.eps).sqrt() as f32;
+                        let (mut sdy, mut sdyx) = (0f64, 0f64);
+                        for b in 0..n {
+                            let off = (b * c + ch) * inner;
+                            let (a, bb) = block_grad_sums(&xv[off..off + inner], &gv[off..off + inner], mean);
+                            sdy += a as f64;
+                            sdyx += bb as f64;
                         }
-                    }
-                    (dgamma, dbeta)
-                })
+                        let dbeta = sdy as f32;
+                        let dgamma = sdyx as f32 * inv;
+                        let k = wv[ch] * inv / m;
+                        let dxp = &dxp;
+                        for b in 0..n {
+                            let off = (b * c + ch) * inner;
+                            // SAFETY: each (b, ch) block is written by exactly one task.
+                            let out = unsafe { dxp.range(off, inner) };
+                            for ((o, &xi), &gi) in out.iter_mut().zip(&xv[off..off + inner]).zip(&gv[off..off + inner]) {
+                                let xhat = (xi - mean) * inv;
+                                o.write(k * (m * gi - dbeta - xhat * dgamma));
+                            }
+                        }
+                        (dgamma, dbeta)
+                    },
+                )
             })
             .collect();
         // SAFETY: the (b, ch) blocks above cover all n * c * inner elements.

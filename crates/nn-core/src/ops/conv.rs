@@ -314,10 +314,13 @@ fn im2col_padded<T: Elem>(g: &ConvGeom, xp: &[T], col: &mut [T], ld: usize) {
 #[inline]
 fn fill_cols<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T], ld: usize) {
     T::with_scratch2(padded_len(g), |xp| {
-        simd(|| {
-            pad_planes(g, x, xp);
-            im2col_padded(g, xp, col, ld);
-        })
+        simd(
+            #[inline(always)]
+            || {
+                pad_planes(g, x, xp);
+                im2col_padded(g, xp, col, ld);
+            },
+        )
     })
 }
 
@@ -509,13 +512,16 @@ pub(crate) fn conv_bwd_input<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<
                 T::with_scratch(k * ld, |col| {
                     unsafe { gemm(k, ohw, cout_g, col.as_mut_ptr(), ld, false, Mat::tr(wg, k), Mat::rm(gog, ohw), par) };
                     T::with_scratch2(padded_len(g), |xp| {
-                        simd(|| {
-                            for v in xp.iter_mut() {
-                                *v = T::ZERO;
-                            }
-                            col2im_padded(g, col, ld, xp);
-                            unpad_planes(g, xp, gxg);
-                        })
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for v in xp.iter_mut() {
+                                    *v = T::ZERO;
+                                }
+                                col2im_padded(g, col, ld, xp);
+                                unpad_planes(g, xp, gxg);
+                            },
+                        )
                     });
                 });
             }

@@ -267,6 +267,13 @@ pub(crate) use crate::simd_dispatch as dispatch;
 /// Runs `f` compiled with AVX-512 or AVX2+FMA enabled when the CPU supports it (the crate is
 /// built for baseline x86-64), so that the auto-vectorised inner loops use 512- or 256-bit
 /// registers.
+///
+/// The closure must be marked `#[inline(always)]` (`simd(#[inline(always)] || { .. })`):
+/// the features only apply to code inlined into the wrappers below, and LLVM does not
+/// inline a large closure on its own; it then stays a separate function compiled for
+/// baseline x86-64 (SSE2). Until 2026-12-08 none of the call sites had the attribute and
+/// the depthwise, Winograd-transform, BatchNorm and pooling loops ran as SSE2 code
+/// (the test `simd_closures_are_inlined` guards against that).
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -287,4 +294,39 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+#[cfg(test)]
+mod simd_call_sites {
+    /// Every `simd(..)` closure in this crate (and adder-nets) carries `#[inline(always)]`;
+    /// see [`super::simd`] for why.
+    #[test]
+    fn simd_closures_are_inlined() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut bad = Vec::new();
+        let mut files = 0;
+        for dir in ["nn-core/src", "adder-nets/src"] {
+            let mut stack = vec![root.join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_some_and(|x| x == "rs") {
+                        files += 1;
+                        let text = std::fs::read_to_string(&p).unwrap();
+                        // patterns split so that this test does not match itself
+                        let (plain, moved) = (["simd(", "||"].concat(), ["simd(", "move ||"].concat());
+                        for (i, line) in text.lines().enumerate() {
+                            if line.contains(&plain) || line.contains(&moved) {
+                                bad.push(format!("{}:{}", p.display(), i + 1));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(files > 10, "source files not found under {}", root.display());
+        assert!(bad.is_empty(), "simd closures without #[inline(always)]: {bad:?}");
+    }
 }

@@ -173,7 +173,8 @@ fn via_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tens
 ///
 /// On CPU with f32/f64 this is an nn-core custom op (im2col + gemm, see the module doc)
 /// with gradients for both `x` and `w`; non-contiguous inputs are made contiguous first.
-/// Otherwise it uses candle's `conv2d`, or a CPU round trip for non-square parameters.
+/// On other devices it uses candle's `conv2d`, or a CPU round trip for non-square
+/// parameters; other dtypes on CPU (bf16, f16) take the round trip through f32.
 pub fn conv2d(x: &Tensor, w: &Tensor, opts: Conv2dOpts) -> Result<Tensor> {
     if native(x) && x.dtype() == w.dtype() && w.device().is_cpu() {
         // Validate early for a clear error message.
@@ -183,11 +184,76 @@ pub fn conv2d(x: &Tensor, w: &Tensor, opts: Conv2dOpts) -> Result<Tensor> {
         return x.apply_op2(&w, conv::Conv2dOp(opts));
     }
     match opts.square() {
-        Some((s, p, d)) if x.device().same_device(w.device()) => x.conv2d(w, p, s, d, opts.groups),
+        // candle's CPU conv2d has no bf16/f16 matmul: those go through the f32 round trip
+        Some((s, p, d)) if x.device().same_device(w.device()) && !x.device().is_cpu() => x.conv2d(w, p, s, d, opts.groups),
         _ => via_cpu(x, |xc| {
             let wc = w.to_device(&Device::Cpu)?.to_dtype(xc.dtype())?;
             conv2d(xc, &wc, opts)
         }),
+    }
+}
+
+/// Gradients of [`conv2d`] for a given output gradient, without building an autograd
+/// graph: `(d loss/d x, d loss/d w)` for `grad_out = d loss/d conv2d(x, w, opts)`.
+/// See [`conv2d_input_grad`] and [`conv2d_weight_grad`] for one of the two.
+pub fn conv2d_backward(x: &Tensor, w: &Tensor, grad_out: &Tensor, opts: Conv2dOpts) -> Result<(Tensor, Tensor)> {
+    Ok((
+        conv2d_input_grad(grad_out, w, x.dims(), opts)?,
+        conv2d_weight_grad(x, grad_out, w.dims(), opts)?,
+    ))
+}
+
+/// Checks `grad_out` against the output shape of a convolution of an `x_dims` input with a
+/// `w_dims` weight.
+fn check_grad_out(x_dims: &[usize], w_dims: &[usize], grad_out: &Tensor, opts: &Conv2dOpts) -> Result<conv::ConvGeom> {
+    let g = conv::ConvGeom::new(x_dims, w_dims, opts)?;
+    let (n, c, oh, ow) = g.out_dims();
+    if grad_out.dims() != [n, c, oh, ow] {
+        candle_core::bail!(
+            "conv2d gradient: grad_out has shape {:?}, the convolution's output has [{n}, {c}, {oh}, {ow}]",
+            grad_out.dims()
+        );
+    }
+    Ok(g)
+}
+
+/// Input gradient of [`conv2d`]: `d loss/d x` (shape `x_dims`) for
+/// `grad_out = d loss/d conv2d(x, w, opts)`, without an autograd graph.
+///
+/// On CPU with f32/f64 this is the same kernel as the backward pass of [`conv2d`] (useful
+/// for layers that recompute a convolution in their own backward, and for timing the kernel
+/// without autograd bookkeeping); elsewhere candle's autograd runs on
+/// `sum(conv2d(0, w) * grad_out)` (the input gradient does not depend on `x`).
+pub fn conv2d_input_grad(grad_out: &Tensor, w: &Tensor, x_dims: &[usize], opts: Conv2dOpts) -> Result<Tensor> {
+    let g = check_grad_out(x_dims, w.dims(), grad_out, &opts)?;
+    if native(grad_out) && w.dtype() == grad_out.dtype() && w.device().is_cpu() {
+        return grad_out.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &conv::ConvInputGradOp(g));
+    }
+    let xv = candle_core::Var::zeros(x_dims, w.dtype(), w.device())?;
+    let y = conv2d(xv.as_tensor(), &w.detach(), opts)?;
+    let grads = (y * grad_out.detach())?.sum_all()?.backward()?;
+    match grads.get(xv.as_tensor()) {
+        Some(t) => Ok(t.clone()),
+        None => xv.as_tensor().zeros_like(),
+    }
+}
+
+/// Weight gradient of [`conv2d`]: `d loss/d w` (shape `w_dims`) for
+/// `grad_out = d loss/d conv2d(x, w, opts)`, without an autograd graph (same kernel as the
+/// backward pass of [`conv2d`] on CPU with f32/f64, candle's autograd elsewhere).
+pub fn conv2d_weight_grad(x: &Tensor, grad_out: &Tensor, w_dims: &[usize], opts: Conv2dOpts) -> Result<Tensor> {
+    let g = check_grad_out(x.dims(), w_dims, grad_out, &opts)?;
+    if native(x) && grad_out.dtype() == x.dtype() && grad_out.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_out.contiguous()?, &conv::ConvWeightGradOp(g));
+    }
+    let wv = candle_core::Var::zeros(w_dims, x.dtype(), x.device())?;
+    let y = conv2d(&x.detach(), wv.as_tensor(), opts)?;
+    let grads = (y * grad_out.detach())?.sum_all()?.backward()?;
+    match grads.get(wv.as_tensor()) {
+        Some(t) => Ok(t.clone()),
+        None => wv.as_tensor().zeros_like(),
     }
 }
 

@@ -109,35 +109,38 @@ fn pool_fwd<T: Elem>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; g.n * g.c * ohw];
     out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
         let xp = &x[p * hw..(p + 1) * hw];
-        simd(|| {
-            for (oy, r) in g.rows.iter().enumerate() {
-                for (ox, c) in g.cols.iter().enumerate() {
-                    let v = match g.kind {
-                        PoolKind::Max => {
-                            let mut m = T::NEG_INF;
-                            for y in r.s..r.e {
-                                for &v in &xp[y * g.w + c.s..y * g.w + c.e] {
-                                    if v > m {
-                                        m = v;
+        simd(
+            #[inline(always)]
+            || {
+                for (oy, r) in g.rows.iter().enumerate() {
+                    for (ox, c) in g.cols.iter().enumerate() {
+                        let v = match g.kind {
+                            PoolKind::Max => {
+                                let mut m = T::NEG_INF;
+                                for y in r.s..r.e {
+                                    for &v in &xp[y * g.w + c.s..y * g.w + c.e] {
+                                        if v > m {
+                                            m = v;
+                                        }
                                     }
                                 }
+                                m
                             }
-                            m
-                        }
-                        PoolKind::Avg { .. } => {
-                            let mut s = T::ZERO;
-                            for y in r.s..r.e {
-                                for &v in &xp[y * g.w + c.s..y * g.w + c.e] {
-                                    s += v;
+                            PoolKind::Avg { .. } => {
+                                let mut s = T::ZERO;
+                                for y in r.s..r.e {
+                                    for &v in &xp[y * g.w + c.s..y * g.w + c.e] {
+                                        s += v;
+                                    }
                                 }
+                                s * T::from_f64(1.0 / g.divisor(r, c))
                             }
-                            s * T::from_f64(1.0 / g.divisor(r, c))
-                        }
-                    };
-                    o[oy * g.ow() + ox] = v;
+                        };
+                        o[oy * g.ow() + ox] = v;
+                    }
                 }
-            }
-        })
+            },
+        )
     });
     out
 }
@@ -177,18 +180,21 @@ fn avg_pool_bwd<T: Elem>(g: &PoolGeom, gout: &[T]) -> Vec<T> {
     let mut gx = vec![T::ZERO; g.n * g.c * hw];
     gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
         let gp = &gout[p * ohw..(p + 1) * ohw];
-        simd(|| {
-            for (oy, r) in g.rows.iter().enumerate() {
-                for (ox, c) in g.cols.iter().enumerate() {
-                    let v = gp[oy * g.ow() + ox] * T::from_f64(1.0 / g.divisor(r, c));
-                    for y in r.s..r.e {
-                        for d in &mut gxp[y * g.w + c.s..y * g.w + c.e] {
-                            *d += v;
+        simd(
+            #[inline(always)]
+            || {
+                for (oy, r) in g.rows.iter().enumerate() {
+                    for (ox, c) in g.cols.iter().enumerate() {
+                        let v = gp[oy * g.ow() + ox] * T::from_f64(1.0 / g.divisor(r, c));
+                        for y in r.s..r.e {
+                            for d in &mut gxp[y * g.w + c.s..y * g.w + c.e] {
+                                *d += v;
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
     });
     gx
 }

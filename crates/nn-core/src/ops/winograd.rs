@@ -242,15 +242,18 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
         T::with_scratch(v_len + m_len, |buf| {
             let (v, m) = buf.split_at_mut(v_len);
             T::with_scratch2(plane_scratch, |scratch| {
-                simd(|| {
-                    for b in 0..nb {
-                        for c0 in (0..cin).step_by(LANES) {
-                            let planes = &x[((b0 + b) * cin + c0) * hw..];
-                            let lanes = LANES.min(cin - c0);
-                            transform_input(g, planes, lanes, scratch, &mut v[c0..], ve_len, cin_ld, b * tiles_img);
+                simd(
+                    #[inline(always)]
+                    || {
+                        for b in 0..nb {
+                            for c0 in (0..cin).step_by(LANES) {
+                                let planes = &x[((b0 + b) * cin + c0) * hw..];
+                                let lanes = LANES.min(cin - c0);
+                                transform_input(g, planes, lanes, scratch, &mut v[c0..], ve_len, cin_ld, b * tiles_img);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
             for e in 0..16 {
                 let ue = &u[e * cin * cout..][..cin * cout];
@@ -272,14 +275,17 @@ pub(crate) fn conv_fwd<T: Elem>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
                     )
                 };
             }
-            simd(|| {
-                for b in 0..nb {
-                    for c0 in (0..cout).step_by(LANES) {
-                        let y = &mut out[(b * cout + c0) * ohw..];
-                        transform_output(g, &m[c0..], me_len, cout_ld, b * tiles_img, LANES.min(cout - c0), y);
+            simd(
+                #[inline(always)]
+                || {
+                    for b in 0..nb {
+                        for c0 in (0..cout).step_by(LANES) {
+                            let y = &mut out[(b * cout + c0) * ohw..];
+                            transform_output(g, &m[c0..], me_len, cout_ld, b * tiles_img, LANES.min(cout - c0), y);
+                        }
                     }
-                }
-            });
+                },
+            );
         });
     };
     let len = g.n * cout * ohw;
@@ -407,18 +413,21 @@ pub(crate) fn conv_bwd_weight<T: Elem>(g: &ConvGeom, x: &[T], gout: &[T]) -> Vec
             T::with_scratch(16 * (ve_len + me_len), |buf| {
                 let (v, dm) = buf.split_at_mut(16 * ve_len);
                 T::with_scratch2(plane_scratch, |scratch| {
-                    simd(|| {
-                        for b in 0..nb {
-                            for c0 in (0..cin).step_by(LANES) {
-                                let planes = &x[((b0 + b) * cin + c0) * hw..];
-                                transform_input(g, planes, LANES.min(cin - c0), scratch, &mut v[c0..], ve_len, cin_ld, b * tiles_img);
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for b in 0..nb {
+                                for c0 in (0..cin).step_by(LANES) {
+                                    let planes = &x[((b0 + b) * cin + c0) * hw..];
+                                    transform_input(g, planes, LANES.min(cin - c0), scratch, &mut v[c0..], ve_len, cin_ld, b * tiles_img);
+                                }
+                                for c0 in (0..cout).step_by(LANES) {
+                                    let planes = &gout[((b0 + b) * cout + c0) * ohw..];
+                                    transform_output_grad(g, planes, LANES.min(cout - c0), &mut dm[c0..], me_len, cout_ld, b * tiles_img);
+                                }
                             }
-                            for c0 in (0..cout).step_by(LANES) {
-                                let planes = &gout[((b0 + b) * cout + c0) * ohw..];
-                                transform_output_grad(g, planes, LANES.min(cout - c0), &mut dm[c0..], me_len, cout_ld, b * tiles_img);
-                            }
-                        }
-                    })
+                        },
+                    )
                 });
                 for e in 0..16 {
                     let ve = &v[e * ve_len..][..p * cin_ld];
