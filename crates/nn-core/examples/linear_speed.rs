@@ -64,6 +64,22 @@ fn main() -> candle_core::Result<()> {
         let candle = median_ms(|| {
             x.matmul(&w.t().unwrap()).unwrap();
         });
+        let lin = |own: bool| {
+            nn_core::ops::linear::set_own_sgemm(own);
+            median_ms(|| {
+                nn_core::ops::linear::linear(&x, &w, None).unwrap();
+            })
+        };
+        let (crate_ms, own_ms) = (lin(false), lin(true));
+        let gf = |ms: f64| 2.0 * (rows * k * n) as f64 / ms / 1e6;
+        println!(
+            "{name:<16} {rows}x{k}x{n}: linear with gemm crate {crate_ms:.2} ms ({:.0} GFLOP/s), own AVX2 kernel {own_ms:.2} ms ({:.0} GFLOP/s)",
+            gf(crate_ms),
+            gf(own_ms)
+        );
+        if std::env::args().any(|a| a == "--linear-only") {
+            continue;
+        }
         let (xv, wv) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
         let mut out = vec![0f32; rows * n];
         let mut line = format!("{name:<16} {rows}x{k}x{n}: candle {candle:.2} ms");

@@ -31,12 +31,50 @@ fn rows_per_task(rows: usize, k: usize, n: usize) -> usize {
     rows.div_ceil(per_thread * rayon::current_num_threads()).max(16)
 }
 
+static OWN_SGEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Whether the linear forward uses nn-core's AVX2 micro-kernel (`ops::sgemm`) instead of the
+/// `gemm` crate: on by default where the CPU has AVX2+FMA; [`set_own_sgemm`] overrides.
+fn own_sgemm() -> bool {
+    match OWN_SGEMM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => super::sgemm::available(),
+    }
+}
+
+/// Chooses between nn-core's AVX2 micro-kernel (true; only where the CPU has AVX2+FMA) and
+/// the `gemm` crate (false) for the linear layers' products, to compare the two.
+#[doc(hidden)]
+pub fn set_own_sgemm(on: bool) {
+    let v = if on && super::sgemm::available() { 1 } else { 0 };
+    OWN_SGEMM.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `out[rows, n] = x[rows, k] * rhs[k, n] (+ bias)`, rows split over rayon's threads; `rhs`
 /// is the `k x n` view of the slice with row stride `rs` and column stride `cs`.
 #[allow(clippy::too_many_arguments)]
 fn rows_times(x: &[f32], rows: usize, k: usize, rhs: &[f32], rs: usize, cs: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let len = rows * n;
     let mut out: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_arch = "x86_64")]
+    if len > 0 && own_sgemm() {
+        let packed = super::sgemm::PackedRhs::new(rhs, rs, cs, k, n);
+        let rb = rows.div_ceil(2 * rayon::current_num_threads()).max(super::sgemm::MR);
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(rb * n)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let r = o.len() / n;
+                let dst = o.as_mut_ptr() as *mut f32;
+                // SAFETY: the CPU has AVX2+FMA (own_sgemm), x holds rows t*rb..t*rb+r of k
+                // values, dst this task's r x n block (written, not read: no accumulation).
+                unsafe { super::sgemm::gemm_rows(r, x[t * rb * k..].as_ptr(), k, &packed, bias, dst, n, false) };
+            });
+        // SAFETY: every row block was written by gemm_rows.
+        unsafe { out.set_len(len) };
+        return out;
+    }
     if len > 0 {
         let rb = rows_per_task(rows, k, n);
         out.spare_capacity_mut()[..len]

@@ -67,6 +67,7 @@ pub mod linear;
 pub mod matmul;
 mod pool;
 pub mod rowwise;
+mod sgemm;
 pub mod transpose;
 mod winograd;
 
