@@ -9,6 +9,12 @@
 //! products (1576 rows, 192 -> 576 / 768, 768 -> 192) 1.02-1.09x and the large-row products
 //! of Swin-T and PVTv2 stage 1 (25088 rows) 1.3-1.7x as fast as candle's matmul.
 //!
+//! Since 2026-12-08 the products run on nn-core's own AVX2 6 x 16 micro-kernel (`ops::sgemm`)
+//! where the CPU has AVX2+FMA but not AVX-512: the weight is packed once per call and shared by
+//! the row tasks, and the bias is the kernel's starting value. On the 2-core Zen 3 machine
+//! (`linear_speed` again) it ran ViT-Ti's four products 1.03-1.2x as fast as the `gemm` crate
+//! and put Swin-T's whole forward from 0.85x to 1.16x of PyTorch's (`cargo xtask vit bench`).
+//!
 //! Backward, for `g = dL/dy` `[rows, out]`:
 //! - `dx = g W` (the same row-split gemm),
 //! - `dW = g^T x`, split over blocks of output features (each block reduces over all rows;
@@ -33,13 +39,15 @@ fn rows_per_task(rows: usize, k: usize, n: usize) -> usize {
 
 static OWN_SGEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
 
-/// Whether the linear forward uses nn-core's AVX2 micro-kernel (`ops::sgemm`) instead of the
-/// `gemm` crate: on by default where the CPU has AVX2+FMA; [`set_own_sgemm`] overrides.
+/// Whether the linear products use nn-core's AVX2 micro-kernel (`ops::sgemm`) instead of the
+/// `gemm` crate: by default where the CPU has AVX2+FMA but not AVX-512 (there the `gemm`
+/// crate's AVX-512 kernels ran 1.2-1.4x faster than its AVX2 ones, so they stay);
+/// [`set_own_sgemm`] overrides.
 fn own_sgemm() -> bool {
     match OWN_SGEMM.load(std::sync::atomic::Ordering::Relaxed) {
         0 => false,
         1 => true,
-        _ => super::sgemm::available(),
+        _ => super::sgemm::available() && !super::has_avx512(),
     }
 }
 

@@ -54,6 +54,10 @@
 //! * [`attention`]: scaled dot-product attention as two fused kernels reading heads in place.
 //! * [`transpose`]: blocked, multi-threaded contiguous transpose of the last two dimensions.
 //! * [`depthwise_tokens`]: depthwise convolution on channels-last tokens, with backward.
+//! * `sgemm` (internal): an AVX2+FMA 6 x 16 micro-kernel over a packed right-hand side, used by
+//!   [`linear`] on AVX2 machines without AVX-512 (faster than the `gemm` crate there).
+//! * [`conv2d_input_grad`] / [`conv2d_weight_grad`]: the convolution's gradient kernels
+//!   without autograd, for layers that recompute a convolution and for benchmarks.
 
 pub mod activation;
 pub mod attention;
