@@ -68,7 +68,17 @@ impl SharedOut {
 ///
 /// # Safety
 /// The views must cover `m x k`, `k x n` and `m x n` elements of live buffers.
+///
+/// Where the linear layers use nn-core's AVX2 micro-kernel (`ops::sgemm`), so does this
+/// product when `a`'s rows are contiguous: `b` is packed per call (at most `k x n` values, a
+/// few percent of the product's work).
 unsafe fn product(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, a: Mat<f32>, b: Mat<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if a.cs == 1 && a.rs >= 0 && b.rs >= 0 && b.cs >= 0 && super::linear::own_sgemm() {
+        let packed = super::sgemm::PackedRhs::from_ptr(b.ptr, b.rs as usize, b.cs as usize, k, n);
+        super::sgemm::gemm_rows(m, a.ptr, a.rs as usize, &packed, None, c, ldc, false);
+        return;
+    }
     gemm(m, n, k, c, ldc, false, a, b, gemm::Parallelism::None)
 }
 

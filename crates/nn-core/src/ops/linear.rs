@@ -43,7 +43,7 @@ static OWN_SGEMM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new
 /// `gemm` crate: by default where the CPU has AVX2+FMA but not AVX-512 (there the `gemm`
 /// crate's AVX-512 kernels ran 1.2-1.4x faster than its AVX2 ones, so they stay);
 /// [`set_own_sgemm`] overrides.
-fn own_sgemm() -> bool {
+pub(crate) fn own_sgemm() -> bool {
     match OWN_SGEMM.load(std::sync::atomic::Ordering::Relaxed) {
         0 => false,
         1 => true,

@@ -39,16 +39,28 @@ pub(crate) struct PackedRhs {
 impl PackedRhs {
     /// Packs the `k x n` view of `b` with row stride `rs` and column stride `cs`.
     pub(crate) fn new(b: &[f32], rs: usize, cs: usize, k: usize, n: usize) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
         if k > 0 && n > 0 {
             assert!((k - 1) * rs + (n - 1) * cs < b.len(), "PackedRhs: view exceeds the slice");
         }
-        let pack = |(p, panel): (usize, &mut [f32])| {
+        // SAFETY: the assertion above keeps every read inside `b`.
+        unsafe { Self::from_ptr(b.as_ptr(), rs, cs, k, n) }
+    }
+
+    /// [`PackedRhs::new`] from a pointer (panels packed in parallel when the matrix is large).
+    ///
+    /// # Safety
+    /// `b[kk * rs + j * cs]` must be readable for every `kk < k`, `j < n`.
+    pub(crate) unsafe fn from_ptr(b: *const f32, rs: usize, cs: usize, k: usize, n: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        let base = b as usize; // (a plain address, so that the closure can cross threads)
+        let pack = move |(p, panel): (usize, &mut [f32])| {
+            let b = base as *const f32;
             let cols = NR.min(n - p * NR);
             for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
                 for (j, v) in row.iter_mut().enumerate().take(cols) {
-                    *v = b[kk * rs + (p * NR + j) * cs];
+                    // SAFETY: kk < k and p * NR + j < n (the caller's contract)
+                    *v = unsafe { *b.add(kk * rs + (p * NR + j) * cs) };
                 }
             }
         };
