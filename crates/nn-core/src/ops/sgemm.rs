@@ -57,6 +57,18 @@ impl PackedRhs {
         let pack = move |(p, panel): (usize, &mut [f32])| {
             let b = base as *const f32;
             let cols = NR.min(n - p * NR);
+            if rs == 1 && cs != 1 {
+                // a transposed view (the linear weight, attention's K^T): each column of B is a
+                // contiguous run, read in order and spread with stride NR inside the panel
+                for j in 0..cols {
+                    // SAFETY: kk < k and p * NR + j < n (the caller's contract)
+                    let col = unsafe { std::slice::from_raw_parts(b.add((p * NR + j) * cs), k) };
+                    for (kk, v) in col.iter().enumerate() {
+                        panel[kk * NR + j] = *v;
+                    }
+                }
+                return;
+            }
             for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
                 for (j, v) in row.iter_mut().enumerate().take(cols) {
                     // SAFETY: kk < k and p * NR + j < n (the caller's contract)
