@@ -362,3 +362,20 @@ fn conv2d_backward_matches_reference_and_checks_shape() {
         .to_string();
     assert!(err.contains("[2, 4, 7, 7]") && err.contains("[2, 4, 8, 8]"), "{err}");
 }
+
+/// A depthwise-grouped convolution with no output channels has zero gradients (not
+/// uninitialised memory) and an empty output.
+#[test]
+fn depthwise_grouping_without_output_channels_gives_zero_gradients() {
+    let dev = Device::Cpu;
+    let x = Tensor::ones((1, 2, 4, 4), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((0, 1, 3, 3), DType::F32, &dev).unwrap();
+    let o = Conv2dOpts::new(1, 1).with_groups(2);
+    let y = conv2d(&x, &w, o).unwrap();
+    assert_eq!(y.dims(), &[1, 0, 4, 4]);
+    let gy = Tensor::zeros((1, 0, 4, 4), DType::F32, &dev).unwrap();
+    let (gx, gw) = nn_core::ops::conv2d_backward(&x, &w, &gy, o).unwrap();
+    assert_eq!(gx.dims(), x.dims());
+    assert_eq!(gw.dims(), w.dims());
+    assert!(gx.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+}

@@ -229,6 +229,10 @@ fn bwd_input_s1<T: Elem>(g: &ConvGeom, gout: &[T], w: &[T]) -> Vec<T> {
     let (hw, ohw, taps, mult) = (g.hw(), g.ohw(), g.kh * g.kw, g.cout / g.cin);
     let (pt, pl) = ((g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw);
     let (hp, wp) = (g.oh + 2 * pt, g.ow + 2 * pl);
+    if mult == 0 {
+        // no output channels (cout = 0): the gradient is zero, and no pass below writes it
+        return vec![T::ZERO; g.n * g.cin * hw];
+    }
     // every input-gradient plane is written by `correlate_s1` for m = 0 (acc_into false)
     let mut gx = uninit_vec(g.n * g.cin * hw);
     let ppt = planes_per_task(g.n * g.cin);

@@ -278,6 +278,8 @@ mod tests {
             (250, 200, 40),
             (5, 0, 9),
             (37, 700, 15),
+            // k * n >= 2^15: the panels are packed in parallel
+            (20, 256, 130),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
