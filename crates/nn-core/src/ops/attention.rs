@@ -75,7 +75,7 @@ impl SharedOut {
 unsafe fn product(m: usize, n: usize, k: usize, c: *mut f32, ldc: usize, a: Mat<f32>, b: Mat<f32>) {
     #[cfg(target_arch = "x86_64")]
     if a.cs == 1 && a.rs >= 0 && b.rs >= 0 && b.cs >= 0 && super::linear::own_sgemm() {
-        let packed = super::sgemm::PackedRhs::from_ptr(b.ptr, b.rs as usize, b.cs as usize, k, n);
+        let packed = super::sgemm::PackedRhs::from_ptr(b.ptr, b.rs as usize, b.cs as usize, k, n, false);
         super::sgemm::gemm_rows(m, a.ptr, a.rs as usize, &packed, None, c, ldc, false);
         return;
     }

@@ -43,14 +43,15 @@ impl PackedRhs {
             assert!((k - 1) * rs + (n - 1) * cs < b.len(), "PackedRhs: view exceeds the slice");
         }
         // SAFETY: the assertion above keeps every read inside `b`.
-        unsafe { Self::from_ptr(b.as_ptr(), rs, cs, k, n) }
+        unsafe { Self::from_ptr(b.as_ptr(), rs, cs, k, n, true) }
     }
 
-    /// [`PackedRhs::new`] from a pointer (panels packed in parallel when the matrix is large).
+    /// [`PackedRhs::new`] from a pointer; with `parallel`, the panels of a large matrix are
+    /// packed over rayon's threads (callers already inside a parallel task pass false).
     ///
     /// # Safety
     /// `b[kk * rs + j * cs]` must be readable for every `kk < k`, `j < n`.
-    pub(crate) unsafe fn from_ptr(b: *const f32, rs: usize, cs: usize, k: usize, n: usize) -> Self {
+    pub(crate) unsafe fn from_ptr(b: *const f32, rs: usize, cs: usize, k: usize, n: usize, parallel: bool) -> Self {
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * k * NR];
         let base = b as usize; // (a plain address, so that the closure can cross threads)
@@ -76,7 +77,7 @@ impl PackedRhs {
                 }
             }
         };
-        if k > 0 && k * n >= 1 << 15 {
+        if parallel && k > 0 && k * n >= 1 << 15 {
             // (1.8% of a Swin-T forward when packed on one thread)
             use rayon::prelude::*;
             data.par_chunks_exact_mut(k * NR).enumerate().for_each(pack);
