@@ -172,7 +172,7 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, n: usize, s: usize) {
 
 /// Whether AVX2 and FMA are available (cached by std).
 #[inline(always)]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")

@@ -18,14 +18,7 @@ pub(crate) const MR: usize = 6;
 /// Whether the micro-kernel can run here (x86-64 with AVX2 and FMA).
 #[inline]
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::conv::has_avx2()
 }
 
 /// Right-hand side `B[k, n]` packed into `ceil(n / 16)` panels of `k x 16` values
